@@ -1,0 +1,73 @@
+"""``peer coordinator``: the run's bootstrap node. It signs and publishes the run config and keeps it fresh.
+
+The coordinator is a convenience, not a single point of failure: once peers have joined, the DHT, expert serving,
+training and averaging go on without it; only the dashboard and the credit ledger pause while it is down.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+
+from athome.config import ConfigError, RunConfig, load_config
+from athome.dht import Identity, publish_run_config, start_dht, store_record
+from athome.dht.schemas import PeerRecord, run_key
+from athome.lifecycle import PeriodicThread, die, emit, shutdown_requested
+from athome.netflags import dht_kwargs, pick_public_maddr
+
+logger = logging.getLogger(__name__)
+DEFAULT_PORT = 31337
+
+
+def run_coordinator(args: argparse.Namespace) -> None:
+    try:
+        config: RunConfig = load_config(args.config)
+    except ConfigError as error:
+        die(f"{error}\nfix the file, or run without --config to use the defaults")
+    if args.config is None:
+        logger.info(f"Using the built-in run config '{config.name}' (pass --config run.toml to change it)")
+    identity = Identity.load_or_create(args.identity_path or Path(args.data_dir) / "coordinator.key")
+    stop = shutdown_requested()
+
+    try:
+        dht = start_dht(identity, run_name=config.name, **dht_kwargs(args))
+    except Exception as error:
+        die(
+            f"the DHT node failed to start: {error}\n"
+            f"if the port is busy, pick another with --port, or run `peer check --port {args.port}`"
+        )
+    started_at = time.time()
+    ttl = config.expert_ttl
+
+    def publish() -> None:
+        if not publish_run_config(dht, identity, config, ttl=ttl * 2):
+            logger.warning("Publishing the run config found no DHT node to store it; retrying")
+        store_record(dht, run_key(config.name, "peers"), PeerRecord(role="coordinator", started_at=started_at), ttl)
+
+    publisher = PeriodicThread(publish, period=ttl / 3, name="config publisher")
+    publisher.start()
+
+    service = None
+    try:
+        from athome.coordinator.service import CoordinatorService
+
+        service = CoordinatorService(dht, config, Path(args.data_dir), http_host=args.http_host, http_port=args.http_port)
+        service.start()
+    except ImportError:
+        logger.info("The dashboard is not available in this build")
+
+    maddrs = [str(m) for m in dht.get_visible_maddrs()]
+    address = pick_public_maddr(maddrs)
+    emit(f"run address: {address}")
+    emit(f"volunteers join with: peer join --run {address} --experts auto")
+    if service is not None:
+        emit(f"dashboard: {service.url}")
+    try:
+        stop.wait()
+    finally:
+        publisher.stop()
+        if service is not None:
+            service.stop()
+        dht.shutdown()
+        logger.info("Coordinator stopped")

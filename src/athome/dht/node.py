@@ -1,0 +1,194 @@
+"""Joining a run's DHT, and reading and writing athome's signed records on it.
+
+One :class:`hivemind.DHT` per peer, started with the peer's Ed25519 identity and athome's record validator.
+Records are read back as parsed pydantic models, keyed by the writer's peer ID.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Optional, Sequence, TypeVar
+
+import hivemind
+from hivemind.p2p import PeerID
+from hivemind.utils import get_dht_time
+from pydantic import ValidationError
+
+from athome.config import RunConfig
+from athome.dht.identity import Identity, IdentityError, public_key_from_peer_id, verify
+from athome.dht.records import AthomeRecordValidator, owner_subkey, subkey_owner
+from athome.dht.schemas import CONFIG_KEY, Record, RunConfigRecord, run_record_keys
+
+logger = logging.getLogger(__name__)
+RecordT = TypeVar("RecordT", bound=Record)
+
+
+class RunAddressError(ValueError):
+    """A ``--run`` address that cannot be used; the message shows the expected form."""
+
+
+@dataclass(frozen=True)
+class RunAddress:
+    """A run's address: the coordinator's multiaddr ending in ``/p2p/<peer id>``; the peer ID authenticates the run."""
+
+    maddr: str
+    coordinator_id: str
+
+    @classmethod
+    def parse(cls, text: str) -> "RunAddress":
+        text = text.strip()
+        example = "/ip4/203.0.113.5/tcp/31337/p2p/12D3KooW..."
+        if "/p2p/" not in text:
+            raise RunAddressError(f"run address {text!r} lacks '/p2p/<peer id>'; expected e.g. {example}")
+        coordinator_id = text.rsplit("/p2p/", 1)[1]
+        try:
+            public_key_from_peer_id(coordinator_id)
+            PeerID.from_base58(coordinator_id)
+        except (IdentityError, ValueError) as error:
+            raise RunAddressError(f"run address {text!r}: {error}") from None
+        return cls(text, coordinator_id)
+
+    def __str__(self) -> str:
+        return self.maddr
+
+
+def config_signing_message(config: dict, published_at: float) -> bytes:
+    # canonical JSON, so the bytes signed do not depend on how a dict's key order survived the DHT
+    return json.dumps(["athome-run-config", config, published_at], sort_keys=True, separators=(",", ":")).encode()
+
+
+def start_dht(
+    identity: Identity,
+    *,
+    initial_peers: Sequence[str] = (),
+    host_maddrs: Sequence[str] = ("/ip4/0.0.0.0/tcp/0",),
+    announce_maddrs: Sequence[str] = (),
+    client_mode: bool = False,
+    use_auto_relay: bool = False,
+    use_relay: bool = True,
+    run_name: Optional[str] = None,
+    wait_timeout: float = 60,
+) -> hivemind.DHT:
+    """Start this peer's DHT node with its identity and athome's record validator.
+
+    The identity-collision check of hivemind 1.1.12 (``check_if_identity_free``) assumes RSA keys and fails on
+    Ed25519 ones, so it is off: a collision is impossible unless the same key file is copied to two machines.
+    """
+    protected = {CONFIG_KEY: RunConfigRecord}
+    if run_name is not None:
+        protected.update(run_record_keys(run_name))
+    validator = AthomeRecordValidator(_raw_private_key(identity), protected)
+    dht = hivemind.DHT(
+        initial_peers=list(initial_peers),
+        start=True,
+        record_validators=[validator],
+        client_mode=client_mode,
+        host_maddrs=list(host_maddrs),
+        announce_maddrs=list(announce_maddrs) or None,
+        identity_path=str(identity.path),
+        check_if_identity_free=False,
+        use_auto_relay=use_auto_relay,
+        use_relay=use_relay,
+        await_ready=True,
+        startup_timeout=wait_timeout,
+    )
+    if dht.peer_id.to_base58() != identity.peer_id:
+        dht.shutdown()
+        raise IdentityError(f"p2pd started as {dht.peer_id} instead of {identity.peer_id}; is {identity.path} valid?")
+    return dht
+
+
+def protect_run_keys(dht: hivemind.DHT, identity: Identity, run_name: str) -> None:
+    """Once a peer knows its run, check the run's records (signatures and schemas) in its DHT node too."""
+    dht.add_validators([AthomeRecordValidator(_raw_private_key(identity), run_record_keys(run_name))])
+
+
+def _raw_private_key(identity: Identity) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    return identity.private_key.private_bytes(
+        serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+    )
+
+
+def store_record(dht: hivemind.DHT, key: str, record: Record, ttl: float) -> bool:
+    """Write this peer's record under ``key``; True if at least one node accepted it."""
+    peer_id = dht.peer_id.to_base58()
+    result = dht.store(
+        key, record.model_dump(mode="python"), get_dht_time() + ttl, subkey=owner_subkey(peer_id)
+    )
+    return bool(result)
+
+
+def delete_record(dht: hivemind.DHT, key: str, template: Record) -> bool:
+    """Withdraw this peer's record by overwriting it with one that expires almost at once.
+
+    hivemind has no delete; a newer record with a short expiration replaces ours and then vanishes.
+    """
+    return store_record(dht, key, template, ttl=0.5)
+
+
+def get_records(
+    dht: hivemind.DHT, key: str, schema: type[RecordT], *, latest: bool = True
+) -> dict[str, tuple[RecordT, float]]:
+    """Every live record under ``key``: writer peer ID -> (record, expiration). Malformed entries are skipped."""
+    found = dht.get(key, latest=latest)
+    if found is None or not isinstance(found.value, dict):
+        return {}
+    now = get_dht_time()
+    records: dict[str, tuple[RecordT, float]] = {}
+    for subkey, item in found.value.items():
+        owner = subkey_owner(subkey)
+        if owner is None or item.expiration_time <= now:
+            continue
+        try:
+            records[owner] = (schema.model_validate(item.value), item.expiration_time)
+        except (ValidationError, TypeError) as error:
+            logger.warning(f"ignored a malformed {schema.__name__} from {owner}: {error}")
+    return records
+
+
+def publish_run_config(dht: hivemind.DHT, identity: Identity, config: RunConfig, ttl: float) -> bool:
+    body = config.to_dict()
+    published_at = time.time()
+    record = RunConfigRecord(
+        config=body, published_at=published_at, signature=identity.sign(config_signing_message(body, published_at))
+    )
+    return store_record(dht, CONFIG_KEY, record, ttl)
+
+
+class RunConfigError(RuntimeError):
+    """The run config could not be fetched or failed its signature check."""
+
+
+def fetch_run_config(dht: hivemind.DHT, coordinator_id: str, timeout: float = 30) -> RunConfig:
+    """Fetch the run config published by ``coordinator_id`` and verify its signature against that peer ID.
+
+    Retries until ``timeout``: a freshly started coordinator may not have published yet.
+    """
+    deadline = time.monotonic() + timeout
+    last_problem = "no config record under that coordinator's ID"
+    while True:
+        found = dht.get(CONFIG_KEY, latest=True)
+        entry = None
+        if found is not None and isinstance(found.value, dict):
+            entry = found.value.get(owner_subkey(coordinator_id))
+        if entry is not None:
+            try:
+                record = RunConfigRecord.model_validate(entry.value)
+            except (ValidationError, TypeError) as error:
+                raise RunConfigError(f"the run config record is malformed: {error}") from None
+            if not verify(coordinator_id, record.signature, config_signing_message(record.config, record.published_at)):
+                raise RunConfigError(
+                    f"the run config's signature does not match coordinator {coordinator_id}: refusing it "
+                    f"(someone tampered with it, or the address is wrong)"
+                )
+            return record.parsed()
+        if time.monotonic() > deadline:
+            raise RunConfigError(
+                f"{last_problem} after {timeout:.0f}s; check that `peer coordinator` is running and that the "
+                f"--run address is the one it printed"
+            )
+        time.sleep(1.0)

@@ -1,0 +1,78 @@
+"""The network flags every athome command shares, named as in hivemind and Petals, and how they map to a DHT."""
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+from typing import Any, Optional, Sequence
+
+logger = logging.getLogger(__name__)
+
+
+def add_network_flags(parser: argparse.ArgumentParser, *, default_port: Optional[int] = None) -> None:
+    group = parser.add_argument_group("network")
+    group.add_argument(
+        "--host_maddrs", nargs="+", default=None, metavar="MADDR",
+        help="multiaddrs to listen on (default: /ip4/0.0.0.0/tcp/PORT)",
+    )
+    group.add_argument(
+        "--announce_maddrs", nargs="+", default=None, metavar="MADDR",
+        help="multiaddrs other peers should dial (default: what libp2p detects)",
+    )
+    group.add_argument("--port", type=int, default=default_port, help="TCP port to listen on (0 = any free port)")
+    group.add_argument("--public_ip", default=None, help="public IP to announce; the simple form of --announce_maddrs")
+    group.add_argument("--initial_peers", nargs="+", default=(), metavar="MADDR", help="extra DHT peers to bootstrap from")
+    group.add_argument("--identity_path", default=None, help="Ed25519 key file (default ~/.athome/identity.key)")
+    group.add_argument("--use_auto_relay", action="store_true", help="look for libp2p relays if behind NAT")
+    group.add_argument("--no_relay", action="store_true", help="disable libp2p circuit relays")
+    group.add_argument("--client_mode", action="store_true", help="do not accept incoming connections")
+
+
+def dht_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """Turn the network flags into ``start_dht`` keyword arguments, logging each automatic choice."""
+    port = args.port if args.port is not None else 0
+    if args.host_maddrs:
+        host_maddrs = list(args.host_maddrs)
+    else:
+        host = "0.0.0.0"
+        if args.public_ip is None and _only_loopback(args):
+            host = "127.0.0.1"
+        host_maddrs = [f"/ip4/{host}/tcp/{port}"]
+        logger.info(f"Listening on {host_maddrs[0]} (override with --host_maddrs or --port)")
+    announce = list(args.announce_maddrs or ())
+    if args.public_ip and not announce:
+        version = ipaddress.ip_address(args.public_ip).version
+        announce = [f"/ip{version}/{args.public_ip}/tcp/{port or _port_of(host_maddrs)}"]
+        logger.info(f"Announcing {announce[0]} (override with --announce_maddrs)")
+    return dict(
+        initial_peers=list(args.initial_peers),
+        host_maddrs=host_maddrs,
+        announce_maddrs=announce,
+        client_mode=args.client_mode,
+        use_auto_relay=args.use_auto_relay,
+        use_relay=not args.no_relay,
+    )
+
+
+def _only_loopback(args: argparse.Namespace) -> bool:
+    run = getattr(args, "run", None)
+    peers: Sequence[str] = list(args.initial_peers) + ([run] if run else [])
+    return bool(peers) and all(p.startswith(("/ip4/127.", "/ip6/::1/")) for p in peers)
+
+
+def _port_of(maddrs: Sequence[str]) -> int:
+    parts = maddrs[0].split("/")
+    return int(parts[parts.index("tcp") + 1]) if "tcp" in parts else 0
+
+
+def pick_public_maddr(maddrs: Sequence[str]) -> str:
+    """The multiaddr to print for others: prefer a routable IPv4 TCP address, then any IPv4, then anything."""
+
+    def rank(maddr: str) -> tuple[int, int]:
+        parts = maddr.split("/")
+        if len(parts) > 2 and parts[1] == "ip4" and "tcp" in parts:
+            ip = ipaddress.ip_address(parts[2])
+            return (0 if ip.is_global else 1 if ip.is_private and not ip.is_loopback else 2, 0)
+        return (3, 0) if "p2p-circuit" not in maddr else (4, 0)
+
+    return sorted(maddrs, key=rank)[0]
