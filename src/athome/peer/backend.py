@@ -28,9 +28,8 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import threading
-from typing import Any, Dict, Iterable, List, Literal, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -175,7 +174,8 @@ class ExpertBackend(ModuleBackend):
                 module.to(device=self.device, dtype=self.compute_dtype)
             else:
                 module.to(device=self.device)
-                self._master = [p for _, p in named]  # the module's own fp32 params are the master weights
+                # the module's own fp32 params are the master weights
+                self._master = [p for _, p in module.named_parameters()]
         self.parameter_names: List[str] = [n for n, _ in named]
         self._working: List[nn.Parameter] = [p for _, p in module.named_parameters()]
         self._trainable: List[int] = [i for i, p in enumerate(self._working) if p.requires_grad]
@@ -227,7 +227,8 @@ class ExpertBackend(ModuleBackend):
             dummy_kwargs = {k: d.make_zeros(DUMMY_BATCH_SIZE).to(self.device) for k, d in self.kwargs_schema.items()}
             with torch.no_grad(), self._autocast():
                 dummy_outputs = self._cast_outputs(module(*dummy_args, **dummy_kwargs))
-            outputs_schema = nested_map(BatchTensorDescriptor.from_tensor, dummy_outputs)
+            # described from CPU copies: clients must not be told to allocate on this host's device
+            outputs_schema = nested_map(lambda t: BatchTensorDescriptor.from_tensor(t.cpu()), dummy_outputs)
 
         super().__init__(
             name,
@@ -333,9 +334,9 @@ class ExpertBackend(ModuleBackend):
 
             scale = self.scaler.scale
             grad_inputs, param_grads = self._compute_grads(args, kwargs, grad_outputs, scale, with_params=True)
-            if self.offload:
-                param_grads = self._grads_to_host(param_grads)  # fp32 on host, still scaled
-            if _all_finite(grad_inputs + param_grads):
+            if _all_finite(grad_inputs + param_grads):  # checked on the device: no copies for an overflowed call
+                if self.offload:
+                    param_grads = self._grads_to_host(param_grads)  # fp32 on host, still scaled
                 self.scaler.update(found_inf=False)
                 self._accumulate(param_grads, 1.0 / scale)
                 self.samples_processed += batch_size
@@ -583,11 +584,12 @@ _COUNTERS = ("num_updates", "num_backward_calls", "num_forward_calls", "samples_
 
 
 def _all_finite(tensors: Sequence[torch.Tensor]) -> bool:
-    floats = [t for t in tensors if t.is_floating_point()]
-    if not floats:
-        return True
-    # one host sync for all tensors
-    return bool(torch.stack([torch.isfinite(t).all() for t in floats]).all())
+    flags_by_device: Dict[torch.device, List[torch.Tensor]] = {}
+    for t in tensors:
+        if t.is_floating_point():
+            flags_by_device.setdefault(t.device, []).append(torch.isfinite(t).all())
+    # one host sync per device rather than one per tensor
+    return all(bool(torch.stack(flags).all()) for flags in flags_by_device.values())
 
 
 def _host_copy(t: torch.Tensor, dtype: torch.dtype, pin: bool) -> torch.Tensor:

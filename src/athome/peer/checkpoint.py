@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, Mapping, Optional, Union
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from athome.peer.backend import CheckpointMismatchError, ExpertBackend
@@ -91,10 +92,6 @@ def load_expert(backend: ExpertBackend, directory: Path) -> bool:
     )
     if state_path.exists():
         extra = torch.load(state_path, map_location="cpu", weights_only=True)
-        with open(weights_path, "rb"):
-            pass
-        from safetensors import safe_open
-
         with safe_open(str(weights_path), framework="pt") as f:
             weights_save_id = (f.metadata() or {}).get("save_id")
         if extra.get("save_id") != weights_save_id:

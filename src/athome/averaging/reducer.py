@@ -1,0 +1,290 @@
+"""Robust aggregation of tensor parts inside hivemind's butterfly all-reduce.
+
+In a butterfly all-reduce every group member *reduces* one slice of the vector: each sender streams its copy of
+that slice to the reducer, part by part, and gets the aggregate back. hivemind's ``TensorPartReducer`` aggregates
+with a running weighted sum whose weights are whatever the senders claim, and checks nothing. This module's
+:class:`RobustTensorPartReducer` keeps hivemind's protocol (same methods, same futures, same sender bookkeeping) and
+changes only how one part is aggregated and what is accepted:
+
+* ``method="centered_clip"`` (default) aggregates with CenteredClip (Karimireddy, He, Jaggi, ICML 2021)::
+
+      v <- v + sum_i w_i (x_i - v) min(1, tau / ||x_i - v||) / sum_i w_i        (``iterations`` times)
+
+  - *Start point*: the coordinate-wise median of the senders' parts. A "previous aggregate" does not exist here: a
+    Moshpit group, its members and the slice a reducer owns change every round. The median is within the honest
+    values coordinate-wise while fewer than half the senders are Byzantine, so the iterations start next to the
+    honest mean instead of having to walk back from an attacker-dragged mean (each iteration moves at most ~tau).
+  - *tau is relative*: ``tau = clip_tau * median_i ||x_i - v||`` recomputed at each iteration. This makes the
+    reducer scale-free (the same setting works for gradients and for parameters) and, because the median distance is
+    an honest one while attackers are a minority, an attacker's pull on the result is at most
+    ``tau * w_attacker / sum(w)`` per part, i.e. a fraction of the honest peers' typical spread. Honest senders
+    within ``tau`` of the aggregate are not clipped at all, so with no attacker the result equals the weighted mean
+    whenever ``clip_tau >= max_i ||x_i - mean|| / median_i ||x_i - mean||`` (for 2 senders: always).
+  - *Weights*: claimed weights are capped at ``max_weight_ratio * median(positive claimed weights)``, so claiming a
+    weight of 1e6 buys no more than an ordinary peer's share.
+* ``method="mean"`` is hivemind's weighted mean (weights as claimed), plus the input checks below.
+
+Both methods reject a part that is not finite (NaN/Inf), a non-finite or negative weight, or a part of the wrong
+shape: the sender is treated as *failed* for the rest of the round (exactly like a sender that timed out: it is
+excluded from this and later parts, and gets no results back, so its own round is incomplete). NaN never reaches
+an aggregate.
+
+Evidence: for every sender the reducer records how many elements it contributed, how many were in parts whose
+final clip scale was below ``heavy_clip_scale`` (i.e. the part lay farther than tau/heavy_clip_scale from the
+aggregate), the smallest scale, and any rejection. That is what a verification subsystem can act on.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from dataclasses import dataclass
+from typing import Dict, List, Literal, Optional, Sequence, Tuple
+
+import torch
+from hivemind.averaging.partition import AllreduceException, BannedException, TensorPartReducer
+
+logger = logging.getLogger(__name__)
+
+ReducerMethod = Literal["mean", "centered_clip"]
+REDUCER_METHODS: Tuple[str, ...] = ("mean", "centered_clip")
+
+
+@dataclass
+class SenderEvidence:
+    """What one reducer observed about one sender during one round (only the slice that reducer owned)."""
+
+    elements: int = 0  # elements accepted from this sender
+    clipped_elements: int = 0  # elements in parts with final clip scale < heavy_clip_scale
+    min_scale: float = 1.0  # smallest final CenteredClip scale over this sender's parts (1.0 = never clipped)
+    claimed_weight: float = float("nan")
+    used_weight: float = float("nan")  # after capping
+    rejected: Optional[str] = None  # why the sender was excluded (non-finite part, bad weight, bad shape)
+
+    @property
+    def clip_fraction(self) -> float:
+        """Fraction of this sender's accepted elements that were heavily clipped; 1.0 if it was rejected."""
+        if self.rejected is not None:
+            return 1.0
+        return self.clipped_elements / self.elements if self.elements else 0.0
+
+
+def coordinate_median(stacked: torch.Tensor) -> torch.Tensor:
+    """Coordinate-wise median over dim 0, averaging the two middle values when the count is even."""
+    n = stacked.shape[0]
+    if n == 1:
+        return stacked[0].clone()
+    ordered = stacked.sort(dim=0).values
+    if n % 2:
+        return ordered[n // 2].clone()
+    return (ordered[n // 2 - 1] + ordered[n // 2]) / 2
+
+
+def _median(values: torch.Tensor) -> torch.Tensor:
+    return coordinate_median(values.unsqueeze(1)).squeeze(0)
+
+
+def centered_clip(
+    stacked: torch.Tensor, weights: torch.Tensor, clip_tau: float, iterations: int
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """CenteredClip of ``stacked[i]`` (shape ``[n, d]``) with non-negative ``weights`` (sum > 0).
+
+    :returns: (aggregate of shape [d], final per-sender clip scale in (0, 1])
+    """
+    total = weights.sum()
+    center = coordinate_median(stacked)
+    for _ in range(iterations):
+        diff = stacked - center
+        distance = diff.norm(dim=1)
+        radius = clip_tau * _median(distance)
+        scale = torch.where(distance > radius, radius / distance.clamp_min(1e-30), torch.ones_like(distance))
+        center = center + (weights * scale / total) @ diff
+    distance = (stacked - center).norm(dim=1)
+    radius = clip_tau * _median(distance)
+    scale = torch.where(distance > radius, radius / distance.clamp_min(1e-30), torch.ones_like(distance))
+    return center, scale
+
+
+class RobustTensorPartReducer(TensorPartReducer):
+    """A :class:`hivemind.averaging.partition.TensorPartReducer` that aggregates each part with ``method`` and
+    rejects malformed input (see module docstring). Same interface and protocol as hivemind's reducer.
+
+    :param part_shapes: shapes of the parts this peer reduces
+    :param num_senders: number of group members that send parts
+    :param method: "centered_clip" or "mean"
+    :param clip_tau: CenteredClip radius as a multiple of the median distance to the current estimate
+    :param clip_iterations: CenteredClip iterations per part
+    :param max_weight_ratio: (centered_clip) cap claimed weights at this multiple of the median positive weight
+    :param heavy_clip_scale: parts whose final clip scale is below this count as "clipped" in the evidence
+    """
+
+    def __init__(
+        self,
+        part_shapes: Sequence[torch.Size],
+        num_senders: int,
+        *,
+        method: ReducerMethod = "centered_clip",
+        clip_tau: float = 1.0,
+        clip_iterations: int = 5,
+        max_weight_ratio: float = 1.0,
+        heavy_clip_scale: float = 0.5,
+    ):
+        if method not in REDUCER_METHODS:
+            raise ValueError(f"unknown reducer {method!r}; expected one of {REDUCER_METHODS}")
+        if not clip_tau > 0 or clip_iterations < 1 or not max_weight_ratio > 0:
+            raise ValueError("clip_tau and max_weight_ratio must be positive, clip_iterations >= 1")
+        self.method, self.clip_tau, self.clip_iterations = method, float(clip_tau), int(clip_iterations)
+        self.max_weight_ratio, self.heavy_clip_scale = float(max_weight_ratio), float(heavy_clip_scale)
+        self.evidence: List[SenderEvidence] = [SenderEvidence() for _ in range(num_senders)]
+        self.num_parts_accumulated = [0 for _ in range(num_senders)]
+        self._contributions: List[Tuple[int, torch.Tensor, float]] = []
+        super().__init__(part_shapes, num_senders)  # calls self.reset_accumulators()
+
+    def reset_accumulators(self):
+        """Prepare for the next part; parts are kept until every expected sender contributed, then aggregated."""
+        assert self.current_part_accumulated_from == self.num_current_senders or self.current_part_index == -1
+        if self.current_part_index >= self.num_parts - 1:
+            self.finalize()
+            return
+        self.current_part_index += 1
+        self.current_part_accumulated_from = 0
+        self.current_part_future = asyncio.Future()
+        self.num_current_senders = sum(self.current_part_index < failed for failed in self.sender_failed_after)
+        self._contributions = []
+        self.accumulator, self.denominator = None, 0.0  # unused; kept for code that inspects hivemind's fields
+
+    async def accumulate_part(
+        self, sender_index: int, part_index: int, tensor_part: torch.Tensor, weight: float = 1.0
+    ) -> torch.Tensor:
+        """Add a sender's part, wait for the other senders' parts, return the aggregate of this part.
+
+        :raises BannedException: if the sender failed or its input was rejected (it is then excluded)
+        """
+        assert 0 <= sender_index < self.num_senders, "invalid sender index"
+        assert 0 <= part_index < self.num_parts, "invalid part index"
+        self.num_parts_received[sender_index] += 1
+
+        while part_index > self.current_part_index:
+            finished_task = asyncio.create_task(self.finished.wait())
+            try:
+                await asyncio.wait({self.current_part_future, finished_task}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                finished_task.cancel()
+            if self.finished.is_set():
+                raise AllreduceException(f"attempted to aggregate part in a finalized {self.__class__.__name__}")
+
+        if self.sender_failed_after[sender_index] != float("inf"):
+            raise BannedException(f"sender {sender_index} was banned in background")
+        assert part_index == self.current_part_index
+        current_part_future = self.current_part_future
+
+        reason = self._reason_to_reject(part_index, tensor_part, weight)
+        if reason is not None:
+            logger.warning(f"Rejecting sender {sender_index}, part {part_index}: {reason}")
+            self.evidence[sender_index].rejected = reason
+            self.on_sender_failed(sender_index)
+            raise BannedException(f"sender {sender_index}: {reason}")
+
+        self._contributions.append((sender_index, tensor_part, float(weight)))
+        self.num_parts_accumulated[sender_index] += 1
+        self.current_part_accumulated_from += 1
+        self.check_current_part_finished()
+        return await current_part_future
+
+    def _reason_to_reject(self, part_index: int, tensor_part: torch.Tensor, weight: float) -> Optional[str]:
+        if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight >= 0):
+            return f"invalid weight {weight!r}"
+        if tensor_part.shape != self.part_shapes[part_index]:
+            return f"part shape {tuple(tensor_part.shape)} != expected {tuple(self.part_shapes[part_index])}"
+        if not bool(torch.isfinite(tensor_part).all()):
+            return "non-finite values (NaN/Inf) in part"
+        return None
+
+    def on_sender_failed(self, sender_index: int):
+        """Exclude a sender from every part it has not contributed to yet. Idempotent.
+
+        Unlike hivemind's version this counts parts *accumulated*, not parts received, so a sender banned while one
+        of its parts waits in :meth:`accumulate_part` is not counted as a pending contributor of that part.
+        """
+        if self.sender_failed_after[sender_index] != float("inf"):
+            return
+        accumulated = self.num_parts_accumulated[sender_index]
+        self.sender_failed_after[sender_index] = accumulated
+        if self.finished.is_set():
+            return
+        if accumulated <= self.current_part_index:  # it was still expected to contribute to the current part
+            self.num_current_senders -= 1
+            self.check_current_part_finished()
+
+    def check_current_part_finished(self):
+        assert self.current_part_accumulated_from <= self.num_current_senders
+        if self.current_part_accumulated_from == self.num_current_senders:
+            future = self.current_part_future
+            if self.current_part_accumulated_from == 0:
+                future.cancel()  # every sender of this part failed; nobody awaits it
+            else:
+                future.set_result(self._aggregate(self._contributions))
+            self.reset_accumulators()
+
+    @torch.no_grad()
+    def _aggregate(self, contributions: List[Tuple[int, torch.Tensor, float]]) -> torch.Tensor:
+        senders = [sender for sender, _, _ in contributions]
+        stacked = torch.stack([part.reshape(-1).to(torch.float32) for _, part, _ in contributions])
+        claimed = torch.tensor([weight for _, _, weight in contributions], dtype=torch.float32)
+        shape = contributions[0][1].shape
+
+        if self.method == "mean":
+            weights = claimed
+            if float(weights.sum()) <= 0:
+                weights = torch.ones_like(claimed)  # hivemind would return 0/0 = NaN here
+            result = (weights / weights.sum()) @ stacked
+            scale = torch.ones_like(weights)
+        else:
+            positive = claimed[claimed > 0]
+            if positive.numel() == 0:
+                weights = torch.ones_like(claimed)
+            else:
+                weights = torch.minimum(claimed, self.max_weight_ratio * _median(positive))
+            result, scale = centered_clip(stacked, weights, self.clip_tau, self.clip_iterations)
+
+        numel = stacked.shape[1]
+        for row, sender in enumerate(senders):
+            record = self.evidence[sender]
+            record.elements += numel
+            record.claimed_weight, record.used_weight = float(claimed[row]), float(weights[row])
+            part_scale = float(scale[row])
+            record.min_scale = min(record.min_scale, part_scale)
+            if part_scale < self.heavy_clip_scale:
+                record.clipped_elements += numel
+        return result.reshape(shape)
+
+    def evidence_by_sender(self, sender_names: Sequence[str]) -> Dict[str, SenderEvidence]:
+        """Evidence keyed by sender name (e.g. peer ID string), for senders this reducer heard from."""
+        assert len(sender_names) == self.num_senders
+        return {
+            name: record
+            for name, record in zip(sender_names, self.evidence)
+            if record.elements or record.rejected is not None
+        }
+
+
+@dataclass
+class ReducerSettings:
+    """How a peer reduces the slices it owns; picklable, so the averager process can build reducers from it."""
+
+    method: ReducerMethod = "centered_clip"
+    clip_tau: float = 1.0
+    clip_iterations: int = 5
+    max_weight_ratio: float = 1.0
+    heavy_clip_scale: float = 0.5
+
+    def build(self, part_shapes: Sequence[torch.Size], num_senders: int) -> RobustTensorPartReducer:
+        return RobustTensorPartReducer(
+            part_shapes,
+            num_senders,
+            method=self.method,
+            clip_tau=self.clip_tau,
+            clip_iterations=self.clip_iterations,
+            max_weight_ratio=self.max_weight_ratio,
+            heavy_clip_scale=self.heavy_clip_scale,
+        )

@@ -1,0 +1,225 @@
+"""``peer join``: a volunteer hosts (and trains) a shard of the run's experts.
+
+Start-up order: join the DHT through the run address, verify the run config against the coordinator's peer ID,
+choose experts, build them (from a checkpoint, from a live replica, or from the uid's deterministic init),
+serve them, declare them, and print ``serving experts: <uids>``.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Dict, Optional
+
+import torch
+
+from athome.config import RunConfig
+from athome.dht import (
+    Identity,
+    RunAddress,
+    RunAddressError,
+    RunConfigError,
+    fetch_run_config,
+    get_records,
+    protect_run_keys,
+    start_dht,
+    store_record,
+)
+from athome.dht.identity import DEFAULT_IDENTITY_DIR
+from athome.dht.schemas import PeerRecord, ServerRecord, run_key
+from athome.lifecycle import PeriodicThread, die, emit, shutdown_requested
+from athome.model.expert import build_expert, expert_input_schema
+from athome.netflags import dht_kwargs
+from athome.peer.backend import ExpertBackend
+from athome.peer.checkpoint import CheckpointSaver, load_expert
+from athome.peer.experts import (
+    ExpertPatternError,
+    choose_least_replicated,
+    count_replicas,
+    expand_pattern,
+    expert_memory_bytes,
+)
+from athome.peer.server import Declarer, ExpertServer, download_expert_state
+
+logger = logging.getLogger(__name__)
+MAX_BATCH_SIZE = 16384  # tokens per request; trainers split larger requests
+
+
+def resolve_device(requested: str) -> torch.device:
+    if requested == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        logger.info(f"Using device {device.type} (override with --device)")
+        return device
+    if requested == "cuda" and not torch.cuda.is_available():
+        die("--device cuda, but torch sees no CUDA GPU; check `nvidia-smi`, or use --device cpu")
+    return torch.device(requested)
+
+
+def resolve_precision(requested: str, device: torch.device) -> str:
+    if requested != "auto":
+        return requested
+    if device.type == "cuda":
+        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    else:
+        precision = "fp32"  # bf16/fp16 autocast on CPU is ~3x slower than fp32 for these shapes
+    logger.info(f"Using precision {precision} on {device.type} (override with --precision)")
+    return precision
+
+
+def memory_budget_bytes(device: torch.device, max_memory_gb: Optional[float]) -> int:
+    if max_memory_gb is not None:
+        return int(max_memory_gb * 2**30)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = int(free * 0.8)
+    else:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        budget = int(available * 0.25)
+    logger.info(f"Expert memory budget {budget / 2**30:.1f} GiB (override with --max_memory GB)")
+    return budget
+
+
+def choose_experts(args: argparse.Namespace, config: RunConfig, dht, peer_id: str, device, precision) -> list[str]:
+    if args.experts != "auto":
+        try:
+            return expand_pattern(args.experts, config.model)
+        except ExpertPatternError as error:
+            die(str(error))
+    servers = get_records(dht, run_key(config.name, "servers"), ServerRecord)
+    replicas = count_replicas({peer: record.experts for peer, (record, _) in servers.items()}, exclude_peer=peer_id)
+    grid_size = len(config.model.expert_uids())
+    if args.num_experts is not None:
+        count = args.num_experts
+    else:
+        per_expert = expert_memory_bytes(config.model, precision, args.offload, MAX_BATCH_SIZE)
+        count = max(1, min(grid_size, memory_budget_bytes(device, args.max_memory) // per_expert))
+        logger.info(f"Hosting {count} experts, sized to the memory budget (override with --num_experts)")
+    uids = choose_least_replicated(config.model, replicas, min(count, grid_size), peer_id)
+    logger.info(
+        f"auto picked the least-replicated experts {', '.join(uids)} "
+        f"(replicas before joining: {', '.join(str(replicas.get(u, 0)) for u in uids)}; override with --experts)"
+    )
+    return uids
+
+
+def build_backend(
+    uid: str, config: RunConfig, args: argparse.Namespace, device, precision, checkpoint_dir: Path, dht, live_hosts
+) -> ExpertBackend:
+    """An expert, restored from our checkpoint, else copied from a live replica, else freshly initialised."""
+    module = build_expert(config.model, uid)
+    origin = "a fresh deterministic init"
+    has_checkpoint = (checkpoint_dir / f"{uid}.safetensors").exists()
+    if not has_checkpoint:
+        for host in live_hosts.get(uid, []):
+            try:
+                state = download_expert_state(dht, host, uid, timeout=30)
+                module.load_state_dict(state)
+                origin = f"the live replica on {host[-8:]}"
+                break
+            except Exception as error:
+                logger.warning(f"Could not copy {uid} from {host[-8:]}: {error!r}; trying the next replica")
+    backend = ExpertBackend(
+        uid,
+        module,
+        optimizer_config=config.optimizer,
+        precision=precision,
+        device=device,
+        offload=args.offload,
+        args_schema=expert_input_schema(config.model),
+        max_batch_size=MAX_BATCH_SIZE,
+    )
+    if has_checkpoint and load_expert(backend, checkpoint_dir):
+        origin = f"checkpoint {checkpoint_dir}"
+    logger.info(f"{uid}: starting from {origin}")
+    return backend
+
+
+def run_join(args: argparse.Namespace) -> None:
+    try:
+        address = RunAddress.parse(args.run)
+    except RunAddressError as error:
+        die(str(error))
+    identity = Identity.load_or_create(args.identity_path)
+    stop = shutdown_requested()
+    args.initial_peers = [address.maddr, *args.initial_peers]
+    try:
+        dht = start_dht(identity, **dht_kwargs(args))
+    except Exception as error:
+        die(f"could not join the run at {address}: {error}\nis the coordinator up? does `peer check` pass?")
+    try:
+        config = fetch_run_config(dht, address.coordinator_id)
+    except RunConfigError as error:
+        dht.shutdown()
+        die(str(error))
+    protect_run_keys(dht, identity, config.name)
+    logger.info(f"Joined run '{config.name}' as {identity.peer_id}")
+
+    device = resolve_device(args.device)
+    precision = resolve_precision(args.precision, device)
+    uids = choose_experts(args, config, dht, identity.peer_id, device, precision)
+    checkpoint_dir = Path(args.checkpoint_dir or DEFAULT_IDENTITY_DIR / config.name / identity.peer_id)
+    servers = get_records(dht, run_key(config.name, "servers"), ServerRecord)
+    live_hosts: Dict[str, list] = {}
+    for peer_id, (record, _) in servers.items():
+        if peer_id != identity.peer_id:
+            for uid in record.experts:
+                live_hosts.setdefault(uid, []).append(peer_id)
+    backends = {
+        uid: build_backend(uid, config, args, device, precision, checkpoint_dir, dht, live_hosts) for uid in uids
+    }
+
+    started_at = time.time()
+
+    def make_record() -> ServerRecord:
+        uptime = max(time.time() - started_at, 1e-3)
+        samples = sum(backend.samples_processed for backend in backends.values())
+        return ServerRecord(
+            experts=list(backends), public_name=args.public_name, device=device.type, precision=precision,
+            throughput=samples / uptime / max(len(backends), 1), relayed=False, since=started_at,
+        )
+
+    def get_state(uid: str):
+        backend = backends.get(uid)
+        return None if backend is None else backend.state_dict()["master"]
+
+    declarer = Declarer(dht, run_key(config.name, "servers"), make_record, ttl=config.expert_ttl)
+    server = ExpertServer(
+        dht, backends, declarer=declarer, get_state=get_state, num_handlers=2, max_batch_size=MAX_BATCH_SIZE,
+        device=device,
+    )
+    server.run_in_background(await_ready=True)
+    presence = PeriodicThread(
+        lambda: store_record(
+            dht, run_key(config.name, "peers"),
+            PeerRecord(role="expert_host", public_name=args.public_name, team=args.team, started_at=started_at),
+            config.expert_ttl,
+        ),
+        period=config.expert_ttl / 3, name="presence",
+    )
+    presence.start()
+    saver = CheckpointSaver(backends, checkpoint_dir, every_updates=100, every_seconds=60)
+    saver.start()
+    if declarer.declared.wait(timeout=60):
+        emit(f"serving experts: {','.join(backends)}")
+    else:
+        logger.warning("Still no DHT node accepted the declaration after 60 s; serving anyway, will keep trying")
+
+    trainer_thread = None
+    if args.train:
+        from athome.trainer.train import Trainer
+
+        trainer = Trainer(dht, identity, config, args)
+        trainer_thread = threading.Thread(target=trainer.run, args=(stop,), name="trainer", daemon=True)
+        trainer_thread.start()
+    try:
+        stop.wait()
+    finally:
+        logger.info("Leaving: saving checkpoints and withdrawing declarations")
+        presence.stop()
+        saver.stop()
+        if trainer_thread is not None:
+            trainer_thread.join(timeout=30)
+        server.shutdown()  # withdraws declarations, stops handlers, runtime and the DHT

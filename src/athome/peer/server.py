@@ -1,0 +1,247 @@
+"""Serving experts: hivemind's expert server with athome's signed declarations, input checks and state download.
+
+Experts speak hivemind's expert RPC protocol unchanged, so a plain ``hivemind.moe.client.RemoteExpert`` can call
+them. What differs from ``hivemind.moe.Server``:
+
+- declarations are athome's signed :class:`~athome.dht.schemas.ServerRecord` (one per host, replicas allowed),
+  refreshed periodically and withdrawn on a clean leave, instead of hivemind's unsigned one-peer-per-uid keys;
+- every request is checked (uid, tensor count, shape, dtype, batch size, NaN/Inf) before it reaches the Runtime,
+  so bad input gets a clear error back and never touches the expert's state;
+- a small servicer in the host process lets a new replica download an expert's current parameters.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from typing import AsyncIterator, Callable, Dict, Optional, Sequence
+
+import torch
+from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
+from hivemind.dht import DHT
+from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
+from hivemind.moe.server.connection_handler import ConnectionHandler
+from hivemind.moe.server.module_backend import ModuleBackend
+from hivemind.moe.server.server import Server
+from hivemind.p2p import P2P, P2PContext, PeerID, ServicerBase
+from hivemind.proto import runtime_pb2
+from hivemind.utils import MSGPackSerializer, nested_flatten
+from hivemind.utils.streaming import split_for_streaming
+from hivemind.p2p.p2p_daemon import DEFAULT_MAX_MSG_SIZE
+
+from athome.dht import delete_record, store_record
+from athome.dht.schemas import ServerRecord
+
+logger = logging.getLogger(__name__)
+
+
+class BadRequest(ValueError):
+    """A request that does not fit the expert; its message is sent back to the caller."""
+
+
+def check_tensors(
+    uid: str, tensors: Sequence[torch.Tensor], schema: Sequence, max_batch_size: int, what: str
+) -> None:
+    """Raise BadRequest unless ``tensors`` match ``schema`` (flat BatchTensorDescriptors) and are finite."""
+    if len(tensors) != len(schema):
+        raise BadRequest(f"{uid}: {what} expects {len(schema)} tensors, got {len(tensors)}")
+    batch_size = None
+    for index, (tensor, descriptor) in enumerate(zip(tensors, schema)):
+        expected_shape = tuple(descriptor.shape[1:])
+        if tensor.dim() != len(descriptor.shape) or tuple(tensor.shape[1:]) != expected_shape:
+            raise BadRequest(
+                f"{uid}: {what} tensor {index} has shape {tuple(tensor.shape)}, expected (batch, {', '.join(map(str, expected_shape))})"
+            )
+        if tensor.dtype != descriptor.dtype:
+            raise BadRequest(f"{uid}: {what} tensor {index} has dtype {tensor.dtype}, expected {descriptor.dtype}")
+        if batch_size is None:
+            batch_size = tensor.shape[0]
+        elif tensor.shape[0] != batch_size:
+            raise BadRequest(f"{uid}: {what} tensors disagree on batch size ({batch_size} vs {tensor.shape[0]})")
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise BadRequest(f"{uid}: {what} tensor {index} contains NaN or Inf")
+    if not batch_size:
+        raise BadRequest(f"{uid}: {what} batch is empty")
+    if batch_size > max_batch_size:
+        raise BadRequest(f"{uid}: batch of {batch_size} exceeds this host's max_batch_size {max_batch_size}; split it")
+
+
+class ValidatingConnectionHandler(ConnectionHandler):
+    """hivemind's ConnectionHandler, with every request checked before it is queued for the Runtime."""
+
+    def __init__(self, dht: DHT, module_backends: Dict[str, ModuleBackend], *, max_batch_size: int, **kwargs):
+        super().__init__(dht, module_backends, **kwargs)
+        self.max_batch_size = max_batch_size
+
+    @classmethod
+    def _get_handle_name(cls, namespace: Optional[str], method_name: str) -> str:
+        # register under hivemind's protocol names, so unmodified hivemind clients reach these handlers
+        return ConnectionHandler._get_handle_name(namespace, method_name)
+
+    def _backend(self, uid: str) -> ModuleBackend:
+        backend = self.module_backends.get(uid)
+        if backend is None:
+            raise BadRequest(f"this host does not serve expert {uid!r}; it serves {sorted(self.module_backends)}")
+        return backend
+
+    async def rpc_info(self, request: runtime_pb2.ExpertUID, context: P2PContext) -> runtime_pb2.ExpertInfo:
+        self._backend(request.uid)
+        return await super().rpc_info(request, context)
+
+    def _check_forward(self, uid: str, inputs: Sequence[torch.Tensor]) -> ModuleBackend:
+        backend = self._backend(uid)
+        check_tensors(uid, inputs, list(nested_flatten(backend.forward_schema)), self.max_batch_size, "forward")
+        return backend
+
+    def _check_backward(self, uid: str, inputs_and_grads: Sequence[torch.Tensor]) -> ModuleBackend:
+        backend = self._backend(uid)
+        schema = list(nested_flatten(backend.backward_schema))
+        check_tensors(uid, inputs_and_grads, schema, self.max_batch_size, "backward")
+        return backend
+
+    async def rpc_forward(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        inputs = [deserialize_torch_tensor(tensor) for tensor in request.tensors]
+        backend = self._check_forward(request.uid, inputs)
+        return runtime_pb2.ExpertResponse(
+            tensors=await self._process_inputs(inputs, backend.forward_pool, backend.outputs_schema)
+        )
+
+    async def rpc_forward_stream(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        uid, inputs = await self._gather_inputs(requests, context)
+        backend = self._check_forward(uid, inputs)
+        outputs = await self._process_inputs(inputs, backend.forward_pool, backend.outputs_schema)
+        for tensor in outputs:
+            for part in split_for_streaming(tensor, DEFAULT_MAX_MSG_SIZE):
+                yield runtime_pb2.ExpertResponse(tensors=[part])
+
+    async def rpc_backward(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        inputs_and_grads = [deserialize_torch_tensor(tensor) for tensor in request.tensors]
+        backend = self._check_backward(request.uid, inputs_and_grads)
+        return runtime_pb2.ExpertResponse(
+            tensors=await self._process_inputs(inputs_and_grads, backend.backward_pool, backend.grad_inputs_schema)
+        )
+
+    async def rpc_backward_stream(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        uid, inputs_and_grads = await self._gather_inputs(requests, context)
+        backend = self._check_backward(uid, inputs_and_grads)
+        outputs = await self._process_inputs(inputs_and_grads, backend.backward_pool, backend.grad_inputs_schema)
+        for tensor in outputs:
+            for part in split_for_streaming(tensor, DEFAULT_MAX_MSG_SIZE):
+                yield runtime_pb2.ExpertResponse(tensors=[part])
+
+
+class ExpertStateServicer(ServicerBase):
+    """Runs in the host process (where the live parameters are) and streams an expert's current weights.
+
+    ``get_state(uid)`` must return a name -> tensor dict of fp32 CPU tensors, taken consistently (under the
+    backend's lock).
+    """
+
+    def __init__(self, get_state: Callable[[str], Optional[Dict[str, torch.Tensor]]]):
+        self.get_state = get_state
+
+    async def rpc_expert_state(
+        self, request: runtime_pb2.ExpertUID, context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        state = self.get_state(request.uid)
+        if state is None:
+            raise BadRequest(f"this host does not serve expert {request.uid!r}")
+        names = list(state)
+        yield runtime_pb2.ExpertResponse(metadata=MSGPackSerializer.dumps(names))
+        for name in names:
+            serialized = serialize_torch_tensor(state[name].detach().cpu().float())
+            for part in split_for_streaming(serialized, DEFAULT_MAX_MSG_SIZE):
+                yield runtime_pb2.ExpertResponse(tensors=[part])
+
+
+async def _download_state(p2p: P2P, peer_id: PeerID, uid: str) -> Dict[str, torch.Tensor]:
+    from hivemind.compression import deserialize_tensor_stream
+
+    stub = ExpertStateServicer.get_stub(p2p, peer_id)
+    stream = await stub.rpc_expert_state(runtime_pb2.ExpertUID(uid=uid))
+    first = await stream.__anext__()
+    names = MSGPackSerializer.loads(first.metadata)
+
+    async def tensor_parts():
+        async for message in stream:
+            yield message.tensors
+
+    tensors = await deserialize_tensor_stream(tensor_parts())
+    if len(tensors) != len(names):
+        raise RuntimeError(f"expert state of {uid} from {peer_id} was cut short")
+    return dict(zip(names, tensors))
+
+
+def download_expert_state(dht: DHT, peer_id: str, uid: str, timeout: float = 60) -> Dict[str, torch.Tensor]:
+    """Fetch the current fp32 weights of ``uid`` from the host ``peer_id`` (to start a replica from them)."""
+
+    async def fetch():
+        import asyncio
+
+        p2p = await dht.replicate_p2p()
+        return await asyncio.wait_for(_download_state(p2p, PeerID.from_base58(peer_id), uid), timeout)
+
+    return RemoteExpertWorker.run_coroutine(fetch())
+
+
+class Declarer(threading.Thread):
+    """Keeps this host's signed ServerRecord alive in the DHT; withdraws it when stopped.
+
+    ``make_record()`` is called before each refresh so throughput and load stay current.
+    """
+
+    def __init__(self, dht: DHT, key: str, make_record: Callable[[], ServerRecord], ttl: float):
+        super().__init__(name="expert declarer", daemon=True)
+        self.dht, self.key, self.make_record, self.ttl = dht, key, make_record, ttl
+        self.stop = threading.Event()  # the attribute hivemind's Server.shutdown() sets
+        self.declared = threading.Event()
+
+    def run(self) -> None:
+        while True:
+            try:
+                if store_record(self.dht, self.key, self.make_record(), self.ttl):
+                    self.declared.set()
+                else:
+                    logger.warning("No DHT node accepted this host's declaration; retrying")
+            except Exception as error:
+                logger.warning(f"Declaring experts failed: {error!r}")
+            if self.stop.wait(self.ttl / 3 if self.declared.is_set() else 1.0):
+                break
+        try:
+            delete_record(self.dht, self.key, self.make_record().model_copy(update=dict(experts=[])))
+            logger.info("Withdrew this host's expert declarations")
+        except Exception as error:
+            logger.warning(f"Could not withdraw declarations (they expire in {self.ttl:.0f}s anyway): {error!r}")
+
+
+class ExpertServer(Server):
+    """hivemind's Server with athome's declarer, validating handlers and state servicer."""
+
+    def __init__(
+        self,
+        dht: DHT,
+        backends: Dict[str, ModuleBackend],
+        *,
+        declarer: Declarer,
+        get_state: Callable[[str], Optional[Dict[str, torch.Tensor]]],
+        num_handlers: int,
+        max_batch_size: int,
+        **kwargs,
+    ):
+        super().__init__(dht, backends, num_connection_handlers=0, update_period=declarer.ttl / 3, **kwargs)
+        self.conn_handlers = [
+            ValidatingConnectionHandler(dht, backends, max_batch_size=max_batch_size) for _ in range(num_handlers)
+        ]
+        self.dht_handler_thread = declarer
+        self.state_servicer = ExpertStateServicer(get_state)
+
+    def run(self) -> None:
+        async def add_state_handlers():
+            p2p = await self.dht.replicate_p2p()
+            await self.state_servicer.add_p2p_handlers(p2p)
+
+        RemoteExpertWorker.run_coroutine(add_state_handlers())
+        super().run()
