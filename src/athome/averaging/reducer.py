@@ -278,6 +278,12 @@ class ReducerSettings:
     max_weight_ratio: float = 1.0
     heavy_clip_scale: float = 0.5
 
+    def __post_init__(self):
+        if self.method not in REDUCER_METHODS:
+            raise ValueError(f"unknown reducer {self.method!r}; expected one of {REDUCER_METHODS}")
+        if not self.clip_tau > 0 or self.clip_iterations < 1 or not self.max_weight_ratio > 0:
+            raise ValueError("clip_tau and max_weight_ratio must be positive, clip_iterations >= 1")
+
     def build(self, part_shapes: Sequence[torch.Size], num_senders: int) -> RobustTensorPartReducer:
         return RobustTensorPartReducer(
             part_shapes,

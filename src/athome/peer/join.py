@@ -32,6 +32,7 @@ from athome.dht.identity import DEFAULT_IDENTITY_DIR
 from athome.dht.schemas import PeerRecord, ServerRecord, run_key
 from athome.lifecycle import PeriodicThread, die, emit, shutdown_requested
 from athome.model.expert import build_expert, expert_input_schema
+from athome.devices import resolve_device, resolve_precision
 from athome.netflags import dht_kwargs
 from athome.peer.backend import ExpertBackend
 from athome.peer.checkpoint import CheckpointSaver, load_expert
@@ -46,27 +47,6 @@ from athome.peer.server import Declarer, ExpertServer, download_expert_state
 
 logger = logging.getLogger(__name__)
 MAX_BATCH_SIZE = 16384  # tokens per request; trainers split larger requests
-
-
-def resolve_device(requested: str) -> torch.device:
-    if requested == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        logger.info(f"Using device {device.type} (override with --device)")
-        return device
-    if requested == "cuda" and not torch.cuda.is_available():
-        die("--device cuda, but torch sees no CUDA GPU; check `nvidia-smi`, or use --device cpu")
-    return torch.device(requested)
-
-
-def resolve_precision(requested: str, device: torch.device) -> str:
-    if requested != "auto":
-        return requested
-    if device.type == "cuda":
-        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    else:
-        precision = "fp32"  # bf16/fp16 autocast on CPU is ~3x slower than fp32 for these shapes
-    logger.info(f"Using precision {precision} on {device.type} (override with --precision)")
-    return precision
 
 
 def memory_budget_bytes(device: torch.device, max_memory_gb: Optional[float]) -> int:

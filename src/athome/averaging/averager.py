@@ -1,0 +1,443 @@
+"""Robust Moshpit averaging: hivemind's DecentralizedAverager with CenteredClip, fixed codecs and consistent rounds.
+
+:class:`RobustAverager` (parameters, any tensors) and :class:`RobustGradientAverager` (drop-in
+``hivemind.Optimizer(grad_averager_factory=...)``) share :class:`RobustAveragingMixin`, which overrides three
+methods of ``hivemind.DecentralizedAverager`` that run in the averager's background process:
+
+* ``_aggregate_with_group``: sets this round's time limits from measured throughput (:mod:`.timeouts`), keeps the
+  type of athome's errors (hivemind rewraps everything as MatchmakingException), and emits a :class:`RoundReport`;
+* ``_run_allreduce_inplace_``: runs :class:`~athome.averaging.allreduce.RobustAllReduceRunner` with a
+  :class:`~athome.averaging.reducer.RobustTensorPartReducer`, and applies the result *atomically*.
+
+What a round guarantees (a "round" = one all-reduce in one group):
+
+1. Either every element of the averaged tensors is replaced by the group's aggregate (``status="ok"``), or the
+   tensors are left bit-for-bit as they were before the round (``status`` in partial / timeout / failed / cancelled).
+   hivemind applies results tensor by tensor as they arrive and keeps local values for parts whose reducer failed,
+   logging only a warning; here results are buffered and applied only after the runner finished with every part
+   reduced. Cost: one extra copy of the vector in the averager process during a round.
+2. A round never outlives its time limit (derived from the bytes to move and the measured throughput, with floors);
+   a silent (frozen) peer is excluded as a sender after ``sender_timeout`` and as a reducer after
+   ``reducer_timeout``, so survivors finish or give up within ``allreduce_timeout``.
+3. ``step(...)`` raises :class:`~athome.averaging.allreduce.PartialRoundError` /
+   :class:`~athome.averaging.allreduce.RoundTimeoutError` (subclasses of hivemind's AllreduceException) when the
+   last attempt was incomplete; with ``allow_retries=True`` (hivemind's default) hivemind first retries with a new
+   group until the step's ``timeout``. Every attempt, successful or not, produces a :class:`RoundReport`.
+4. No NaN/Inf is ever averaged or applied: reducers reject non-finite parts (the sender is treated as failed) and
+   receivers reject non-finite results (the reducer is treated as failed, hence a partial round).
+
+Not guaranteed: that all group members end with the same outcome. A sender that failed mid-round is dropped by the
+reducers and the survivors may complete (each part then averages the senders that delivered it); the failed peer
+itself sees an incomplete round. Peers whose rounds failed keep their old values and catch up in later rounds (or
+via ``load_state_from_peers``).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing as mp
+import threading
+import time
+import weakref
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Literal, Optional, Sequence, Tuple, Union
+
+import torch
+from hivemind.averaging import DecentralizedAverager
+from hivemind.averaging.allreduce import AllreduceException, AveragingMode
+from hivemind.averaging.group_info import GroupInfo
+from hivemind.averaging.load_balancing import load_balance_peers
+from hivemind.averaging.matchmaking import MatchmakingException
+from hivemind.compression import CompressionBase, CompressionInfo
+from hivemind.compression import serialization as hivemind_serialization
+from hivemind.optim.grad_averager import GradientAverager
+from hivemind.utils.asyncio import enter_asynchronously
+from hivemind.utils.timed_storage import get_dht_time
+
+from athome.averaging.allreduce import PartialRoundError, RobustAllReduceRunner, RoundTimeoutError
+from athome.averaging.compression import Quantile8BitCodec, Uniform8BitCodec, get_codec
+from athome.averaging.reducer import ReducerMethod, ReducerSettings, SenderEvidence
+from athome.averaging.timeouts import AdaptiveTimeouts, RoundTimeouts
+
+logger = logging.getLogger(__name__)
+
+RoundStatus = Literal["ok", "partial", "timeout", "failed", "cancelled"]
+
+
+@dataclass
+class RoundReport:
+    """The outcome of one all-reduce attempt, as seen by this peer.
+
+    ``evidence`` covers only the slice of the vector this peer reduced: sender peer ID -> :class:`SenderEvidence`.
+    """
+
+    group_id: str
+    peers: Tuple[str, ...]
+    status: RoundStatus = "failed"
+    started_at: float = 0.0  # DHT time
+    duration: float = 0.0  # seconds spent in the all-reduce proper
+    bytes_sent: int = 0  # serialized bytes this peer sent to other peers
+    bytes_received: int = 0
+    vector_bytes: float = 0.0  # size of the whole vector after compression (estimate)
+    unreduced_fraction: float = 0.0  # elements whose reducer failed (they were *not* applied)
+    failed_reducers: Dict[str, str] = field(default_factory=dict)
+    excluded_senders: Tuple[str, ...] = ()  # senders this peer's reducer dropped (silent or rejected input)
+    evidence: Dict[str, SenderEvidence] = field(default_factory=dict)
+    timeouts: Optional[RoundTimeouts] = None
+    throughput: float = 0.0  # this peer's throughput estimate after the round, bytes/s
+    error: Optional[str] = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    @property
+    def group_size(self) -> int:
+        return len(self.peers)
+
+    def suspects(self, min_clip_fraction: float = 0.5) -> List[str]:
+        """Senders that were rejected or whose contribution was mostly heavily clipped."""
+        return [peer for peer, record in self.evidence.items() if record.clip_fraction >= min_clip_fraction]
+
+
+class RoundLog:
+    """Reports received from the averager process (host-process side): a bounded history plus an optional callback.
+
+    The callback runs in a background thread of the host process; exceptions are logged, never raised.
+    """
+
+    def __init__(self, maxlen: int = 64, callback: Optional[Callable[[RoundReport], Any]] = None):
+        self._reports: deque = deque(maxlen=maxlen)
+        self._count = 0
+        self._condition = threading.Condition()
+        self.callback = callback
+
+    def add(self, report: RoundReport) -> None:
+        with self._condition:
+            self._reports.append(report)
+            self._count += 1
+            self._condition.notify_all()
+        if self.callback is not None:
+            try:
+                self.callback(report)
+            except Exception:
+                logger.exception("on_round callback failed")
+
+    @property
+    def count(self) -> int:
+        return self._count
+
+    def wait_for_count(self, count: int, timeout: float) -> bool:
+        with self._condition:
+            return self._condition.wait_for(lambda: self._count >= count, timeout=timeout)
+
+    def latest(self) -> Optional[RoundReport]:
+        with self._condition:
+            return self._reports[-1] if self._reports else None
+
+    def history(self) -> List[RoundReport]:
+        with self._condition:
+            return list(self._reports)
+
+
+def _forward_reports(connection, log_ref: "weakref.ref[RoundLog]") -> None:
+    """Host-process thread: move reports from the averager process into the RoundLog until the pipe closes."""
+    while True:
+        try:
+            report = connection.recv()
+        except (EOFError, OSError):
+            return
+        log = log_ref()
+        if log is None:
+            return
+        log.add(report)
+        del log
+
+
+class RobustAveragingMixin:
+    """Shared by :class:`RobustAverager` and :class:`RobustGradientAverager`; see the module docstring.
+
+    :param reducer: "centered_clip" (default) or "mean"
+    :param clip_tau: CenteredClip radius, as a multiple of the median distance to the estimate (see reducer.py)
+    :param clip_iterations: CenteredClip iterations per part
+    :param max_weight_ratio: CenteredClip caps claimed weights at this multiple of the median weight
+    :param compression: "none" | "fp16" | "uint8" or a hivemind CompressionBase
+    :param on_round: called with every :class:`RoundReport`, in a background thread of this process
+    :param initial_throughput: bytes/s assumed before the first measured round (keep it low)
+    :param timeout_margin: limits are this many times the expected duration
+    :param min_allreduce_timeout: floor of the all-reduce time limit, seconds
+    :param min_chunk_timeout: floor of the per-part (sender) timeout, seconds; default: ``next_chunk_timeout`` or 5
+    :param kwargs: everything hivemind's averager accepts (``dht``, ``prefix``, ``target_group_size``,
+      ``initial_group_bits``, ``min_matchmaking_time``, ``request_timeout``, ...). A given ``allreduce_timeout`` is
+      kept as hivemind's outer limit; sender/reducer timeouts are always derived per round.
+    """
+
+    def __init__(
+        self,
+        *args,
+        start: bool,
+        reducer: ReducerMethod = "centered_clip",
+        clip_tau: float = 1.0,
+        clip_iterations: int = 5,
+        max_weight_ratio: float = 1.0,
+        heavy_clip_scale: float = 0.5,
+        compression: Union[str, CompressionBase] = "none",
+        on_round: Optional[Callable[[RoundReport], Any]] = None,
+        initial_throughput: float = 5e6,
+        timeout_margin: float = 4.0,
+        min_allreduce_timeout: float = 30.0,
+        min_chunk_timeout: Optional[float] = None,
+        report_history: int = 64,
+        **kwargs,
+    ):
+        self.reducer_settings = ReducerSettings(reducer, clip_tau, clip_iterations, max_weight_ratio, heavy_clip_scale)
+        codec = get_codec(compression)
+        _check_state_compression(kwargs.get("state_compression"))
+        if min_chunk_timeout is None:
+            min_chunk_timeout = kwargs.get("next_chunk_timeout") or 5.0
+        self._adaptive_timeouts = AdaptiveTimeouts(
+            initial_throughput=initial_throughput,
+            margin=timeout_margin,
+            min_allreduce_timeout=min_allreduce_timeout,
+            min_chunk_timeout=min_chunk_timeout,
+        )
+        self._round_log = RoundLog(report_history, on_round)
+        self._report_reader, self._report_writer = mp.Pipe(duplex=False)
+        self._current_report: Optional[RoundReport] = None
+        self._current_timeouts: Optional[RoundTimeouts] = None
+
+        super().__init__(*args, compression=codec, start=False, **kwargs)
+
+        self._part_size_bytes = float(self.allreduce_kwargs["part_size_bytes"])
+        with self.get_tensors() as tensors:
+            infos = self.tensor_infos or [CompressionInfo.from_tensor(t, key=i) for i, t in enumerate(tensors)]
+            self._vector_bytes = float(
+                sum(t.numel() * t.element_size() * codec.estimate_compression_ratio(i) for t, i in zip(tensors, infos))
+            )
+        threading.Thread(
+            target=_forward_reports,
+            args=(self._report_reader, weakref.ref(self._round_log)),
+            name=f"{type(self).__name__}.reports",
+            daemon=True,
+        ).start()
+        if start:
+            self.run_in_background(await_ready=True)
+
+    # ---- host-process API -------------------------------------------------------------------------------------
+
+    def run_in_background(self, await_ready: bool = True, timeout: Optional[float] = None) -> None:
+        super().run_in_background(await_ready=await_ready, timeout=timeout)
+        # the averager process has its own copy of the write end; closing ours lets the report thread see EOF
+        # (and exit) when that process ends
+        self._report_writer.close()
+
+    def step(self, *args, **kwargs):
+        """hivemind's ``step``; additionally, with ``wait=True`` the round's report is in ``last_round`` on return.
+
+        :raises PartialRoundError: the last attempt left some parts unreduced (tensors unchanged)
+        :raises RoundTimeoutError: the last attempt ran out of time (tensors unchanged)
+        """
+        wait = kwargs.get("wait", True)
+        reports_before = self._round_log.count
+        try:
+            result = super().step(*args, **kwargs)
+        except AllreduceException:
+            if wait:  # athome's round errors are raised after their report was sent
+                self._round_log.wait_for_count(reports_before + 1, timeout=2.0)
+            raise
+        if wait:
+            self._round_log.wait_for_count(reports_before + 1, timeout=2.0)
+        return result
+
+    @property
+    def last_round(self) -> Optional[RoundReport]:
+        """The latest :class:`RoundReport` received from the averager process (None before the first round)."""
+        return self._round_log.latest()
+
+    @property
+    def last_round_evidence(self) -> Dict[str, SenderEvidence]:
+        """Evidence about senders from the latest round: peer ID -> :class:`SenderEvidence` (empty if none)."""
+        report = self._round_log.latest()
+        return dict(report.evidence) if report is not None else {}
+
+    def round_history(self) -> List[RoundReport]:
+        return self._round_log.history()
+
+    @property
+    def on_round(self) -> Optional[Callable[[RoundReport], Any]]:
+        return self._round_log.callback
+
+    @on_round.setter
+    def on_round(self, callback: Optional[Callable[[RoundReport], Any]]) -> None:
+        self._round_log.callback = callback
+
+    # ---- averager-process side --------------------------------------------------------------------------------
+
+    async def _aggregate_with_group(self, group_info: GroupInfo, min_vector_size: int, **kwargs):
+        """hivemind's ``_aggregate_with_group`` (1.1.12) with per-round time limits, typed errors and a report."""
+        timeouts = self._adaptive_timeouts.for_round(group_info.group_size, self._vector_bytes, self._part_size_bytes)
+        kwargs.update(sender_timeout=timeouts.sender, reducer_timeout=timeouts.reducer)
+        report = RoundReport(
+            group_id=group_info.group_id.hex(),
+            peers=tuple(str(peer_id) for peer_id in group_info.peer_ids),
+            started_at=get_dht_time(),
+            vector_bytes=self._vector_bytes,
+            timeouts=timeouts,
+        )
+        self._current_report, self._current_timeouts = report, timeouts
+        try:
+            bandwidths, mode_ids, user_gathered_bytes = zip(*map(self.serializer.loads, group_info.gathered))
+            user_gathered = dict(zip(group_info.peer_ids, map(self.serializer.loads, user_gathered_bytes)))
+            modes = tuple(map(AveragingMode, mode_ids))
+            download_bandwidths = [
+                thr if mode != AveragingMode.CLIENT else 0.0 for thr, mode in zip(bandwidths, modes)
+            ]
+            peer_fractions = await asyncio.get_event_loop().run_in_executor(
+                None, load_balance_peers, self.total_size, download_bandwidths, min_vector_size
+            )
+            async with enter_asynchronously(self.get_tensors()) as local_tensors:
+                await self._run_allreduce_inplace_(local_tensors, group_info, peer_fractions=peer_fractions, **kwargs)
+            report.status = "ok"
+            measured = self._adaptive_timeouts.record_success(report.bytes_sent, report.duration)
+            logger.debug(f"Averaged with {group_info.group_size} peers in {report.duration:.2f}s ({measured} B/s)")
+            return user_gathered
+        except PartialRoundError as e:
+            report.status, report.error = "partial", str(e)
+            logger.warning(str(e))
+            raise
+        except RoundTimeoutError as e:
+            report.status, report.error = "timeout", str(e)
+            self._adaptive_timeouts.record_timeout()
+            logger.warning(str(e))
+            raise
+        except AllreduceException as e:
+            report.status, report.error = "failed", repr(e)
+            raise
+        except BaseException as e:
+            report.status = "cancelled" if isinstance(e, asyncio.CancelledError) else "failed"
+            report.error = repr(e)
+            if isinstance(e, Exception):
+                logger.warning(f"All-reduce failed: {e!r}", exc_info=logger.isEnabledFor(logging.DEBUG))
+            raise MatchmakingException(f"Unable to run All-Reduce: {e}")
+        finally:
+            report.throughput = self._adaptive_timeouts.throughput
+            self._current_report = self._current_timeouts = None
+            self._send_report(report)
+
+    async def _run_allreduce_inplace_(
+        self, tensors: Sequence[torch.Tensor], group_info: GroupInfo, group_id: Optional[bytes] = None, **kwargs
+    ):
+        """Run one all-reduce with athome's runner; apply the result only if every part was reduced."""
+        group_id = group_info.group_id if group_id is None else group_id
+        report = self._current_report or RoundReport(group_id=group_id.hex(), peers=())
+        limit = self._current_timeouts.allreduce if self._current_timeouts is not None else None
+
+        runner = RobustAllReduceRunner(
+            reducer_factory=self.reducer_settings.build,
+            p2p=self._p2p,
+            servicer_type=type(self),
+            prefix=self.prefix,
+            tensors=tensors,
+            group_id=group_id,
+            ordered_peer_ids=group_info.peer_ids,
+            **kwargs,
+        )
+        assert group_id in self._running_groups, f"Group id {group_id} was not registered in _register_allreduce_group"
+        self._running_groups[group_id].set_result(runner)
+        is_aux = runner.modes[group_info.peer_ids.index(self.peer_id)] == AveragingMode.AUX
+
+        async def _collect_deltas() -> List[torch.Tensor]:
+            deltas = []
+            try:
+                async for delta in runner:
+                    if is_aux:
+                        raise ValueError("aux peers should not receive averaged tensors")
+                    deltas.append(delta)
+            except asyncio.TimeoutError as e:  # keep TimeoutError meaning "our limit expired" below
+                raise AllreduceException(f"all-reduce step timed out: {e!r}") from e
+            return deltas
+
+        started = time.perf_counter()
+        try:
+            deltas = await asyncio.wait_for(_collect_deltas(), timeout=limit)
+        except asyncio.TimeoutError:
+            raise RoundTimeoutError(
+                f"All-reduce with {len(group_info.peer_ids)} peers did not finish in {limit:.1f}s; "
+                f"tensors left unchanged"
+            ) from None
+        finally:
+            self._fill_report(report, runner, time.perf_counter() - started)
+
+        container = runner.tensor_part_container
+        if container.failed_size > 0:
+            failed = ", ".join(f"{peer}: {reason}" for peer, reason in runner.failed_reducers.items())
+            raise PartialRoundError(
+                f"All-reduce with {len(group_info.peer_ids)} peers reduced only "
+                f"{100 * (1 - container.failed_size / container.total_size):.1f}% of the vector "
+                f"(failed reducers: {failed or 'unknown'}); tensors left unchanged"
+            )
+        if not is_aux:
+            # atomic: no await between the first and the last update
+            for tensor, delta in zip(tensors, deltas):
+                tensor.add_(delta.to(tensor.dtype), alpha=self._averaging_alpha)
+            self.last_updated = get_dht_time()
+            self._state_updated.set()
+
+    def _fill_report(self, report: RoundReport, runner: RobustAllReduceRunner, duration: float) -> None:
+        container = runner.tensor_part_container
+        report.duration = duration
+        report.bytes_sent, report.bytes_received = runner.bytes_sent, runner.bytes_received
+        report.unreduced_fraction = container.failed_size / container.total_size if container.total_size else 0.0
+        report.failed_reducers = {str(peer): reason for peer, reason in runner.failed_reducers.items()}
+        report.excluded_senders = tuple(str(peer) for peer in runner.banned_senders)
+        reducer = runner.tensor_part_reducer
+        if hasattr(reducer, "evidence_by_sender"):
+            report.evidence = reducer.evidence_by_sender([str(peer) for peer in runner.sender_peer_ids])
+
+    def _send_report(self, report: RoundReport) -> None:
+        try:
+            self._report_writer.send(report)
+        except (OSError, ValueError) as e:  # host process gone or pipe closed: reports are best-effort
+            logger.debug(f"Could not deliver round report: {e!r}")
+
+
+def _check_state_compression(state_compression: Optional[CompressionBase]) -> None:
+    """``load_state_from_peers`` decodes through hivemind's table, whose 8-bit decoders fail on numpy 2."""
+    if state_compression is None or state_compression.compression_type not in (
+        Uniform8BitCodec.compression_type,
+        Quantile8BitCodec.compression_type,
+    ):
+        return
+    name = type(state_compression).__name__
+    table = hivemind_serialization._BASE_COMPRESSION_TYPES
+    if not isinstance(table["UNIFORM_8BIT"], Uniform8BitCodec) or not isinstance(
+        table["QUANTILE_8BIT"], Quantile8BitCodec
+    ):
+        raise ValueError(
+            f"state_compression={name} cannot be decoded by hivemind 1.1.12 on numpy 2; use none/fp16 or call "
+            "athome.averaging.compression.install_fixed_8bit_codecs_in_hivemind() at start-up"
+        )
+
+
+class RobustAverager(RobustAveragingMixin, DecentralizedAverager):
+    """``hivemind.DecentralizedAverager`` with CenteredClip, athome codecs and all-or-nothing rounds.
+
+    Example::
+
+        averager = RobustAverager([torch.zeros(10)], dht, prefix="athome_demo_avg", target_group_size=4,
+                                  reducer="centered_clip", clip_tau=1.0, compression="fp16", start=True)
+        averager.step(timeout=60)             # raises PartialRoundError / RoundTimeoutError if incomplete
+        averager.last_round.suspects()         # peers whose parts were heavily clipped or rejected
+
+    See :class:`RobustAveragingMixin` for the athome-specific arguments.
+    """
+
+
+class RobustGradientAverager(RobustAveragingMixin, GradientAverager):
+    """``hivemind.optim.GradientAverager`` that aggregates gradients with CenteredClip by default.
+
+    Use with ``hivemind.Optimizer(..., grad_averager_factory=functools.partial(RobustGradientAverager,
+    reducer="centered_clip", clip_tau=..., on_round=...))``; hivemind passes ``compression=grad_compression``,
+    which may be an athome codec from :func:`~athome.averaging.compression.get_codec`.
+    """

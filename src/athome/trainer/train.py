@@ -1,0 +1,246 @@
+"""``peer train``: train the run's language model; dense parts here, experts on volunteers' hosts.
+
+Each step: draw the batch deterministically from (run, peer, step), run the model (its MoE layers call remote
+experts, whose hosts update them on backward), and hand the dense gradients to hivemind's collaborative
+optimizer, which averages them with other trainers once the swarm has accumulated ``target_batch_size`` samples.
+A step on which too few experts answer is not applied: the trainer says so, waits, and retries.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import threading
+import time
+from contextlib import nullcontext
+from functools import partial
+from pathlib import Path
+from typing import Optional
+
+import hivemind
+import torch
+from hivemind.compression import Float16Compression, NoCompression
+from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
+
+from athome.config import RunConfig
+from athome.devices import resolve_device, resolve_precision
+from athome.dht import (
+    Identity,
+    RunAddress,
+    RunAddressError,
+    RunConfigError,
+    fetch_run_config,
+    protect_run_keys,
+    start_dht,
+    store_record,
+)
+from athome.dht.schemas import MetricsRecord, PeerRecord, run_key
+from athome.lifecycle import PeriodicThread, die, shutdown_requested
+from athome.model.lm import MoETransformerLM
+from athome.netflags import dht_kwargs
+from athome.trainer.data import batch_seed, load_corpus
+from athome.trainer.remote import ExpertRegistry, RemoteDispatcher
+
+logger = logging.getLogger(__name__)
+MIN_ANSWERED_FRACTION = 0.5  # below this share of (token, expert) slots answered, a step is retried, not applied
+
+
+class TooFewExperts(RuntimeError):
+    """Not enough experts answered for a step to be worth applying."""
+
+
+class Trainer:
+    """One trainer peer. ``run(stop)`` trains until ``stop`` is set or the step/time budget runs out."""
+
+    def __init__(self, dht: hivemind.DHT, identity: Identity, config: RunConfig, args: argparse.Namespace):
+        self.dht, self.identity, self.config = dht, identity, config
+        self.peer_id = identity.peer_id
+        self.device = resolve_device(getattr(args, "device", "auto"))
+        self.precision = resolve_precision(getattr(args, "precision", "auto"), self.device)
+        self.batch_size = getattr(args, "batch_size", None) or config.batch_size
+        self.max_steps: Optional[int] = getattr(args, "max_steps", None)
+        self.max_minutes: Optional[float] = getattr(args, "max_minutes", None)
+        self.public_name = getattr(args, "public_name", "")
+        self.team = getattr(args, "team", "")
+        self.log_file = Path(args.log_file) if getattr(args, "log_file", None) else None
+        self.show_progress = not getattr(args, "no_progress", False)
+
+        self.registry = ExpertRegistry(dht, run_key(config.name, "servers"))
+        self.registry.refresh(force=True)
+        p2p = RemoteExpertWorker.run_coroutine(dht.replicate_p2p())
+        model_config = config.model
+        uids = model_config.expert_uids()
+        per_layer = model_config.experts_per_layer
+        self.dispatchers = [
+            RemoteDispatcher(uids[layer * per_layer : (layer + 1) * per_layer], self.registry, p2p)
+            for layer in range(model_config.n_layers)
+        ]
+        self.model = MoETransformerLM(model_config, lambda layer: self.dispatchers[layer]).to(self.device)
+        self.corpus = load_corpus(config.data)
+        logger.info(f"Corpus: {len(self.corpus)} bytes from '{config.data.source}' (fingerprint {self.corpus.fingerprint[:12]})")
+
+        opt = config.optimizer
+        self.optimizer = hivemind.Optimizer(
+            dht=dht,
+            run_id=f"athome_{config.name}_dense",  # hivemind group prefixes may not contain dots
+            params=self.model.parameters(),
+            optimizer=partial(torch.optim.AdamW, lr=opt.dense_lr, betas=tuple(opt.betas), weight_decay=opt.weight_decay),
+            target_batch_size=config.averaging.target_batch_size,
+            batch_size_per_step=self.batch_size,
+            matchmaking_time=3.0,
+            averaging_timeout=30.0,
+            grad_compression=Float16Compression() if config.averaging.compression == "fp16" else NoCompression(),
+            verbose=False,
+        )
+        self.step = 0
+        self.samples = 0
+        self.loss_ewma: Optional[float] = None
+        self.samples_per_second = 0.0
+        self.started_at = time.time()
+        self._metrics_thread = PeriodicThread(self.publish_metrics, period=5.0, name="metrics publisher")
+
+    def autocast(self):
+        if self.precision == "fp32":
+            return nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def train_step(self) -> float:
+        """One step; raises TooFewExperts (with nothing applied) if the experts did not answer."""
+        self.registry.refresh()
+        available = [self.registry.available(d.uids) for d in self.dispatchers]
+        for layer, mask in zip(self.model.moe_layers(), available):
+            if not mask.any():
+                raise TooFewExperts(f"no live host serves any expert of layer {self.model.moe_layers().index(layer)}")
+            layer.set_available(mask.to(self.device))
+        seed = batch_seed(self.config.name, self.peer_id, self.step)
+        batch = self.corpus.batch(seed, self.batch_size, self.config.model.seq_len).to(self.device)
+        with self.autocast():
+            cross_entropy, aux = self.model.losses(batch)
+            loss = cross_entropy + self.model.aux_coef * aux
+        answered = min(d.last_answered_fraction for d in self.dispatchers)
+        if answered < MIN_ANSWERED_FRACTION:
+            raise TooFewExperts(f"only {answered:.0%} of token-expert slots were answered")
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.optimizer.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        return cross_entropy.item()
+
+    def publish_metrics(self) -> None:
+        if self.loss_ewma is None:
+            return
+        record = MetricsRecord(
+            step=self.step, loss=self.loss_ewma, samples=self.samples, samples_per_second=self.samples_per_second,
+            public_name=self.public_name, time=time.time(),
+        )
+        store_record(self.dht, run_key(self.config.name, "metrics"), record, ttl=self.config.expert_ttl)
+        store_record(
+            self.dht, run_key(self.config.name, "peers"),
+            PeerRecord(role="trainer", public_name=self.public_name, team=self.team, started_at=self.started_at),
+            ttl=self.config.expert_ttl,
+        )
+
+    def _budget_left(self) -> bool:
+        if self.max_steps is not None and self.step >= self.max_steps:
+            return False
+        if self.max_minutes is not None and time.time() - self.started_at > self.max_minutes * 60:
+            return False
+        return True
+
+    def run(self, stop: threading.Event) -> None:
+        self._metrics_thread.start()
+        log = self.log_file.open("a") if self.log_file else None
+        progress = _Progress(self.show_progress, self.max_steps)
+        waiting_since: Optional[float] = None
+        try:
+            with progress:
+                while not stop.is_set() and self._budget_left():
+                    started = time.monotonic()
+                    try:
+                        loss = self.train_step()
+                    except TooFewExperts as error:
+                        self.model.zero_grad(set_to_none=True)
+                        waiting_since = waiting_since or time.monotonic()
+                        logger.warning(
+                            f"Step {self.step} not applied: {error}; {self.registry.num_hosts()} hosts known. "
+                            f"Waiting for experts ({time.monotonic() - waiting_since:.0f}s so far), retrying in 5s"
+                        )
+                        self.registry.refresh(force=True)
+                        stop.wait(5.0)
+                        continue
+                    waiting_since = None
+                    elapsed = time.monotonic() - started
+                    self.step += 1
+                    self.samples += self.batch_size
+                    self.loss_ewma = loss if self.loss_ewma is None else 0.9 * self.loss_ewma + 0.1 * loss
+                    rate = self.batch_size / max(elapsed, 1e-6)
+                    self.samples_per_second = rate if self.step == 1 else 0.9 * self.samples_per_second + 0.1 * rate
+                    peers = self.optimizer.tracker.global_progress.num_peers
+                    progress.update(self.step, loss, self.loss_ewma, self.samples_per_second, peers, self.registry.num_hosts())
+                    if log is not None:
+                        log.write(json.dumps(dict(
+                            step=self.step, loss=loss, samples=self.samples, time=time.time(),
+                            epoch=self.optimizer.local_epoch, trainers=peers,
+                        )) + "\n")
+                        log.flush()
+        finally:
+            if log is not None:
+                log.close()
+            self._metrics_thread.stop()
+            self.publish_metrics()
+            self.optimizer.shutdown()
+            logger.info(f"Trainer stopped after {self.step} steps, {self.samples} samples, loss {self.loss_ewma}")
+
+
+class _Progress:
+    """A rich progress bar on a terminal; a log line every 10 steps otherwise."""
+
+    def __init__(self, live: bool, total: Optional[int]):
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        from athome.lifecycle import stderr_console
+
+        self.live = live and stderr_console.is_terminal
+        self.progress = Progress(
+            TextColumn("step {task.completed}"), BarColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+            console=stderr_console, disable=not self.live,
+        )
+        self.task = self.progress.add_task("starting", total=total)
+
+    def __enter__(self):
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.progress.__exit__(*exc)
+
+    def update(self, step: int, loss: float, loss_ewma: float, rate: float, trainers: int, hosts: int) -> None:
+        text = f"loss {loss_ewma:.3f}  {rate:.1f} samples/s  trainers {trainers}  expert hosts {hosts}"
+        self.progress.update(self.task, completed=step, description=text)
+        if not self.live and step % 10 == 0:
+            logger.info(f"step {step}: loss {loss:.3f} (avg {loss_ewma:.3f}), {rate:.1f} samples/s, "
+                        f"{trainers} trainers, {hosts} expert hosts")
+
+
+def run_train(args: argparse.Namespace) -> None:
+    try:
+        address = RunAddress.parse(args.run)
+    except RunAddressError as error:
+        die(str(error))
+    identity = Identity.load_or_create(args.identity_path)
+    stop = shutdown_requested()
+    args.initial_peers = [address.maddr, *args.initial_peers]
+    try:
+        dht = start_dht(identity, **dht_kwargs(args))
+    except Exception as error:
+        die(f"could not join the run at {address}: {error}\nis the coordinator up? does `peer check` pass?")
+    try:
+        config = fetch_run_config(dht, address.coordinator_id)
+        protect_run_keys(dht, identity, config.name)
+        trainer = Trainer(dht, identity, config, args)
+        trainer.run(stop)
+    except RunConfigError as error:
+        die(str(error))
+    finally:
+        dht.shutdown()
