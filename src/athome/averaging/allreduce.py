@@ -113,6 +113,10 @@ class RobustAllReduceRunner(AllReduceRunner):
             self.failed_reducers[peer_id] = repr(e) if not isinstance(e, asyncio.CancelledError) else "cancelled"
             if isinstance(e, Exception):
                 logger.debug(f"Caught {repr(e)} when communicating to {peer_id}", exc_info=True)
+                if peer_id == self.peer_id:
+                    # our own input was rejected by our own reducer. Registering the failure completes our outputs,
+                    # and run() then finalizes the reducer, which other senders still need: keep serving them first
+                    await self.tensor_part_reducer.finished.wait()
             self.tensor_part_container.register_failed_reducer(peer_index)
             raise
 

@@ -57,8 +57,9 @@ def _extract_codebook_format(codec: Uniform8BitQuantization, serialized: runtime
     codebook_size = int(np.frombuffer(buffer, count=1, dtype=np.int64)[0])
     codebook = np.frombuffer(buffer, offset=8, count=codebook_size, dtype=codec.codebook_dtype)
     indices = np.frombuffer(buffer, offset=8 + codebook.nbytes, dtype=codec.indices_dtype)
-    indices = torch.as_tensor(indices, dtype=torch.int64).reshape(tuple(serialized.size))
-    codebook = torch.as_tensor(codebook).to(dtype=getattr(torch, serialized.dtype))
+    # astype/copy give writable arrays (torch warns about read-only buffers); both copies are needed anyway
+    indices = torch.from_numpy(indices.astype(np.int64)).reshape(tuple(serialized.size))
+    codebook = torch.from_numpy(codebook.copy()).to(dtype=getattr(torch, serialized.dtype))
     return codebook[indices].requires_grad_(serialized.requires_grad)
 
 

@@ -226,6 +226,17 @@ class RobustTensorPartReducer(TensorPartReducer):
                 future.set_result(self._aggregate(self._contributions))
             self.reset_accumulators()
 
+    def finalize(self):
+        """Stop waiting for parts. Missing parts were already reported (as failed senders), so log at debug only."""
+        if not self.finished.is_set():
+            if hasattr(self, "current_part_future"):
+                self.current_part_future.cancel()
+            self._contributions = []
+            self.finished.set()
+            received, expected = sum(self.num_parts_accumulated), self.num_parts * self.num_senders
+            if received != expected:
+                logger.debug(f"Reducer finalized with {received}/{expected} parts accumulated")
+
     @torch.no_grad()
     def _aggregate(self, contributions: List[Tuple[int, torch.Tensor, float]]) -> torch.Tensor:
         senders = [sender for sender, _, _ in contributions]

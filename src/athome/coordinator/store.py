@@ -29,7 +29,7 @@ import math
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
 
@@ -84,8 +84,8 @@ CREATE TABLE IF NOT EXISTS contributions (
     banned INTEGER NOT NULL DEFAULT 0,
     banned_reason TEXT NOT NULL DEFAULT ''
 );
-CREATE INDEX IF NOT EXISTS contributions_rank ON contributions (samples DESC, expert_work DESC, peer_id);
-CREATE INDEX IF NOT EXISTS contributions_team_rank ON contributions (team, samples DESC, expert_work DESC, peer_id);
+CREATE INDEX IF NOT EXISTS contributions_rank ON contributions (banned, samples DESC, expert_work DESC, peer_id);
+CREATE INDEX IF NOT EXISTS contributions_team_rank ON contributions (team, banned, samples DESC, expert_work DESC, peer_id);
 CREATE TABLE IF NOT EXISTS metrics (
     id INTEGER PRIMARY KEY,
     peer_id TEXT NOT NULL,
@@ -521,7 +521,7 @@ class Store:
         live_window: float = 60.0,
     ) -> dict[str, Any]:
         """One page of the leaderboard: ``{total, limit, offset, rows}``, ranked by credited samples, then expert
-        work, then peer ID. ``rank`` is 1-based within the (team-filtered) ranking. ``status`` is live / offline /
+        work, then peer ID; banned peers last. ``rank`` is 1-based within the (team-filtered) ranking. ``status`` is live / offline /
         banned (live = seen within ``live_window`` seconds of ``now``)."""
         now = time.time() if now is None else now
         limit = max(1, min(int(limit), MAX_PAGE))
@@ -534,7 +534,7 @@ class Store:
                 f"""SELECT peer_id, public_name, team, samples, verified_samples, expert_work, uptime, checks_passed,
                            checks_failed, banned_reason, {status_sql} AS status
                     FROM contributions {where}
-                    ORDER BY samples DESC, expert_work DESC, peer_id LIMIT ? OFFSET ?""",
+                    ORDER BY banned, samples DESC, expert_work DESC, peer_id LIMIT ? OFFSET ?""",
                 (*status_params, *params, limit, offset),
             )
         return dict(

@@ -556,9 +556,9 @@ class WebServer:
             self._loop = loop
             asyncio.set_event_loop(loop)
             try:
-                runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+                runner = web.AppRunner(self.app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
                 loop.run_until_complete(runner.setup())
-                loop.run_until_complete(web.SockSite(runner, sock, shutdown_timeout=1.0).start())
+                loop.run_until_complete(web.SockSite(runner, sock).start())
                 self._runner = runner
             except BaseException as error:  # reported to start()
                 failure.append(error)

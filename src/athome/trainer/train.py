@@ -89,6 +89,7 @@ class Trainer:
             batch_size_per_step=self.batch_size,
             matchmaking_time=3.0,
             averaging_timeout=30.0,
+            averager_opts=dict(request_timeout=1.0),  # below matchmaking_time, see hivemind #443
             grad_compression=Float16Compression() if config.averaging.compression == "fp16" else NoCompression(),
             verbose=False,
         )

@@ -1,0 +1,274 @@
+"""``peer demo``: a whole swarm on 127.0.0.1 — coordinator, expert hosts and trainers as separate processes.
+
+Every process is a real ``peer`` command (the same a volunteer runs), in its own session so that its forked DHT
+process and p2pd can be cleaned up with it. The demo stops when the trainers' budget runs out or on Ctrl+C,
+then prints ``loss: FIRST -> LAST``, the leaderboard, and writes ``loss.png``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from rich.live import Live
+from rich.table import Table
+
+from athome.config import RunConfig
+from athome.lifecycle import die, emit, shutdown_requested, stderr_console
+
+logger = logging.getLogger(__name__)
+DEFAULT_TRAIN_MINUTES = 1.5
+STARTUP_TIMEOUT = 120.0
+
+
+@dataclass
+class Child:
+    """One ``peer`` subprocess of the demo, its log file, and the key lines it printed on stdout."""
+
+    name: str
+    argv: List[str]
+    log_path: Path
+    process: Optional[subprocess.Popen] = None
+    lines: List[str] = field(default_factory=list)
+    got_line: threading.Event = field(default_factory=threading.Event)
+
+    def start(self) -> None:
+        log = self.log_path.open("w")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "athome.cli", *self.argv],
+            stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True,
+            env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        )
+        threading.Thread(target=self._read_stdout, daemon=True, name=f"{self.name} stdout").start()
+
+    def _read_stdout(self) -> None:
+        for line in self.process.stdout:
+            self.lines.append(line.rstrip("\n"))
+            self.got_line.set()
+
+    def wait_for(self, prefix: str, timeout: float, stop: threading.Event) -> str:
+        """The first stdout line starting with ``prefix``; raises if the child dies or times out first."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not stop.is_set():
+            for line in self.lines:
+                if line.startswith(prefix):
+                    return line[len(prefix) :].strip()
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with code {self.process.returncode}; see {self.log_path}")
+            self.got_line.wait(0.2)
+            self.got_line.clear()
+        raise RuntimeError(f"{self.name} did not print '{prefix}' within {timeout:.0f}s; see {self.log_path}")
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def terminate(self) -> None:
+        """SIGTERM the ``peer`` process alone: it shuts its own DHT fork and p2pd down in order."""
+        if self.alive:
+            self.process.send_signal(signal.SIGTERM)
+
+    def kill_group(self) -> None:
+        """SIGKILL the child's whole session: its DHT fork and p2pd too."""
+        if self.process is None:
+            return
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.process.wait()
+
+
+def read_losses(path: Path) -> List[dict]:
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass  # a line being written right now
+    return rows
+
+
+def summarize_loss(curves: Dict[str, List[dict]], window: int = 5) -> Optional[tuple[float, float]]:
+    """Mean loss over the first and last ``window`` steps of every trainer."""
+    firsts, lasts = [], []
+    for rows in curves.values():
+        if len(rows) >= 2:
+            firsts += [r["loss"] for r in rows[:window]]
+            lasts += [r["loss"] for r in rows[-window:]]
+    if not firsts:
+        return None
+    return sum(firsts) / len(firsts), sum(lasts) / len(lasts)
+
+
+def plot_losses(curves: Dict[str, List[dict]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(8, 4.5), dpi=100)
+    for name, rows in curves.items():
+        if rows:
+            axis.plot([r["samples"] for r in rows], [r["loss"] for r in rows], label=name, linewidth=1)
+    axis.set_xlabel("samples (per trainer)")
+    axis.set_ylabel("loss (nats/byte)")
+    axis.set_title("athome demo: swarm training loss")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def fetch_leaderboard(dashboard: Optional[str]) -> Optional[list]:
+    if not dashboard:
+        return None
+    try:
+        with urllib.request.urlopen(dashboard.rstrip("/") + "/api/leaderboard", timeout=5) as response:
+            data = json.loads(response.read())
+    except Exception as error:
+        logger.warning(f"Could not read the leaderboard from {dashboard}: {error}")
+        return None
+    return data.get("leaderboard", data) if isinstance(data, dict) else data
+
+
+def status_table(children: List[Child], curves: Dict[str, List[dict]], started: float) -> Table:
+    table = Table(title=f"athome demo — {time.monotonic() - started:.0f}s", expand=False)
+    for column in ("process", "state", "progress"):
+        table.add_column(column)
+    for child in children:
+        state = "[green]running[/]" if child.alive else (
+            "[dim]not started[/]" if child.process is None else f"exited {child.process.returncode}"
+        )
+        rows = curves.get(child.name, [])
+        if rows:
+            progress = f"step {rows[-1]['step']}, loss {rows[-1]['loss']:.3f}, trainers {rows[-1].get('trainers', '?')}"
+        else:
+            progress = next((line for line in reversed(child.lines) if line), "")
+        table.add_row(child.name, state, progress[:90])
+    return table
+
+
+def run_demo(args: argparse.Namespace) -> None:
+    out = Path(args.out)
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    (out / "keys").mkdir(exist_ok=True)
+    for stale in out.glob("trainer-*.jsonl"):
+        stale.unlink()
+    if args.expert_hosts < 1 or args.trainers < 1:
+        die("the demo needs at least one expert host and one trainer (--expert_hosts, --trainers)")
+    grid = len(RunConfig().model.expert_uids())
+    per_host = min(grid, math.ceil(grid * min(2, args.expert_hosts) / args.expert_hosts))  # replication 2 when possible
+    budget = ["--max_steps", str(args.steps)] if args.steps else ["--max_minutes", str(args.minutes or DEFAULT_TRAIN_MINUTES)]
+    net = ["--host_maddrs", "/ip4/127.0.0.1/tcp/0"]
+    stop = shutdown_requested()
+
+    coordinator = Child(
+        "coordinator",
+        ["coordinator", *net, "--data_dir", str(out / "coordinator"), "--identity_path", str(out / "keys" / "coordinator.key"),
+         "--http_port", str(args.http_port)],
+        out / "logs" / "coordinator.log",
+    )
+    children: List[Child] = [coordinator]
+    hosts = [
+        Child(
+            f"host-{i}",
+            ["join", "--run", "RUN", "--experts", "auto", "--num_experts", str(per_host), *net,
+             "--identity_path", str(out / "keys" / f"host-{i}.key"), "--public_name", f"host-{i}",
+             "--checkpoint_dir", str(out / "checkpoints" / f"host-{i}")],
+            out / "logs" / f"host-{i}.log",
+        )
+        for i in range(args.expert_hosts)
+    ]
+    trainers = [
+        Child(
+            f"trainer-{i}",
+            ["train", "--run", "RUN", *net, *budget, "--no_progress", "--identity_path", str(out / "keys" / f"trainer-{i}.key"),
+             "--public_name", f"trainer-{i}", "--log_file", str(out / f"trainer-{i}.jsonl")],
+            out / "logs" / f"trainer-{i}.log",
+        )
+        for i in range(args.trainers)
+    ]
+    children += hosts + trainers
+    started = time.monotonic()
+    curves: Dict[str, List[dict]] = {}
+    dashboard = None
+    try:
+        with Live(status_table(children, curves, started), console=stderr_console, refresh_per_second=2) as live:
+            coordinator.start()
+            address = coordinator.wait_for("run address:", STARTUP_TIMEOUT, stop)
+            dashboard = next((l.split(":", 1)[1].strip() for l in coordinator.lines if l.startswith("dashboard:")), None)
+            live.console.print(f"run address: {address}" + (f"\ndashboard: {dashboard}" if dashboard else ""))
+            for host in hosts:  # one at a time, so each `--experts auto` sees the previous hosts' choices
+                host.argv[host.argv.index("RUN")] = address
+                host.start()
+                live.update(status_table(children, curves, started))
+                host.wait_for("serving experts:", STARTUP_TIMEOUT, stop)
+            for trainer in trainers:
+                trainer.argv[trainer.argv.index("RUN")] = address
+                trainer.start()
+            while not stop.is_set() and any(t.alive for t in trainers):
+                curves = {t.name: read_losses(out / f"{t.name}.jsonl") for t in trainers}
+                live.update(status_table(children, curves, started))
+                stop.wait(0.5)
+            curves = {t.name: read_losses(out / f"{t.name}.jsonl") for t in trainers}
+            leaderboard = fetch_leaderboard(dashboard)
+            live.update(status_table(children, curves, started))
+    except RuntimeError as error:
+        logger.error(str(error))
+        leaderboard = None
+    finally:
+        shutdown(children)
+
+    failed = [t for t in trainers if t.process is not None and t.process.returncode not in (0, None, -15)]
+    summary = summarize_loss(curves)
+    if summary is None:
+        die(f"no trainer completed a step; see the logs in {out / 'logs'}")
+    plot_losses(curves, out / "loss.png")
+    emit(f"loss: {summary[0]:.3f} -> {summary[1]:.3f}")
+    emit(f"loss curve: {out / 'loss.png'}")
+    if leaderboard:
+        print_leaderboard(leaderboard)
+    if failed:
+        die(f"{', '.join(t.name for t in failed)} failed; see {out / 'logs'}")
+
+
+def print_leaderboard(rows: list) -> None:
+    from rich.console import Console
+
+    table = Table(title="leaderboard")
+    keys = [k for k in ("rank", "public_name", "team", "samples", "expert_work", "status") if rows and k in rows[0]]
+    for key in keys:
+        table.add_column(key)
+    for row in rows[:20]:
+        table.add_row(*(str(row.get(k, "")) for k in keys))
+    Console().print(table)
+
+
+def shutdown(children: List[Child], grace: float = 15.0) -> None:
+    """SIGTERM every child (trainers first, coordinator last), then SIGKILL whole sessions that linger."""
+    for child in reversed(children):
+        child.terminate()
+    deadline = time.monotonic() + grace
+    for child in reversed(children):
+        if child.process is None:
+            continue
+        try:
+            child.process.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            logger.warning(f"{child.name} did not stop within {grace:.0f}s; killing it")
+        child.kill_group()  # also reaps what a clean exit left in its session (a stray p2pd)

@@ -1,0 +1,494 @@
+"""athome.averaging: codecs, robust reducer, all-or-nothing rounds, Moshpit grid, replica averaging.
+
+Multi-peer tests use real hivemind DHTs and averager processes on 127.0.0.1 (4 DHT nodes shared by the module).
+"""
+from __future__ import annotations
+
+import asyncio
+import functools
+import math
+import os
+import signal
+import threading
+import time
+import uuid
+
+import hivemind
+import numpy as np
+import pytest
+import torch
+from hivemind.averaging.control import AveragingStage
+from hivemind.averaging.partition import BannedException
+from hivemind.compression import CompressionInfo, Uniform8BitQuantization
+from hivemind.compression import serialization as hivemind_serialization
+
+from athome.averaging import (
+    ExpertReplicaAverager,
+    PartialRoundError,
+    RobustAverager,
+    RobustGradientAverager,
+    RobustTensorPartReducer,
+    averaging_prefix,
+    deserialize_tensor,
+    get_codec,
+    install_fixed_8bit_codecs_in_hivemind,
+    moshpit_initial_bits,
+)
+
+DHT_KWARGS = dict(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+# small parts so that every peer of a 4-peer group reduces a slice; short floors so failures show up fast
+AVERAGER_KWARGS = dict(
+    min_matchmaking_time=1.5,
+    request_timeout=0.5,
+    min_group_size=2,
+    part_size_bytes=512,
+    min_allreduce_timeout=15.0,
+    min_chunk_timeout=1.0,
+)
+STEP_TIMEOUT = 30.0
+
+
+# ---- codecs (no network) ----------------------------------------------------------------------------------------
+
+
+def _roundtrip(name: str, tensor: torch.Tensor) -> torch.Tensor:
+    message = get_codec(name).compress(tensor, CompressionInfo.from_tensor(tensor))
+    return deserialize_tensor(message)
+
+
+def test_codec_none_is_exact():
+    tensor = torch.randn(1000) * 1e3
+    assert torch.equal(_roundtrip("none", tensor), tensor)
+
+
+def test_codec_fp16_error_bound():
+    torch.manual_seed(0)
+    tensor = torch.randn(20000) * torch.pow(10.0, torch.empty(20000).uniform_(-7, 4))
+    decoded = _roundtrip("fp16", tensor)
+    bound = 2.0**-11 * tensor.abs() + 2.0**-25
+    assert bool(((decoded - tensor).abs() <= bound * (1 + 1e-6)).all())
+    typical = ((decoded - tensor).abs() / tensor.abs().clamp_min(1e-4)).median()
+    assert typical < 1e-3
+
+
+@pytest.mark.parametrize("shape", [(100_000,), (7,), (1,), (33, 3)])
+def test_codec_uint8_error_bound(shape):
+    torch.manual_seed(1)
+    tensor = torch.randn(*shape) * 3 + 1
+    if tensor.numel() > 10:
+        tensor.view(-1)[:3] = torch.tensor([1e3, -500.0, 77.0])  # outliers are not clamped
+    decoded = _roundtrip("uint8", tensor)
+    assert decoded.shape == tensor.shape and decoded.dtype == tensor.dtype
+    bound = (tensor.max() - tensor.min()) / 255
+    assert float((decoded - tensor).abs().max()) <= float(bound) * (1 + 1e-5) + 1e-7
+    constant = torch.full(shape, 2.5)
+    assert torch.equal(_roundtrip("uint8", constant), constant)
+
+
+def test_codec_uint8_keeps_nan_visible():
+    tensor = torch.tensor([1.0, float("nan"), 3.0])
+    assert bool(torch.isnan(_roundtrip("uint8", tensor)).all())
+
+
+def test_uint8_decodes_stock_hivemind_messages_on_numpy2(monkeypatch):
+    """hivemind's own 8-bit decoder fails on numpy 2; athome's decodes the same wire format."""
+    tensor = torch.randn(5000)
+    stock_message = Uniform8BitQuantization().compress(tensor, CompressionInfo.from_tensor(tensor))
+    if int(np.__version__.split(".")[0]) >= 2:
+        with pytest.raises(TypeError):
+            hivemind_serialization.deserialize_torch_tensor(stock_message)
+    decoded = deserialize_tensor(stock_message)
+    assert decoded.shape == tensor.shape and float((decoded - tensor).abs().mean()) < 0.05
+
+    # the explicit opt-in fixes hivemind's own dispatch table (restored by monkeypatch afterwards)
+    for name in ("UNIFORM_8BIT", "QUANTILE_8BIT"):
+        monkeypatch.setitem(
+            hivemind_serialization._BASE_COMPRESSION_TYPES, name, hivemind_serialization._BASE_COMPRESSION_TYPES[name]
+        )
+    install_fixed_8bit_codecs_in_hivemind()
+    assert torch.allclose(hivemind_serialization.deserialize_torch_tensor(stock_message), decoded)
+
+
+def test_get_codec_rejects_unknown_names():
+    with pytest.raises(ValueError, match="uint8"):
+        get_codec("int4")
+
+
+# ---- reducer (no network) ---------------------------------------------------------------------------------------
+
+
+def _run_reducer(make_reducer, parts_by_sender, weights):
+    """Feed every sender's parts to a reducer built inside the event loop; return (results, reducer)."""
+    async def send(sender, parts, weight):
+        results = []
+        for part_index, part in enumerate(parts):
+            try:
+                results.append(await reducer.accumulate_part(sender, part_index, part, weight=weight))
+            except BannedException:
+                return None
+        return results
+
+    async def main():
+        nonlocal reducer
+        reducer = make_reducer()
+        results = await asyncio.gather(
+            *(send(i, parts, w) for i, (parts, w) in enumerate(zip(parts_by_sender, weights)))
+        )
+        return results, reducer
+
+    reducer = None
+    return asyncio.run(main())
+
+
+def test_reducer_clips_attacker_caps_weight_and_rejects_nan():
+    torch.manual_seed(2)
+    base = torch.randn(2, 256)
+    honest = [base + 0.1 * torch.randn(2, 256) for _ in range(3)]
+    attacker = -1000 * honest[0]
+    nan_sender = honest[1].clone()
+    nan_sender[1, 5] = float("nan")  # its second part is poisoned
+    honest_mean = torch.stack(honest).mean(0)
+    spread = float(torch.stack([(h - honest_mean).norm() for h in honest]).mean())
+
+    def build(method):
+        return lambda: RobustTensorPartReducer([torch.Size([256])] * 2, 5, method=method, clip_iterations=5)
+
+    # sender 3 attacks with a claimed weight of 1e6; sender 4 sends NaN in its second part
+    inputs = [*honest, attacker, nan_sender]
+    weights = [1.0, 1.0, 1.0, 1e6, 1.0]
+    results, reducer = _run_reducer(build("centered_clip"), inputs, weights)
+    assert results[4] is None, "the NaN sender is treated as failed"
+    aggregate = torch.stack(results[0])
+    assert bool(torch.isfinite(aggregate).all())
+    assert float((aggregate - honest_mean).norm()) < 0.5 * spread
+    evidence = reducer.evidence
+    assert evidence[3].clip_fraction == 1.0 and evidence[3].used_weight == 1.0
+    assert all(evidence[i].clip_fraction == 0.0 for i in range(3))
+    assert evidence[4].rejected is not None and "non-finite" in evidence[4].rejected
+
+    plain_results, _ = _run_reducer(build("mean"), inputs, weights)
+    assert plain_results[4] is None
+    assert float((torch.stack(plain_results[0]) - honest_mean).norm()) > 100 * spread
+
+
+def test_reducer_equals_mean_without_attacker():
+    torch.manual_seed(3)
+    inputs = [torch.randn(1, 4096) for _ in range(4)]
+    mean = torch.stack(inputs).mean(0)
+    clipped, _ = _run_reducer(lambda: RobustTensorPartReducer([torch.Size([4096])], 4), inputs, [1.0] * 4)
+    spread = float(torch.stack([(x - mean).norm() for x in inputs]).mean())
+    assert float((torch.stack(clipped[0]) - mean).norm()) < 0.02 * spread
+    exact, _ = _run_reducer(
+        lambda: RobustTensorPartReducer([torch.Size([4096])], 4, method="mean"), inputs, [1.0] * 4
+    )
+    assert torch.allclose(torch.stack(exact[0]), mean, atol=1e-6)
+
+
+def test_helpers_for_prefixes_and_grid():
+    prefix = averaging_prefix("athome.demo.avg.ffn.0.3")
+    assert "." not in prefix and prefix.startswith("athome_demo_avg_ffn_0_3_")
+    assert averaging_prefix("a_b.c") != averaging_prefix("a.b_c")
+    assert moshpit_initial_bits(4, 4) == "" and len(moshpit_initial_bits(1024, 4)) == 8
+
+
+# ---- multi-peer ---------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dhts():
+    first = hivemind.DHT(**DHT_KWARGS)
+    nodes = [first] + [hivemind.DHT(initial_peers=first.get_visible_maddrs(), **DHT_KWARGS) for _ in range(3)]
+    yield nodes
+    for node in nodes:
+        node.shutdown()
+
+
+@pytest.fixture
+def make_averagers(dhts):
+    created = []
+
+    def make(tensor_sets, per_peer=None, **kwargs):
+        prefix = f"test_{uuid.uuid4().hex[:12]}"
+        per_peer = per_peer or [{} for _ in tensor_sets]
+        averagers = [
+            RobustAverager(
+                [t.clone() for t in tensors], dht, prefix=prefix, start=True, **{**AVERAGER_KWARGS, **kwargs, **own}
+            )
+            for tensors, dht, own in zip(tensor_sets, dhts, per_peer)
+        ]
+        created.extend(averagers)
+        return averagers
+
+    yield make
+    for averager in created:
+        if averager.is_alive():
+            averager.shutdown()
+
+
+def _step_all(averagers, step_kwargs=None, **common):
+    """Run ``step`` on every averager concurrently; return results or exceptions."""
+    step_kwargs = step_kwargs or [{} for _ in averagers]
+    results = [None] * len(averagers)
+
+    def run(index):
+        try:
+            results[index] = averagers[index].step(**{"timeout": STEP_TIMEOUT, **common, **step_kwargs[index]})
+        except BaseException as e:  # noqa: B902 - collected and asserted by the test
+            results[index] = e
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(averagers))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results
+
+
+def _tensors(averager):
+    with averager.get_tensors() as tensors:
+        return [t.clone() for t in tensors]
+
+
+def _random_sets(count, seed, shapes=((600,), (20, 20))):
+    generator = torch.Generator().manual_seed(seed)
+    return [[torch.randn(*shape, generator=generator) for shape in shapes] for _ in range(count)]
+
+
+def _flat(tensors):
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+@pytest.mark.timeout(120)
+def test_four_peers_reach_the_mean(make_averagers):
+    sets = _random_sets(4, seed=10)
+    mean = _flat([torch.stack(ts).mean(0) for ts in zip(*sets)])
+    spread = float(torch.stack([(_flat(s) - mean).norm() for s in sets]).mean())
+
+    for reducer, tolerance in (("mean", 1e-6 * float(mean.norm())), ("centered_clip", 0.1 * spread)):
+        averagers = make_averagers(sets, reducer=reducer)
+        results = _step_all(averagers)
+        assert all(isinstance(r, dict) and len(r) == 4 for r in results), results
+        for averager in averagers:
+            assert float((_flat(_tensors(averager)) - mean).norm()) <= tolerance, reducer
+            report = averager.last_round
+            assert report.ok and report.group_size == 4 and report.unreduced_fraction == 0
+            assert report.bytes_sent > 0 and report.timeouts.sender >= 1.0
+        # every peer reduced a slice, so everybody has evidence (nobody clipped heavily)
+        assert all(averager.last_round_evidence for averager in averagers)
+        assert not any(averager.last_round.suspects() for averager in averagers)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("codec, relative_bound", [("fp16", 2e-3), ("uint8", 2e-2)])
+def test_compressed_rounds_within_codec_bounds(make_averagers, codec, relative_bound):
+    sets = _random_sets(4, seed=11)
+    mean = _flat([torch.stack(ts).mean(0) for ts in zip(*sets)])
+    averagers = make_averagers(sets, reducer="mean", compression=codec)
+    assert all(isinstance(r, dict) for r in _step_all(averagers))
+    for averager in averagers:
+        # fp16: 2^-11 relative per value; uint8: a part's range/255 on the sent value plus on the returned delta
+        result = _flat(_tensors(averager))
+        assert bool(torch.isfinite(result).all())
+        assert float((result - mean).abs().max()) <= relative_bound * float(mean.abs().max()) * 8
+
+
+@pytest.mark.timeout(120)
+def test_moshpit_2x2_grid_reaches_global_mean_in_two_rounds(make_averagers):
+    sets = _random_sets(4, seed=12, shapes=((500,),))
+    mean = torch.stack([s[0] for s in sets]).mean(0)
+    averagers = make_averagers(sets, target_group_size=2, per_peer=[{"initial_group_bits": b} for b in "0011"])
+    for round_index in range(2):
+        results = _step_all(averagers)
+        assert all(isinstance(r, dict) and len(r) == 2 for r in results), (round_index, results)
+    for averager in averagers:
+        assert float((_tensors(averager)[0] - mean).abs().max()) < 1e-6
+        assert len(averager.round_history()) == 2
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("attack", ["sign_flip_x1000", "random_x1000"])
+def test_centered_clip_bounds_an_attacker_and_names_it(make_averagers, dhts, attack):
+    generator = torch.Generator().manual_seed(13)
+    base = torch.randn(500, generator=generator)
+    honest = [base + 0.1 * torch.randn(500, generator=generator) for _ in range(3)]
+    if attack == "sign_flip_x1000":
+        malicious = -1000 * honest[0]
+    else:
+        direction = torch.randn(500, generator=generator)
+        malicious = direction / direction.norm() * 1000 * honest[0].norm()
+    honest_mean = torch.stack(honest).mean(0)
+    spread = float(torch.stack([(h - honest_mean).norm() for h in honest]).mean())
+    # stated bound: per part, the attacker moves the result by at most tau * w_a / sum(w) <= spread / 2 here
+    bound = 0.5 * spread
+    attacker_id = str(dhts[3].peer_id)
+    weights = [{}, {}, {}, {"weight": 1e6}]  # the attacker also claims a huge weight
+
+    errors = {}
+    for reducer in ("mean", "centered_clip"):
+        averagers = make_averagers([[h] for h in honest] + [[malicious]], reducer=reducer)
+        results = _step_all(averagers, step_kwargs=weights)
+        assert all(isinstance(r, dict) for r in results), results
+        errors[reducer] = max(float((_tensors(a)[0] - honest_mean).norm()) for a in averagers[:3])
+        if reducer == "centered_clip":
+            reports = [a.last_round for a in averagers[:3]]
+            assert all(attacker_id in r.suspects() for r in reports if attacker_id in r.evidence)
+            assert any(attacker_id in r.evidence for r in reports)
+            honest_ids = {str(d.peer_id) for d in dhts[:3]}
+            assert not honest_ids & {s for r in reports for s in r.suspects()}
+    assert errors["centered_clip"] <= bound, errors
+    assert errors["mean"] > 100 * spread, errors
+
+
+@pytest.mark.timeout(120)
+def test_nan_sender_is_excluded_and_its_own_round_is_not_applied(make_averagers, dhts):
+    sets = _random_sets(4, seed=14, shapes=((400,),))
+    sets[3][0][17] = float("nan")  # in part 0 (elements 0..127 with 512-byte parts); its other parts are finite
+    honest_mean = torch.stack([s[0] for s in sets[:3]]).mean(0)
+    everyone_mean = torch.stack([s[0] for s in sets]).mean(0)
+    averagers = make_averagers(sets, reducer="mean")
+    results = _step_all(averagers, allow_retries=False)
+    for averager, result in zip(averagers[:3], results[:3]):
+        assert isinstance(result, dict), result
+        averaged = _tensors(averager)[0]
+        # the reducer of part 0 dropped the NaN sender; the other reducers used its finite parts
+        assert torch.allclose(averaged[:128], honest_mean[:128], atol=1e-5)
+        assert torch.allclose(averaged[128:], everyone_mean[128:], atol=1e-5)
+    assert isinstance(results[3], PartialRoundError), results[3]
+    assert torch.equal(torch.isnan(_tensors(averagers[3])[0]), torch.isnan(sets[3][0]))
+    assert averagers[3].last_round.status == "partial"
+    nan_peer = str(dhts[3].peer_id)
+    assert any(
+        a.last_round.evidence.get(nan_peer) is not None and a.last_round.evidence[nan_peer].rejected
+        for a in averagers  # whoever reduced part 0 (possibly the NaN peer itself) rejected it
+    )
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGSTOP"])
+def test_dead_peer_mid_round_does_not_hang_and_partial_round_is_not_applied(make_averagers, how):
+    sets = _random_sets(4, seed=15, shapes=((600,),))
+    averagers = make_averagers(sets, reducer="mean")
+    controls = [a.step(wait=False, require_trigger=True, allow_retries=False, timeout=STEP_TIMEOUT) for a in averagers]
+    deadline = time.monotonic() + 20
+    while not all(c.stage == AveragingStage.AWAITING_TRIGGER for c in controls):
+        assert time.monotonic() < deadline, [c.stage for c in controls]
+        time.sleep(0.05)
+
+    victim = averagers[3]
+    os.kill(victim.pid, getattr(signal, how))  # the group is formed; the victim dies (or freezes) before all-reduce
+    started = time.monotonic()
+    for control in controls[:3]:
+        control.allow_allreduce()
+    outcomes = []
+    for control in controls[:3]:
+        try:
+            outcomes.append(control.result(timeout=60))
+        except BaseException as e:  # noqa: B902
+            outcomes.append(e)
+    elapsed = time.monotonic() - started
+    try:
+        assert elapsed < 20, f"survivors took {elapsed:.1f}s"
+        assert all(isinstance(o, PartialRoundError) for o in outcomes), outcomes
+        for averager, original in zip(averagers[:3], sets[:3]):
+            assert torch.equal(_tensors(averager)[0], original[0]), "a partial round must not be applied"
+        deadline = time.monotonic() + 5
+        while not all(a.last_round is not None for a in averagers[:3]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for averager in averagers[:3]:
+            report = averager.last_round
+            assert report.status == "partial" and 0 < report.unreduced_fraction < 1
+            assert str(victim.peer_id) in report.failed_reducers
+
+        # the survivors then finish a complete round without the victim
+        results = _step_all(averagers[:3])
+        assert all(isinstance(r, dict) and len(r) == 3 for r in results), results
+        survivors_mean = torch.stack([s[0] for s in sets[:3]]).mean(0)
+        for averager in averagers[:3]:
+            assert torch.allclose(_tensors(averager)[0], survivors_mean, atol=1e-5)
+    finally:
+        os.kill(victim.pid, signal.SIGKILL)
+        victim.join(5)
+
+
+@pytest.mark.timeout(120)
+def test_expert_replica_averager_averages_in_background_without_blocking(dhts):
+    torch.manual_seed(16)
+    experts = [torch.nn.Linear(8, 8) for _ in range(2)]
+    mean_weight = (experts[0].weight + experts[1].weight).detach() / 2
+    locks = [threading.Lock() for _ in range(2)]
+    reports = []
+    helpers = []
+    run_prefix = f"athome.t{uuid.uuid4().hex[:6]}"
+    try:
+        helpers = [
+            ExpertReplicaAverager(
+                dht, "ffn.0.3", expert.parameters(), run_prefix=run_prefix, lock=lock, target_group_size=2,
+                period=3.0, min_matchmaking_time=1.5, request_timeout=0.5, expected_replicas=2,
+                on_round=reports.append, min_allreduce_timeout=15.0, min_chunk_timeout=1.0,
+            )
+            for dht, expert, lock in zip(dhts, experts, locks)
+        ]
+        deadline = time.monotonic() + 40
+        while min(h.rounds_ok for h in helpers) < 1:
+            assert time.monotonic() < deadline, [(h.rounds_ok, h.rounds_failed) for h in helpers]
+            for lock in locks:  # "serving" keeps getting the lock while rounds run
+                assert lock.acquire(timeout=0.5)
+                lock.release()
+            time.sleep(0.1)
+        for expert in experts:
+            assert torch.allclose(expert.weight, mean_weight, atol=1e-6)
+        assert all(h.max_lock_hold < 0.5 for h in helpers)
+        assert any(r.ok for r in reports)
+    finally:
+        for helper in helpers:
+            helper.shutdown()
+
+
+@pytest.mark.timeout(150)
+def test_gradient_averager_factory_with_hivemind_optimizer(dhts):
+    """``hivemind.Optimizer(grad_averager_factory=RobustGradientAverager)`` averages gradients with CenteredClip."""
+    torch.manual_seed(17)
+    reports = []
+    factory = functools.partial(
+        RobustGradientAverager, reducer="centered_clip", on_round=reports.append, min_chunk_timeout=1.0,
+        min_allreduce_timeout=15.0,
+    )
+    run_id = f"test_{uuid.uuid4().hex[:8]}"
+    models = [torch.nn.Linear(4, 1) for _ in range(2)]
+    for model in models[1:]:
+        model.load_state_dict(models[0].state_dict())
+    optimizers = [
+        hivemind.Optimizer(
+            dht=dht, run_id=run_id, target_batch_size=8, batch_size_per_step=4, params=model.parameters(),
+            optimizer=functools.partial(torch.optim.SGD, lr=0.1), matchmaking_time=2.0, averaging_timeout=30,
+            grad_averager_factory=factory, verbose=False,
+        )
+        for dht, model in zip(dhts[:2], models)
+    ]
+    try:
+        assert all(isinstance(opt.grad_averager, RobustGradientAverager) for opt in optimizers)
+        inputs = torch.randn(2, 4, 4)
+
+        def train(index):
+            for _ in range(6):
+                optimizers[index].zero_grad()
+                models[index](inputs[index]).pow(2).mean().backward()
+                optimizers[index].step()
+                if optimizers[index].local_epoch >= 1:
+                    return
+                time.sleep(0.3)
+
+        threads = [threading.Thread(target=train, args=(i,)) for i in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=90)
+        assert all(opt.local_epoch >= 1 for opt in optimizers), [opt.local_epoch for opt in optimizers]
+        deadline = time.monotonic() + 5
+        while not any(r.ok for r in reports) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert any(r.ok and r.group_size == 2 for r in reports), reports
+        assert torch.allclose(models[0].weight, models[1].weight, atol=1e-6)
+    finally:
+        for opt in optimizers:
+            opt.shutdown()
