@@ -7,7 +7,9 @@ import io
 import json
 import math
 import re
+import shutil
 import socket
+import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -146,7 +148,7 @@ def test_leaderboard_ranks_pages_and_filters_by_team(store: Store):
     red = store.leaderboard(team="red", now=T0)
     assert [row["public_name"] for row in red["rows"]] == ["p5", "p3", "p1"] and red["rows"][0]["rank"] == 1
     assert store.leaderboard(now=T0 + 3600)["rows"][0]["status"] == "offline"
-    assert [row["public_name"] for row in store.iter_leaderboard(now=T0, chunk=2)] == [f"p{i}" for i in range(6, -1, -1)]
+    assert [row["public_name"] for row in store.iter_leaderboard(now=T0)] == [f"p{i}" for i in range(6, -1, -1)]
 
 
 def test_coordinators_and_clients_are_not_contributors(store: Store):
@@ -327,6 +329,25 @@ def test_dashboard_page_is_self_contained(server: WebServer):
     assert "default-src 'none'" in headers["Content-Security-Policy"]
     assert not re.search(r'(src|href)\s*=\s*"(https?:)?//', html), "the dashboard must not load remote assets"
     assert "<script" in html and "api/leaderboard" in html and "textContent" in html and "innerHTML" not in html
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="headless chromium is not installed (apt-get install chromium)")
+def test_headless_chromium_renders_the_leaderboard(server: WebServer, tmp_path: Path):
+    flags = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1400,1100",
+             "--virtual-time-budget=4000", f"--user-data-dir={tmp_path / 'profile'}"]
+    dom = subprocess.run([*flags, "--dump-dom", server.url], capture_output=True, text=True, timeout=60).stdout
+    assert 'data-loaded="true"' in dom
+    body = dom[dom.index('<table id="leaderboard">'):]
+    body = body[: body.index("</table>")]
+    names = re.findall(r'<td class="name">([^<]*)</td>', body)
+    assert names[:2] == ["alice", '=HYPERLINK("x")'] and "failed spot-checks" in body
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in dom and "<script>alert(1)" not in dom  # names are text, not HTML
+    screenshot = tmp_path / "dashboard.png"
+    subprocess.run([*flags, f"--screenshot={screenshot}", server.url], capture_output=True, timeout=60)
+    assert screenshot.stat().st_size > 10_000
 
 
 # ------------------------------------------------------------------------------------------------ service & CLI

@@ -81,11 +81,23 @@ def _demo(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler="athome.demo:run_demo")
 
 
+def _leaderboard(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("leaderboard", help="show a run's leaderboard, as its coordinator ranks it")
+    parser.add_argument("--run", default=None, help="the run address printed by `peer coordinator`")
+    parser.add_argument("--dashboard", default=None, help="the dashboard URL printed by `peer coordinator` (skips the DHT)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--limit", type=int, default=100, help="rows to show (1-1000)")
+    parser.add_argument("--offset", type=int, default=0, help="rows to skip")
+    parser.add_argument("--timeout", type=float, default=30, help="seconds to wait for the run config")
+    add_network_flags(parser)
+    parser.set_defaults(handler="athome.coordinator.leaderboard:run_leaderboard")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="peer", description="athome: train one mixture-of-experts model with volunteers")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_coordinator, _join, _train, _status, _check, _demo):
+    for add in (_coordinator, _join, _train, _status, _leaderboard, _check, _demo):
         add(sub)
     return parser
 

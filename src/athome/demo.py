@@ -143,7 +143,7 @@ def fetch_leaderboard(dashboard: Optional[str]) -> Optional[list]:
     except Exception as error:
         logger.warning(f"Could not read the leaderboard from {dashboard}: {error}")
         return None
-    return data.get("leaderboard", data) if isinstance(data, dict) else data
+    return data.get("rows", []) if isinstance(data, dict) else data
 
 
 def status_table(children: List[Child], curves: Dict[str, List[dict]], started: float) -> Table:

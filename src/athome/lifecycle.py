@@ -36,8 +36,14 @@ def setup_logging(verbose: bool = False) -> None:
 def shutdown_requested() -> threading.Event:
     """An event set by the first SIGINT or SIGTERM; a second signal exits at once."""
     event = threading.Event()
+    owner_pid = os.getpid()
 
     def handler(signum, frame):
+        if os.getpid() != owner_pid:
+            # a forked helper (hivemind's task pools, DHT, handlers) inherited this handler: die as by default
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
         if event.is_set():
             logger.warning("Second interrupt: exiting now")
             os._exit(130)

@@ -27,6 +27,7 @@ from hivemind.proto import averaging_pb2
 from hivemind.utils.asyncio import aiter_with_timeout, amap_in_executor, attach_event_on_finished
 
 from athome.averaging.compression import deserialize_tensor, serialize_tensor
+from athome.averaging.reducer import all_finite
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ class RobustAllReduceRunner(AllReduceRunner):
                     if msg.code != averaging_pb2.AVERAGED_PART:
                         raise AllreduceException(f"{peer_id} sent {averaging_pb2.MessageCode.Name(msg.code)}")
                     delta = deserialize_tensor(msg.tensor_part)  # athome: numpy-2 safe codecs
-                    if not bool(torch.isfinite(delta).all()):  # athome: never let a reducer inject NaN/Inf
+                    if not all_finite(delta):  # athome: never let a reducer inject NaN/Inf
                         raise AllreduceException(f"{peer_id} returned a non-finite averaged part")
                     return delta, msg.ByteSize()
 

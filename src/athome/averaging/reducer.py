@@ -69,15 +69,28 @@ class SenderEvidence:
         return self.clipped_elements / self.elements if self.elements else 0.0
 
 
+def all_finite(tensor: torch.Tensor) -> bool:
+    # a finite sum implies no NaN/Inf anywhere; only when it is not (NaN, Inf or overflow) check element-wise
+    return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
+
+
 def coordinate_median(stacked: torch.Tensor) -> torch.Tensor:
     """Coordinate-wise median over dim 0, averaging the two middle values when the count is even."""
     n = stacked.shape[0]
     if n == 1:
         return stacked[0].clone()
-    ordered = stacked.sort(dim=0).values
+    if n <= 16:
+        # an odd-even transposition sorting network of elementwise min/max: ~10x faster than torch.sort along a
+        # short leading dimension (which dominated the all-reduce time with 128K-element parts)
+        rows = list(stacked.unbind(0))
+        for round_index in range(n):
+            for i in range(round_index % 2, n - 1, 2):
+                rows[i], rows[i + 1] = torch.minimum(rows[i], rows[i + 1]), torch.maximum(rows[i], rows[i + 1])
+    else:
+        rows = stacked.sort(dim=0).values
     if n % 2:
-        return ordered[n // 2].clone()
-    return (ordered[n // 2 - 1] + ordered[n // 2]) / 2
+        return rows[n // 2].clone()
+    return (rows[n // 2 - 1] + rows[n // 2]) / 2
 
 
 def _median(values: torch.Tensor) -> torch.Tensor:
@@ -196,7 +209,7 @@ class RobustTensorPartReducer(TensorPartReducer):
             return f"invalid weight {weight!r}"
         if tensor_part.shape != self.part_shapes[part_index]:
             return f"part shape {tuple(tensor_part.shape)} != expected {tuple(self.part_shapes[part_index])}"
-        if not bool(torch.isfinite(tensor_part).all()):
+        if not all_finite(tensor_part):
             return "non-finite values (NaN/Inf) in part"
         return None
 

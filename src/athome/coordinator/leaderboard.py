@@ -12,6 +12,7 @@ import argparse
 import ipaddress
 import json
 import logging
+import sys
 import tempfile
 import urllib.error
 import urllib.parse
@@ -181,16 +182,16 @@ def print_leaderboard(page: dict[str, Any], source: str = "") -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 160)
     shown = len(page["rows"])
-    title = f"leaderboard ({page.get('offset', 0) + 1 if shown else 0}-{page.get('offset', 0) + shown} of {page.get('total', shown)})"
+    first = page.get("offset", 0) + 1 if shown else 0
+    title = f"leaderboard ({first}-{page.get('offset', 0) + shown} of {page.get('total', shown)})"
     table = Table(title=title, caption=f"from {source}; samples are self-reported until verified" if source else None)
     for column, justify in (
         ("#", "right"), ("name", "left"), ("team", "left"), ("samples", "right"), ("verified", "right"),
-        ("expert work", "right"), ("uptime", "right"), ("checks ✓", "right"), ("checks ✗", "right"),
-        ("status", "left"), ("peer", "left"),
+        ("expert work", "right"), ("uptime", "right"), ("checks ✓/✗", "right"), ("status", "left"), ("peer", "left"),
     ):
-        table.add_column(column, justify=justify)
+        table.add_column(column, justify=justify, no_wrap=column not in ("name", "team", "status"))
     colors = {"live": "green", "offline": "dim", "banned": "red"}
     for row in page["rows"]:
         status = row.get("status", "?")
@@ -200,7 +201,7 @@ def print_leaderboard(page: dict[str, Any], source: str = "") -> None:
         table.add_row(
             str(row["rank"]), escape(row.get("public_name") or "(anonymous)"), escape(row.get("team", "")),
             f"{row.get('samples', 0):,}", f"{row.get('verified_samples', 0):,}", f"{row.get('expert_work', 0):,}",
-            _duration(row.get("uptime_seconds", 0)), str(row.get("checks_passed", 0)), str(row.get("checks_failed", 0)),
-            status_text, escape(row.get("peer_id", "")[-12:]),
+            _duration(row.get("uptime_seconds", 0)), f"{row.get('checks_passed', 0)}/{row.get('checks_failed', 0)}",
+            status_text, escape(row.get("peer_id", "")[-8:]),
         )
     console.print(table)

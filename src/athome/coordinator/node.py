@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from athome.config import ConfigError, RunConfig, load_config
+from athome.coordinator.service import CoordinatorService
 from athome.dht import Identity, publish_run_config, start_dht, store_record
 from athome.dht.schemas import PeerRecord, run_key
 from athome.lifecycle import PeriodicThread, die, emit, shutdown_requested
@@ -40,22 +41,23 @@ def run_coordinator(args: argparse.Namespace) -> None:
     started_at = time.time()
     ttl = config.expert_ttl
 
+    service = None
+    try:
+        service = CoordinatorService(dht, config, Path(args.data_dir), http_host=args.http_host, http_port=args.http_port)
+        service.start()
+    except Exception as error:
+        logger.error(f"The dashboard failed to start ({error}); the run goes on without it")
+        service = None
+    dashboard_url = service.url if service is not None else ""
+
     def publish() -> None:
         if not publish_run_config(dht, identity, config, ttl=ttl * 2):
             logger.warning("Publishing the run config found no DHT node to store it; retrying")
-        store_record(dht, run_key(config.name, "peers"), PeerRecord(role="coordinator", started_at=started_at), ttl)
+        record = PeerRecord(role="coordinator", started_at=started_at, dashboard_url=dashboard_url)
+        store_record(dht, run_key(config.name, "peers"), record, ttl)
 
     publisher = PeriodicThread(publish, period=ttl / 3, name="config publisher")
     publisher.start()
-
-    service = None
-    try:
-        from athome.coordinator.service import CoordinatorService
-
-        service = CoordinatorService(dht, config, Path(args.data_dir), http_host=args.http_host, http_port=args.http_port)
-        service.start()
-    except ImportError:
-        logger.info("The dashboard is not available in this build")
 
     maddrs = [str(m) for m in dht.get_visible_maddrs()]
     address = pick_public_maddr(maddrs)

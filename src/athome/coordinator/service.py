@@ -56,7 +56,7 @@ def observations_from_records(
         if server is not None:
             fields.update(experts=tuple(server.experts), device=server.device, precision=server.precision)
             calls, reported_at = getattr(server, "expert_calls", None), getattr(server, "reported_at", None)
-            if calls is not None and reported_at is not None:
+            if calls is not None and reported_at:
                 fields.update(expert_calls=calls, work_report_time=reported_at)
         if metric is not None:
             fields.update(

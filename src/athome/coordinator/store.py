@@ -266,7 +266,11 @@ class Store:
             if self.store._db is None:
                 self.store._lock.release()
                 raise StoreClosedError("the coordinator store is closed")
-            self.store._db.execute("BEGIN IMMEDIATE")
+            try:
+                self.store._db.execute("BEGIN IMMEDIATE")
+            except BaseException:
+                self.store._lock.release()
+                raise
             return self.store._db
 
         def __exit__(self, exc_type, exc, tb) -> None:
@@ -512,6 +516,10 @@ class Store:
             (live_since,),
         )
 
+    _LEADERBOARD_SELECT = """SELECT peer_id, public_name, team, samples, verified_samples, expert_work, uptime,
+               checks_passed, checks_failed, banned_reason, {status} AS status
+        FROM contributions {where} ORDER BY banned, samples DESC, expert_work DESC, peer_id"""
+
     def leaderboard(
         self,
         limit: int = 50,
@@ -521,8 +529,8 @@ class Store:
         live_window: float = 60.0,
     ) -> dict[str, Any]:
         """One page of the leaderboard: ``{total, limit, offset, rows}``, ranked by credited samples, then expert
-        work, then peer ID; banned peers last. ``rank`` is 1-based within the (team-filtered) ranking. ``status`` is live / offline /
-        banned (live = seen within ``live_window`` seconds of ``now``)."""
+        work, then peer ID; banned peers last. ``rank`` is 1-based within the (team-filtered) ranking. ``status``
+        is live / offline / banned (live = seen within ``live_window`` seconds of ``now``)."""
         now = time.time() if now is None else now
         limit = max(1, min(int(limit), MAX_PAGE))
         offset = max(0, int(offset))
@@ -531,10 +539,7 @@ class Store:
         with self._lock:
             total = self._read(f"SELECT COUNT(*) FROM contributions {where}", params)[0][0]
             rows = self._read(
-                f"""SELECT peer_id, public_name, team, samples, verified_samples, expert_work, uptime, checks_passed,
-                           checks_failed, banned_reason, {status_sql} AS status
-                    FROM contributions {where}
-                    ORDER BY banned, samples DESC, expert_work DESC, peer_id LIMIT ? OFFSET ?""",
+                self._LEADERBOARD_SELECT.format(status=status_sql, where=where) + " LIMIT ? OFFSET ?",
                 (*status_params, *params, limit, offset),
             )
         return dict(
@@ -543,16 +548,15 @@ class Store:
         )
 
     def iter_leaderboard(
-        self, team: Optional[str] = None, now: Optional[float] = None, live_window: float = 60.0, chunk: int = 5000
+        self, team: Optional[str] = None, now: Optional[float] = None, live_window: float = 60.0
     ) -> Iterator[dict[str, Any]]:
-        """Every leaderboard row in rank order (for the CSV export), read in pages of ``chunk``."""
-        offset = 0
-        while True:
-            page = self.leaderboard(min(chunk, MAX_PAGE), offset, team, now, live_window)
-            yield from page["rows"]
-            offset += len(page["rows"])
-            if not page["rows"] or offset >= page["total"]:
-                return
+        """Every leaderboard row in rank order (for the CSV export), from one consistent read."""
+        now = time.time() if now is None else now
+        status_sql, status_params = self._status_sql(now - live_window)
+        where, params = ("WHERE team = ?", (team,)) if team is not None else ("", ())
+        rows = self._read(self._LEADERBOARD_SELECT.format(status=status_sql, where=where), (*status_params, *params))
+        for index, row in enumerate(rows):
+            yield self._leaderboard_row(index + 1, row)
 
     @staticmethod
     def _leaderboard_row(rank: int, row: sqlite3.Row) -> dict[str, Any]:

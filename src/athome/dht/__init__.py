@@ -4,12 +4,12 @@ from athome.dht.node import (
     RunAddress,
     RunAddressError,
     RunConfigError,
-    delete_record,
     fetch_run_config,
     get_records,
     protect_run_keys,
     publish_run_config,
     start_dht,
     store_record,
+    withdraw_record,
 )
 from athome.dht.records import AthomeRecordValidator, owner_subkey, subkey_owner

@@ -113,21 +113,23 @@ def _raw_private_key(identity: Identity) -> bytes:
     )
 
 
-def store_record(dht: hivemind.DHT, key: str, record: Record, ttl: float) -> bool:
-    """Write this peer's record under ``key``; True if at least one node accepted it."""
-    peer_id = dht.peer_id.to_base58()
-    result = dht.store(
-        key, record.model_dump(mode="python"), get_dht_time() + ttl, subkey=owner_subkey(peer_id)
-    )
-    return bool(result)
+def store_record(dht: hivemind.DHT, key: str, record: Record, ttl: float, *, expiration: Optional[float] = None) -> bool:
+    """Write this peer's record under ``key`` for ``ttl`` seconds (or until ``expiration``, DHT time).
 
-
-def delete_record(dht: hivemind.DHT, key: str, template: Record) -> bool:
-    """Withdraw this peer's record by overwriting it with one that expires almost at once.
-
-    hivemind has no delete; a newer record with a short expiration replaces ours and then vanishes.
+    True if at least one node accepted it.
     """
-    return store_record(dht, key, template, ttl=0.5)
+    peer_id = dht.peer_id.to_base58()
+    expiration = expiration if expiration is not None else get_dht_time() + ttl
+    return bool(dht.store(key, record.model_dump(mode="python"), expiration, subkey=owner_subkey(peer_id)))
+
+
+def withdraw_record(dht: hivemind.DHT, key: str, empty: Record, last_expiration: float) -> bool:
+    """Replace this peer's record with ``empty`` (e.g. a declaration of no experts) that expires almost at once.
+
+    hivemind has no delete, and refuses a record that expires before the one it holds (that is what stops
+    replays), so the replacement expires just after the last record stored: ``last_expiration``.
+    """
+    return store_record(dht, key, empty, ttl=0, expiration=max(last_expiration, get_dht_time()) + 0.01)
 
 
 def get_records(

@@ -55,6 +55,8 @@ class ServerRecord(Record):
     load: Finite = Field(0.0, ge=0, description="requests waiting in its pools when declared")
     relayed: bool = False
     since: Finite = 0.0
+    expert_calls: int = Field(0, ge=0, description="cumulative forward+backward calls served")
+    reported_at: Finite = 0.0
 
 
 class MetricsRecord(Record):
@@ -76,6 +78,7 @@ class PeerRecord(Record):
     team: PublicName = ""
     started_at: Finite
     relayed: bool = False
+    dashboard_url: str = Field("", max_length=256, pattern=r"^(https?://\S*)?$")
 
 
 def run_record_keys(run_name: str) -> dict[str, type[Record]]:

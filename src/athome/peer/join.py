@@ -159,6 +159,8 @@ def run_join(args: argparse.Namespace) -> None:
         return ServerRecord(
             experts=list(backends), public_name=args.public_name, device=device.type, precision=precision,
             throughput=samples / uptime / max(len(backends), 1), relayed=False, since=started_at,
+            expert_calls=sum(b.num_forward_calls + b.num_backward_calls for b in backends.values()),
+            reported_at=time.time(),
         )
 
     def get_state(uid: str):

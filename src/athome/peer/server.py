@@ -28,7 +28,9 @@ from hivemind.utils import MSGPackSerializer, nested_flatten
 from hivemind.utils.streaming import split_for_streaming
 from hivemind.p2p.p2p_daemon import DEFAULT_MAX_MSG_SIZE
 
-from athome.dht import delete_record, store_record
+from hivemind.utils import get_dht_time
+
+from athome.dht import store_record, withdraw_record
 from athome.dht.schemas import ServerRecord
 
 logger = logging.getLogger(__name__)
@@ -200,9 +202,12 @@ class Declarer(threading.Thread):
         self.declared = threading.Event()
 
     def run(self) -> None:
+        last_expiration = get_dht_time()
         while True:
             try:
-                if store_record(self.dht, self.key, self.make_record(), self.ttl):
+                expiration = get_dht_time() + self.ttl
+                if store_record(self.dht, self.key, self.make_record(), self.ttl, expiration=expiration):
+                    last_expiration = expiration
                     self.declared.set()
                 else:
                     logger.warning("No DHT node accepted this host's declaration; retrying")
@@ -211,8 +216,9 @@ class Declarer(threading.Thread):
             if self.stop.wait(self.ttl / 3 if self.declared.is_set() else 1.0):
                 break
         try:
-            delete_record(self.dht, self.key, self.make_record().model_copy(update=dict(experts=[])))
-            logger.info("Withdrew this host's expert declarations")
+            empty = self.make_record().model_copy(update=dict(experts=[]))
+            if withdraw_record(self.dht, self.key, empty, last_expiration):
+                logger.info("Withdrew this host's expert declarations")
         except Exception as error:
             logger.warning(f"Could not withdraw declarations (they expire in {self.ttl:.0f}s anyway): {error!r}")
 

@@ -1,0 +1,232 @@
+"""All-reduce of one fp32 vector among N peer processes on 127.0.0.1: athome vs torch.distributed (gloo) vs stock
+hivemind, plus athome's bytes sent per peer relative to the bandwidth-optimal 2(N-1)/N * S.
+
+Every peer is a separate process (forked). Per N, in one run:
+
+* gloo: ``dist.all_reduce`` of the same tensor (after a warm-up), time = slowest rank;
+* hivemind: stock ``DecentralizedAverager`` (no compression, mean);
+* athome: ``RobustAverager`` with reducer x compression variants.
+
+For the averagers, the group is formed first (``step(require_trigger=True)``), all peers pass a barrier, and the
+clock runs from the trigger to the slowest peer's result: matchmaking is excluded, so the numbers compare the
+all-reduce proper with gloo's. Bytes are counted by athome's runner (serialized messages sent to other peers);
+S is the vector size *as sent* (after compression), so bytes/optimal measures the protocol, not the codec.
+
+The last line is ``allreduce N=4 athome/gloo: X.XX, athome/hivemind: Y.YY, bytes/optimal: Z.ZZ`` for athome with its
+default reducer (centered_clip) and no compression, at N=4 (or the first N given if 4 is not among them).
+
+    python bench/allreduce.py                       # 10M floats, N in 2,4,8
+    python bench/allreduce.py --sizes 1000000 --peers 2,4 --reps 1
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+
+import multiprocessing as mp
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+
+# (label, kind, reducer, compression); the first athome variant named here is the one in the summary line
+VARIANTS = (
+    ("hivemind none/mean", "hivemind", "mean", "none"),
+    ("athome none/mean", "athome", "mean", "none"),
+    ("athome none/centered_clip", "athome", "centered_clip", "none"),
+    ("athome fp16/centered_clip", "athome", "centered_clip", "fp16"),
+    ("athome uint8/centered_clip", "athome", "centered_clip", "uint8"),
+)
+SUMMARY_VARIANT = "athome none/centered_clip"
+
+
+@dataclass
+class Measurement:
+    label: str
+    seconds: float  # slowest peer, median over reps
+    bytes_ratio: float  # mean over peers of bytes_sent / (2 (N-1)/N * S_sent); nan if not counted
+    vector_mib: float  # S as sent
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _worker(rank: int, n: int, size: int, reps: int, port: int, tag: str, maddr_queue, barrier, results) -> None:
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)  # N peers share 2 cores; don't oversubscribe
+    vector = torch.randn(size, generator=torch.Generator().manual_seed(rank))
+
+    # --- gloo
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=n)
+    buffer = vector.clone()
+    dist.all_reduce(buffer)  # warm-up (connections)
+    times = []
+    for _ in range(reps):
+        buffer.copy_(vector)
+        dist.barrier()
+        started = time.perf_counter()
+        dist.all_reduce(buffer)
+        elapsed = torch.tensor([time.perf_counter() - started])
+        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+        times.append(float(elapsed))
+    dist.destroy_process_group()
+    if rank == 0:
+        results.put(("gloo", statistics.median(times), float("nan"), size * 4 / 2**20))
+
+    # --- DHT
+    import hivemind
+    from hivemind.averaging.control import AveragingStage
+
+    from athome.averaging import RobustAverager, get_codec
+
+    if rank == 0:
+        dht = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+        for _ in range(n - 1):
+            maddr_queue.put([str(a) for a in dht.get_visible_maddrs()])
+    else:
+        dht = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=maddr_queue.get())
+    barrier.wait()
+
+    common = dict(
+        target_group_size=n, min_group_size=n, min_matchmaking_time=3.0, request_timeout=1.0, start=True
+    )
+    for label, kind, reducer, compression in VARIANTS:
+        prefix = f"bench_{label.replace(' ', '_').replace('/', '_')}_{tag}"
+        if kind == "hivemind":
+            averager = hivemind.DecentralizedAverager([vector.clone()], dht, prefix=prefix,
+                                                      compression=get_codec(compression), **common)
+        else:
+            averager = RobustAverager([vector.clone()], dht, prefix=prefix, reducer=reducer,
+                                      compression=compression, **common)
+        times, ratios = [], []
+        for _ in range(reps):
+            with averager.get_tensors() as tensors:
+                tensors[0].copy_(vector)
+            control = averager.step(wait=False, require_trigger=True, timeout=120)
+            while control.stage != AveragingStage.AWAITING_TRIGGER and not control.done():
+                time.sleep(0.01)
+            barrier.wait()
+            started = time.perf_counter()
+            control.allow_allreduce()
+            control.result(timeout=300)
+            elapsed = time.perf_counter() - started
+            if kind == "athome":
+                deadline = time.monotonic() + 5
+                while averager.last_round is None or len(averager.round_history()) < len(times) + 1:
+                    if time.monotonic() > deadline:
+                        break
+                    time.sleep(0.01)
+                report = averager.last_round
+                optimal = 2 * (n - 1) / n * report.vector_bytes
+                ratios.append(report.bytes_sent / optimal)
+            times.append(elapsed)
+            results.put(("rep", label, rank, elapsed, ratios[-1] if ratios else float("nan")))
+            barrier.wait()
+        averager.shutdown()
+        barrier.wait()
+    dht.shutdown()
+
+
+def run_group(n: int, size: int, reps: int) -> list[Measurement]:
+    ctx = mp.get_context("fork")
+    tag = uuid.uuid4().hex[:8]  # fresh averaging prefixes for every run
+    maddr_queue, results, barrier = ctx.Queue(), ctx.Queue(), ctx.Barrier(n)
+    port = _free_port()
+    workers = [
+        ctx.Process(target=_worker, args=(rank, n, size, reps, port, tag, maddr_queue, barrier, results))
+        for rank in range(n)
+    ]
+    for worker in workers:
+        worker.start()
+
+    gloo = None
+    per_variant: dict[str, list[tuple[int, float, float]]] = {}
+    expected = len(VARIANTS) * reps * n
+    received = 0
+    deadline = time.monotonic() + 600
+    while (gloo is None or received < expected) and time.monotonic() < deadline:
+        try:
+            item = results.get(timeout=5)
+        except Exception:
+            if not any(w.is_alive() for w in workers):
+                break
+            continue
+        if item[0] == "gloo":
+            gloo = Measurement("gloo", item[1], item[2], item[3])
+        else:
+            _, label, rank, elapsed, ratio = item
+            per_variant.setdefault(label, []).append((rank, elapsed, ratio))
+            received += 1
+    for worker in workers:
+        worker.join(timeout=60)
+        if worker.is_alive():
+            worker.kill()
+
+    measurements = [gloo] if gloo is not None else []
+    vector_mib = size * 4 / 2**20
+    for label, *_ in VARIANTS:
+        samples = per_variant.get(label, [])
+        if not samples:
+            continue
+        # per rep: the slowest peer; then the median over reps
+        by_rep: dict[int, list[float]] = {}
+        counts: dict[int, int] = {}
+        for rank, elapsed, _ in samples:
+            rep = counts.get(rank, 0)
+            counts[rank] = rep + 1
+            by_rep.setdefault(rep, []).append(elapsed)
+        seconds = statistics.median(max(values) for values in by_rep.values())
+        ratios = [ratio for _, _, ratio in samples if ratio == ratio]
+        measurements.append(
+            Measurement(label, seconds, statistics.mean(ratios) if ratios else float("nan"), vector_mib)
+        )
+    return measurements
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="10000000", help="comma-separated vector sizes (fp32 elements)")
+    parser.add_argument("--peers", default="2,4,8", help="comma-separated group sizes")
+    parser.add_argument("--reps", type=int, default=2, help="all-reduces per variant (median reported)")
+    args = parser.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    peers = [int(p) for p in args.peers.split(",")]
+
+    print(f"# {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; every peer is a process on 127.0.0.1")
+    started = time.perf_counter()
+    summary = None
+    for size in sizes:
+        for n in peers:
+            measurements = run_group(n, size, args.reps)
+            by_label = {m.label: m for m in measurements}
+            gloo = by_label.get("gloo")
+            hivemind_m = by_label.get("hivemind none/mean")
+            print(f"\n## N={n}, {size:,} fp32 ({size * 4 / 2**20:.1f} MiB), median of {args.reps} rep(s)")
+            print(f"{'variant':<28} {'seconds':>8} {'/gloo':>8} {'/hivemind':>10} {'bytes/optimal':>14}")
+            for m in measurements:
+                vs_gloo = m.seconds / gloo.seconds if gloo else float("nan")
+                vs_hm = m.seconds / hivemind_m.seconds if hivemind_m else float("nan")
+                print(f"{m.label:<28} {m.seconds:>8.3f} {vs_gloo:>8.2f} {vs_hm:>10.2f} {m.bytes_ratio:>14.3f}")
+            athome = by_label.get(SUMMARY_VARIANT)
+            if athome and gloo and hivemind_m and (summary is None or n == 4):
+                summary = (n, athome.seconds / gloo.seconds, athome.seconds / hivemind_m.seconds, athome.bytes_ratio)
+            sys.stdout.flush()
+    print(f"\n# total {time.perf_counter() - started:.0f}s; summary variant: {SUMMARY_VARIANT}")
+    if summary is None:
+        print("allreduce: no complete measurement")
+        sys.exit(1)
+    n, vs_gloo, vs_hivemind, bytes_ratio = summary
+    print(f"allreduce N={n} athome/gloo: {vs_gloo:.2f}, athome/hivemind: {vs_hivemind:.2f}, bytes/optimal: {bytes_ratio:.2f}")
+
+
+if __name__ == "__main__":
+    main()
