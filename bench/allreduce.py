@@ -58,7 +58,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _worker(rank: int, n: int, size: int, reps: int, port: int, tag: str, maddr_queue, barrier, results) -> None:
+def _worker(rank, n, size, reps, port, tag, variants, maddr_queue, barrier, results) -> None:
     import torch
     import torch.distributed as dist
 
@@ -99,7 +99,7 @@ def _worker(rank: int, n: int, size: int, reps: int, port: int, tag: str, maddr_
     common = dict(
         target_group_size=n, min_group_size=n, min_matchmaking_time=3.0, request_timeout=1.0, start=True
     )
-    for label, kind, reducer, compression in VARIANTS:
+    for label, kind, reducer, compression in variants:
         prefix = f"bench_{label.replace(' ', '_').replace('/', '_')}_{tag}"
         if kind == "hivemind":
             averager = hivemind.DecentralizedAverager([vector.clone()], dht, prefix=prefix,
@@ -136,13 +136,13 @@ def _worker(rank: int, n: int, size: int, reps: int, port: int, tag: str, maddr_
     dht.shutdown()
 
 
-def run_group(n: int, size: int, reps: int) -> list[Measurement]:
+def run_group(n: int, size: int, reps: int, variants=VARIANTS) -> list[Measurement]:
     ctx = mp.get_context("fork")
     tag = uuid.uuid4().hex[:8]  # fresh averaging prefixes for every run
     maddr_queue, results, barrier = ctx.Queue(), ctx.Queue(), ctx.Barrier(n)
     port = _free_port()
     workers = [
-        ctx.Process(target=_worker, args=(rank, n, size, reps, port, tag, maddr_queue, barrier, results))
+        ctx.Process(target=_worker, args=(rank, n, size, reps, port, tag, variants, maddr_queue, barrier, results))
         for rank in range(n)
     ]
     for worker in workers:
@@ -150,7 +150,7 @@ def run_group(n: int, size: int, reps: int) -> list[Measurement]:
 
     gloo = None
     per_variant: dict[str, list[tuple[int, float, float]]] = {}
-    expected = len(VARIANTS) * reps * n
+    expected = len(variants) * reps * n
     received = 0
     deadline = time.monotonic() + 600
     while (gloo is None or received < expected) and time.monotonic() < deadline:
@@ -173,7 +173,7 @@ def run_group(n: int, size: int, reps: int) -> list[Measurement]:
 
     measurements = [gloo] if gloo is not None else []
     vector_mib = size * 4 / 2**20
-    for label, *_ in VARIANTS:
+    for label, *_ in variants:
         samples = per_variant.get(label, [])
         if not samples:
             continue
@@ -197,7 +197,13 @@ def main() -> None:
     parser.add_argument("--sizes", default="10000000", help="comma-separated vector sizes (fp32 elements)")
     parser.add_argument("--peers", default="2,4,8", help="comma-separated group sizes")
     parser.add_argument("--reps", type=int, default=2, help="all-reduces per variant (median reported)")
+    parser.add_argument(
+        "--variants", default="all", help="comma-separated substrings of variant labels to run, e.g. 'mean'"
+    )
     args = parser.parse_args()
+    variants = tuple(
+        v for v in VARIANTS if args.variants == "all" or any(key in v[0] for key in args.variants.split(","))
+    )
     sizes = [int(s) for s in args.sizes.split(",")]
     peers = [int(p) for p in args.peers.split(",")]
 
@@ -206,7 +212,7 @@ def main() -> None:
     summary = None
     for size in sizes:
         for n in peers:
-            measurements = run_group(n, size, args.reps)
+            measurements = run_group(n, size, args.reps, variants)
             by_label = {m.label: m for m in measurements}
             gloo = by_label.get("gloo")
             hivemind_m = by_label.get("hivemind none/mean")
