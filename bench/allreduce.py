@@ -9,7 +9,7 @@ Every peer is a separate process (forked). Per N, in one run:
 
 For the averagers, the group is formed first (``step(require_trigger=True)``), all peers pass a barrier, and the
 clock runs from the trigger to the slowest peer's result: matchmaking is excluded, so the numbers compare the
-all-reduce proper with gloo's. Bytes are counted by athome's runner (serialized messages sent to other peers);
+all-reduce proper with gloo's. Each averager first runs one untimed warm-up round (gloo too). Bytes are counted by athome's runner (serialized messages sent to other peers);
 S is the vector size *as sent* (after compression), so bytes/optimal measures the protocol, not the codec.
 
 The last line is ``allreduce N=4 athome/gloo: X.XX, athome/hivemind: Y.YY, bytes/optimal: Z.ZZ`` for athome with its
@@ -108,7 +108,7 @@ def _worker(rank, n, size, reps, port, tag, variants, maddr_queue, barrier, resu
             averager = RobustAverager([vector.clone()], dht, prefix=prefix, reducer=reducer,
                                       compression=compression, **common)
         times, ratios = [], []
-        for _ in range(reps):
+        for rep in range(-1, reps):  # rep -1 is an untimed warm-up (first rounds pay one-off costs, as gloo's does)
             with averager.get_tensors() as tensors:
                 tensors[0].copy_(vector)
             control = averager.step(wait=False, require_trigger=True, timeout=120)
@@ -121,15 +121,16 @@ def _worker(rank, n, size, reps, port, tag, variants, maddr_queue, barrier, resu
             elapsed = time.perf_counter() - started
             if kind == "athome":
                 deadline = time.monotonic() + 5
-                while averager.last_round is None or len(averager.round_history()) < len(times) + 1:
+                while len(averager.round_history()) < rep + 2:
                     if time.monotonic() > deadline:
                         break
                     time.sleep(0.01)
                 report = averager.last_round
                 optimal = 2 * (n - 1) / n * report.vector_bytes
                 ratios.append(report.bytes_sent / optimal)
-            times.append(elapsed)
-            results.put(("rep", label, rank, elapsed, ratios[-1] if ratios else float("nan")))
+            if rep >= 0:
+                times.append(elapsed)
+                results.put(("rep", label, rank, elapsed, ratios[-1] if ratios else float("nan")))
             barrier.wait()
         averager.shutdown()
         barrier.wait()
@@ -139,7 +140,7 @@ def _worker(rank, n, size, reps, port, tag, variants, maddr_queue, barrier, resu
 def run_group(n: int, size: int, reps: int, variants=VARIANTS) -> list[Measurement]:
     ctx = mp.get_context("fork")
     tag = uuid.uuid4().hex[:8]  # fresh averaging prefixes for every run
-    maddr_queue, results, barrier = ctx.Queue(), ctx.Queue(), ctx.Barrier(n)
+    maddr_queue, results, barrier = ctx.Queue(), ctx.Queue(), ctx.Barrier(n, timeout=300)
     port = _free_port()
     workers = [
         ctx.Process(target=_worker, args=(rank, n, size, reps, port, tag, variants, maddr_queue, barrier, results))

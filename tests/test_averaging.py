@@ -23,11 +23,13 @@ from hivemind.compression import CompressionInfo, Uniform8BitQuantization
 from hivemind.compression import serialization as hivemind_serialization
 
 from athome.averaging import (
+    AdaptiveTimeouts,
     ExpertReplicaAverager,
     PartialRoundError,
     RobustAverager,
     RobustGradientAverager,
     RobustTensorPartReducer,
+    RoundTimeoutError,
     averaging_prefix,
     deserialize_tensor,
     get_codec,
@@ -408,6 +410,31 @@ def test_dead_peer_mid_round_does_not_hang_and_partial_round_is_not_applied(make
     finally:
         os.kill(victim.pid, signal.SIGKILL)
         victim.join(5)
+
+
+def test_adaptive_timeouts_follow_measured_throughput():
+    timeouts = AdaptiveTimeouts(initial_throughput=1e6, margin=4, min_allreduce_timeout=1.0, min_chunk_timeout=0.5)
+    limits = timeouts.for_round(group_size=4, vector_bytes=40e6, part_bytes=2**19)
+    assert limits.allreduce == pytest.approx(4 * 1.5 * 40e6 / 1e6) and limits.reducer == 2 * limits.sender
+    timeouts.record_success(bytes_sent=60_000_000, seconds=1.5)  # 40 MB/s measured
+    assert timeouts.throughput == pytest.approx(40e6)
+    assert timeouts.for_round(4, 40e6, 2**19).allreduce == pytest.approx(6.0)
+    timeouts.record_timeout()
+    assert timeouts.for_round(4, 40e6, 2**19).allreduce == pytest.approx(12.0)
+    assert timeouts.for_round(4, 1e3, 2**19).allreduce == 1.0  # floors apply to tiny vectors
+
+
+@pytest.mark.timeout(120)
+def test_round_that_runs_out_of_time_is_not_applied(make_averagers):
+    sets = _random_sets(4, seed=18, shapes=((200_000,),))
+    # an absurd throughput prior makes the derived limit ~0: every peer's all-reduce times out mid-way
+    averagers = make_averagers(sets, initial_throughput=1e15, min_allreduce_timeout=0.001)
+    results = _step_all(averagers, allow_retries=False)
+    assert all(isinstance(r, RoundTimeoutError) for r in results), results
+    for averager, original in zip(averagers, sets):
+        assert torch.equal(_tensors(averager)[0], original[0])
+        assert averager.last_round.status == "timeout"
+        assert averager.last_round.throughput == pytest.approx(1e15 / 2)
 
 
 @pytest.mark.timeout(120)

@@ -5,7 +5,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from athome.lifecycle import setup_logging
+from athome.lifecycle import guard_against_orphans, setup_logging
 from athome.netflags import add_network_flags
 
 
@@ -105,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
+    guard_against_orphans()
     module_name, function_name = args.handler.split(":")
     import importlib
 

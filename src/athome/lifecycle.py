@@ -34,16 +34,17 @@ def setup_logging(verbose: bool = False) -> None:
 
 
 def shutdown_requested() -> threading.Event:
-    """An event set by the first SIGINT or SIGTERM; a second signal exits at once."""
+    """An event set by the first SIGINT or SIGTERM; a second signal exits at once.
+
+    Forked helpers (hivemind's DHT process, task pools, connection handlers) inherit the handler; in them a
+    signal first passes on SIGTERM to their own children (the DHT process's p2pd), then kills them as by default.
+    """
     event = threading.Event()
     owner_pid = os.getpid()
 
     def handler(signum, frame):
         if os.getpid() != owner_pid:
-            # a forked helper (hivemind's task pools, DHT, handlers) inherited this handler: die as by default
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-            return
+            _die_with_children(signum)
         if event.is_set():
             logger.warning("Second interrupt: exiting now")
             os._exit(130)
@@ -53,6 +54,57 @@ def shutdown_requested() -> threading.Event:
     signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGTERM, handler)
     return event
+
+
+def _children_of(pid: int) -> list[int]:
+    children = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                with open(f"/proc/{entry.name}/stat") as stat:
+                    if int(stat.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        children.append(int(entry.name))
+            except (OSError, ValueError, IndexError):
+                continue
+    return children
+
+
+def _die_with_children(signum: int) -> None:
+    for child in _children_of(os.getpid()):
+        try:
+            os.kill(child, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+
+
+def guard_against_orphans() -> None:
+    """Make every process this one forks die (taking its own children along) if its parent is killed hard.
+
+    hivemind forks a DHT process (which starts p2pd), task pools and connection handlers; after a SIGKILL of the
+    parent they would run on forever. Children ask the kernel for SIGTERM on parent death (PR_SET_PDEATHSIG),
+    and SIGTERM in a forked child goes through :func:`_die_with_children`. Linux only; elsewhere a no-op.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_pdeathsig = 1
+    parent = [os.getpid()]
+
+    def before_fork() -> None:
+        parent[0] = os.getpid()
+
+    def in_child() -> None:
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent[0]:  # the parent died between fork and prctl
+            os._exit(1)
+        if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
+            signal.signal(signal.SIGTERM, lambda signum, frame: _die_with_children(signum))
+
+    os.register_at_fork(before=before_fork, after_in_child=in_child)
 
 
 def emit(line: str) -> None:

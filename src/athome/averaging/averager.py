@@ -1,8 +1,9 @@
 """Robust Moshpit averaging: hivemind's DecentralizedAverager with CenteredClip, fixed codecs and consistent rounds.
 
 :class:`RobustAverager` (parameters, any tensors) and :class:`RobustGradientAverager` (drop-in
-``hivemind.Optimizer(grad_averager_factory=...)``) share :class:`RobustAveragingMixin`, which overrides three
-methods of ``hivemind.DecentralizedAverager`` that run in the averager's background process:
+``hivemind.Optimizer(grad_averager_factory=...)``) share :class:`RobustAveragingMixin`, which overrides two
+methods of ``hivemind.DecentralizedAverager`` that run in the averager's background process (and wraps ``step`` in
+the host process so that a round's report is available when ``step`` returns):
 
 * ``_aggregate_with_group``: sets this round's time limits from measured throughput (:mod:`.timeouts`), keeps the
   type of athome's errors (hivemind rewraps everything as MatchmakingException), and emits a :class:`RoundReport`;
@@ -22,11 +23,13 @@ What a round guarantees (a "round" = one all-reduce in one group):
 3. ``step(...)`` raises :class:`~athome.averaging.allreduce.PartialRoundError` /
    :class:`~athome.averaging.allreduce.RoundTimeoutError` (subclasses of hivemind's AllreduceException) when the
    last attempt was incomplete; with ``allow_retries=True`` (hivemind's default) hivemind first retries with a new
-   group until the step's ``timeout``. Every attempt, successful or not, produces a :class:`RoundReport`.
+   group until the step's ``timeout`` (with ``timeout=None``: until a round succeeds). Every attempt that found a
+   group, successful or not, produces a :class:`RoundReport` (``last_round``, ``round_history()``, ``on_round``).
 4. No NaN/Inf is ever averaged or applied: reducers reject non-finite parts (the sender is treated as failed) and
    receivers reject non-finite results (the reducer is treated as failed, hence a partial round).
 
-Not guaranteed: that all group members end with the same outcome. A sender that failed mid-round is dropped by the
+Not guaranteed: that all group members end with the same outcome or bit-identical values. With a lossy codec each
+member adds the (compressed) delta to its own local copy, so members differ by up to twice the codec's error. A sender that failed mid-round is dropped by the
 reducers and the survivors may complete (each part then averages the senders that delivered it); the failed peer
 itself sees an incomplete round. Peers whose rounds failed keep their old values and catch up in later rounds (or
 via ``load_state_from_peers``).
@@ -162,6 +165,7 @@ class RobustAveragingMixin:
     :param clip_tau: CenteredClip radius, as a multiple of the median distance to the estimate (see reducer.py)
     :param clip_iterations: CenteredClip iterations per part
     :param max_weight_ratio: CenteredClip caps claimed weights at this multiple of the median weight
+    :param heavy_clip_scale: a sender's part counts as "clipped" in the evidence if its final clip scale is lower
     :param compression: "none" | "fp16" | "uint8" or a hivemind CompressionBase
     :param on_round: called with every :class:`RoundReport`, in a background thread of this process
     :param initial_throughput: bytes/s assumed before the first measured round (keep it low)

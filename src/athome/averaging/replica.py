@@ -144,9 +144,10 @@ class ExpertReplicaAverager:
     def average_once(self, timeout: Optional[float] = None) -> bool:
         """Run one round now (blocking the calling thread, not the caller's lock). True if it was applied."""
         # take the averager's lock first: the caller's lock is then held for the memcpy only
-        with self.averager.get_tensors() as buffers, self._holding_lock():
-            for buffer, tensor in zip(buffers, (*self.parameters, *self.extra_tensors)):
-                buffer.copy_(tensor, non_blocking=False)
+        with self.averager.get_tensors() as buffers:
+            with self._holding_lock():
+                for buffer, tensor in zip(buffers, (*self.parameters, *self.extra_tensors)):
+                    buffer.copy_(tensor)
             snapshot = [buffer.clone() for buffer in buffers[: len(self.parameters)]]
         try:
             self.averager.step(timeout=timeout if timeout is not None else self.round_timeout)

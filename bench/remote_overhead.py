@@ -1,0 +1,273 @@
+"""Remote-expert overhead: trainer throughput through remote experts on loopback vs the same MoE in-process.
+
+What is measured, per variant, as samples/s where one sample = one token through one MoE layer:
+one training step of an ``MoELayer(d_model=128, 4 experts, k=2)`` whose experts are the run's ``Expert``
+(``Linear(128, 256) -> GELU -> Linear(256, 128)``) on a batch of 128 tokens: gate + top-2 routing, experts
+forward, MSE loss (+ 0.01 x load-balancing loss), backward through gate and experts, AdamW on the gate
+(trainer side) and AdamW + grad clipping on every expert that got tokens (as ``ExpertBackend`` does on a host).
+
+- ``local``: ``MoELayer`` + ``LocalDispatcher`` with the same experts, AdamW on them each step, one process.
+- ``athome``: a real swarm in subprocesses, started as a volunteer would (``peer coordinator --config`` and
+  ``peer join --experts ffn.0.[0:4]``), and the trainer-side ``RemoteDispatcher`` in this process.
+- ``athome (hivemind protocol)``: the same dispatcher forced onto hivemind's stock ``rpc_forward`` /
+  ``rpc_backward`` handlers (ConnectionHandler process -> TaskPool -> Runtime), i.e. what athome did before its
+  direct serving path.
+- ``hivemind RemoteMixtureOfExperts``: stock hivemind's client MoE on the same host (declared hivemind-style,
+  k_best=2), fewer steps because it is slow.
+
+Host and trainer share this machine's cores, like the numbers in the hivemind notes. Variants are timed in
+interleaved rounds (median per variant) so that background load hits all of them alike.
+
+    python bench/remote_overhead.py [--steps 40 --rounds 3 --hivemind_steps 3 --batch 128]
+
+The last line is ``remote/local throughput: X.XX`` (athome's default path over local).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from functools import partial
+from pathlib import Path
+from typing import Callable, Dict, List
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from athome.config import ModelConfig, OptimizerConfig  # noqa: E402
+from athome.model.expert import build_expert  # noqa: E402
+from athome.model.moe import LocalDispatcher, MoELayer  # noqa: E402
+
+logger = logging.getLogger("bench.remote_overhead")
+RUN_NAME = "bench"
+
+
+def write_config(path: Path, model: ModelConfig) -> None:
+    path.write_text(
+        f'name = "{RUN_NAME}"\nexpert_ttl = 60\n[model]\nn_layers = 1\nexperts_per_layer = {model.experts_per_layer}\n'
+        f"d_model = {model.d_model}\nexpert_hidden = {model.expert_hidden}\ntop_k = {model.top_k}\n"
+        f"n_heads = {model.n_heads}\n"
+    )
+
+
+class Swarm:
+    """A coordinator and one expert host as ``peer`` subprocesses, each in its own session (killed as a group)."""
+
+    def __init__(self, workdir: Path, model: ModelConfig, host_args: List[str] = ()):
+        from athome.demo import Child
+
+        self.workdir = workdir
+        config = workdir / "run.toml"
+        write_config(config, model)
+        loopback = ["--host_maddrs", "/ip4/127.0.0.1/tcp/0"]
+        self.children = []
+        coordinator = Child("coordinator", ["coordinator", "--config", str(config), *loopback, "--http_port", "0",
+                                            "--data_dir", str(workdir / "coord"),
+                                            "--identity_path", str(workdir / "coordinator.key")],
+                            workdir / "coordinator.log")
+        self._start(coordinator)
+        never = threading.Event()
+        self.address = coordinator.wait_for("run address:", 120, never)
+        uids = f"{model.expert_prefix}.0.[0:{model.experts_per_layer}]"
+        host = Child("host", ["join", "--run", self.address, "--experts", uids, *loopback, *host_args,
+                              "--identity_path", str(workdir / "host.key"), "--checkpoint_dir", str(workdir / "ckpt")],
+                     workdir / "host.log")
+        self._start(host)
+        host.wait_for("serving experts:", 120, never)
+        from athome.dht import Identity
+
+        self.host_peer_id = Identity.load_or_create(workdir / "host.key").peer_id
+
+    def _start(self, child) -> None:
+        child.start()
+        self.children.append(child)
+
+    def close(self) -> None:
+        for child in self.children:
+            child.terminate()
+        for child in self.children:
+            try:
+                child.process.wait(10)
+            except Exception:
+                pass
+            child.kill_group()
+
+
+def expert_optimizer(params, opt: OptimizerConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=opt.expert_lr, betas=tuple(opt.betas), eps=1e-8, weight_decay=opt.weight_decay)
+
+
+def make_batches(steps: int, batch: int, d_model: int) -> List[tuple]:
+    gen = torch.Generator().manual_seed(0)
+    return [(torch.randn(batch, d_model, generator=gen), torch.randn(batch, d_model, generator=gen) * 0.1)
+            for _ in range(steps)]
+
+
+def moe_step(layer: MoELayer, optimizers: List[torch.optim.Optimizer], experts_to_clip, x, target, grad_clip) -> None:
+    for optimizer in optimizers:
+        optimizer.zero_grad(set_to_none=True)
+    loss = F.mse_loss(layer(x), target) + 0.01 * layer.aux_loss
+    loss.backward()
+    for expert in experts_to_clip:  # per-expert clipping, as each ExpertBackend does on its host
+        if any(p.grad is not None for p in expert.parameters()):
+            torch.nn.utils.clip_grad_norm_(expert.parameters(), grad_clip)
+    for optimizer in optimizers:
+        optimizer.step()
+
+
+def build_local(model: ModelConfig, opt: OptimizerConfig) -> Callable:
+    experts = [build_expert(model, uid) for uid in model.expert_uids()]
+    torch.manual_seed(1)
+    layer = MoELayer(model.d_model, model.experts_per_layer, model.top_k, LocalDispatcher(experts))
+    optimizers = [expert_optimizer(layer.gate.parameters(), opt)] + [expert_optimizer(e.parameters(), opt) for e in experts]
+    return lambda x, target: moe_step(layer, optimizers, experts, x, target, opt.grad_clip)
+
+
+def build_athome(model: ModelConfig, opt: OptimizerConfig, dht, host_peer_id: str, protocol: str) -> Callable:
+    from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
+
+    from athome.dht.schemas import run_key
+    from athome.trainer.remote import ExpertRegistry, RemoteDispatcher
+
+    registry = ExpertRegistry(dht, run_key(RUN_NAME, "servers"))
+    deadline = time.monotonic() + 60
+    while registry.num_hosts() == 0 and time.monotonic() < deadline:
+        registry.refresh(force=True)
+        time.sleep(0.2)
+    p2p = RemoteExpertWorker.run_coroutine(dht.replicate_p2p())
+    dispatcher = RemoteDispatcher(model.expert_uids(), registry, p2p)
+    if protocol != "auto":
+        dispatcher.force_protocol(protocol)
+    torch.manual_seed(1)
+    layer = MoELayer(model.d_model, model.experts_per_layer, model.top_k, dispatcher)
+    optimizers = [expert_optimizer(layer.gate.parameters(), opt)]
+
+    def step(x, target):
+        moe_step(layer, optimizers, [], x, target, opt.grad_clip)
+        if dispatcher.last_answered_fraction < 1.0:
+            raise RuntimeError(f"only {dispatcher.last_answered_fraction:.0%} of slots answered")
+
+    return step
+
+
+async def _declare_as(dht, node, uids: List[str], peer_id: str, expiration_time: float):
+    """hivemind's ``_declare_experts`` on behalf of another peer (the host declares athome records only)."""
+    from hivemind.moe.expert_uid import UID_DELIMITER, split_uid
+
+    data = {}
+    for uid in uids:
+        data[uid, None] = peer_id
+        prefix = uid
+        for _ in range(prefix.count(UID_DELIMITER) - 1):
+            prefix, coordinate = split_uid(prefix)
+            data[prefix, coordinate] = (uid, peer_id)
+    keys, subkeys, values = zip(*((key, subkey, value) for (key, subkey), value in data.items()))
+    return await node.store_many(keys, values, expiration_time, subkeys=subkeys)
+
+
+def build_hivemind(model: ModelConfig, opt: OptimizerConfig, dht, host_peer_id: str) -> Callable:
+    from hivemind.moe.client.moe import RemoteMixtureOfExperts
+    from hivemind.utils import get_dht_time
+
+    uids = model.expert_uids()
+    dht.run_coroutine(partial(_declare_as, uids=uids, peer_id=host_peer_id, expiration_time=get_dht_time() + 600))
+    moe = RemoteMixtureOfExperts(
+        in_features=model.d_model, grid_size=(1, model.experts_per_layer), dht=dht, uid_prefix=f"{model.expert_prefix}.",
+        k_best=model.top_k, forward_timeout=30, backward_timeout=30,
+    )
+    optimizer = expert_optimizer(moe.parameters(), opt)
+
+    def step(x, target):
+        optimizer.zero_grad(set_to_none=True)
+        F.mse_loss(moe(x), target).backward()
+        optimizer.step()
+
+    return step
+
+
+def time_steps(step: Callable, batches: List[tuple]) -> float:
+    """Samples/s of ``step`` over ``batches`` (after one untimed warm-up step)."""
+    step(*batches[0])
+    started = time.perf_counter()
+    for x, target in batches[1:]:
+        step(x, target)
+    elapsed = time.perf_counter() - started
+    return (len(batches) - 1) * batches[0][0].shape[0] / elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=40, help="timed steps per variant and round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--hivemind_steps", type=int, default=3, help="steps of stock RemoteMixtureOfExperts (0: skip)")
+    parser.add_argument("--batch", type=int, default=128, help="tokens per step")
+    parser.add_argument("--experts", type=int, default=4)
+    parser.add_argument("--k", type=int, default=2)
+    parser.add_argument("--d_model", type=int, default=128)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--protocols", default="auto,hivemind", help="athome dispatcher protocols to time")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    model = ModelConfig(n_layers=1, experts_per_layer=args.experts, top_k=args.k, d_model=args.d_model,
+                        expert_hidden=args.hidden)
+    opt = OptimizerConfig()
+    batches = make_batches(args.steps + 1, args.batch, args.d_model)
+
+    workdir = Path(tempfile.mkdtemp(prefix="athome-bench-"))
+    swarm = None
+    dht = None
+    previous_sigterm = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        started = time.monotonic()
+        swarm = Swarm(workdir, model)
+        from athome.dht import Identity, fetch_run_config, protect_run_keys, start_dht
+
+        identity = Identity.load_or_create(workdir / "trainer.key")
+        dht = start_dht(identity, initial_peers=[swarm.address], host_maddrs=["/ip4/127.0.0.1/tcp/0"],
+                        client_mode=True)
+        config = fetch_run_config(dht, swarm.address.rsplit("/p2p/", 1)[1])
+        protect_run_keys(dht, identity, config.name)
+        print(f"swarm up in {time.monotonic() - started:.1f}s (coordinator + 1 host with {args.experts} experts)",
+              flush=True)
+
+        variants: Dict[str, Callable] = {"local (in-process MoELayer)": build_local(model, opt)}
+        for protocol in [p for p in args.protocols.split(",") if p]:
+            label = "athome RemoteDispatcher" + ("" if protocol == "auto" else f" ({protocol} protocol)")
+            variants[label] = build_athome(model, opt, dht, swarm.host_peer_id, protocol)
+        rates: Dict[str, List[float]] = {label: [] for label in variants}
+        for round_index in range(args.rounds):
+            for label, step in variants.items():
+                rates[label].append(time_steps(step, batches))
+        if args.hivemind_steps:
+            hivemind_step = build_hivemind(model, opt, dht, swarm.host_peer_id)
+            label = "hivemind RemoteMixtureOfExperts"
+            rates[label] = [time_steps(hivemind_step, batches[: args.hivemind_steps + 1])]
+
+        local = statistics.median(rates["local (in-process MoELayer)"])
+        print(f"\n{args.experts} experts, k={args.k}, batch {args.batch} tokens, d_model {args.d_model}, "
+              f"hidden {args.hidden}; forward+backward+AdamW; median of {args.rounds} rounds x {args.steps} steps")
+        print(f"{'variant':44s} {'samples/s':>10s} {'ms/step':>8s} {'/local':>7s}")
+        for label, values in rates.items():
+            rate = statistics.median(values)
+            print(f"{label:44s} {rate:10.0f} {1000 * args.batch / rate:8.1f} {rate / local:7.3f}")
+        remote = statistics.median(rates["athome RemoteDispatcher"]) if "athome RemoteDispatcher" in rates else 0.0
+        print(f"remote/local throughput: {remote / local:.2f}")
+    finally:
+        signal.signal(signal.SIGTERM, previous_sigterm)
+        if dht is not None:
+            dht.shutdown()
+        if swarm is not None:
+            swarm.close()
+
+
+if __name__ == "__main__":
+    main()
