@@ -213,10 +213,16 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=2)
     parser.add_argument("--d_model", type=int, default=128)
     parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads of this process and of the host (0: torch's default); "
+                             "1 keeps a shared 2-core box from oversubscribing")
     parser.add_argument("--protocols", default="auto,hivemind", help="athome dispatcher protocols to time")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # inherited by the host and coordinator processes
     model = ModelConfig(n_layers=1, experts_per_layer=args.experts, top_k=args.k, d_model=args.d_model,
                         expert_hidden=args.hidden)
     opt = OptimizerConfig()

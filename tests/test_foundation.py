@@ -200,3 +200,15 @@ def test_coordinator_stops_cleanly_on_sigint(coordinator):
     while session_alive(child.process.pid) and time.time() < deadline:
         time.sleep(0.2)
     assert session_alive(child.process.pid) == []
+
+
+def test_hard_kill_of_a_peer_leaves_no_orphans(coordinator):
+    """hivemind leaves its DHT fork and p2pd running when the parent is SIGKILLed; athome's must not."""
+    child, address = coordinator
+    assert len(session_alive(child.process.pid)) >= 3
+    child.process.kill()
+    child.process.wait(10)
+    deadline = time.time() + 15
+    while session_alive(child.process.pid) and time.time() < deadline:
+        time.sleep(0.2)
+    assert session_alive(child.process.pid) == []

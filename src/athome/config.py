@@ -90,6 +90,9 @@ class DataConfig(_Strict):
     hf_text_field: str = "text"
     max_bytes: int = Field(16_000_000, ge=1024)
     validation_fraction: float = Field(0.02, ge=0, lt=0.5)
+    corpus_fingerprint: str = Field(
+        "", pattern=r"^[0-9a-f]*$", description="blake2b of the corpus bytes; filled in by the coordinator"
+    )
 
     @model_validator(mode="after")
     def _check_source(self) -> "DataConfig":

@@ -16,9 +16,23 @@ from athome.dht import Identity, publish_run_config, start_dht, store_record
 from athome.dht.schemas import PeerRecord, run_key
 from athome.lifecycle import PeriodicThread, die, emit, shutdown_requested
 from athome.netflags import dht_kwargs, pick_public_maddr
+from athome.trainer.data import load_corpus
 
 logger = logging.getLogger(__name__)
 DEFAULT_PORT = 31337
+
+
+def pin_corpus(config: RunConfig) -> RunConfig:
+    """Record the corpus fingerprint in the config, so every peer can check it reads the very same bytes.
+
+    Batches are rebuilt from seeds by validators; that only works if everyone's corpus is identical (the
+    default corpus is this Python's standard library, which differs between Python versions).
+    """
+    if config.data.corpus_fingerprint:
+        return config
+    fingerprint = load_corpus(config.data).fingerprint
+    logger.info(f"Corpus fingerprint {fingerprint[:12]} pinned in the run config")
+    return config.model_copy(update=dict(data=config.data.model_copy(update=dict(corpus_fingerprint=fingerprint))))
 
 
 def run_coordinator(args: argparse.Namespace) -> None:
@@ -28,6 +42,7 @@ def run_coordinator(args: argparse.Namespace) -> None:
         die(f"{error}\nfix the file, or run without --config to use the defaults")
     if args.config is None:
         logger.info(f"Using the built-in run config '{config.name}' (pass --config run.toml to change it)")
+    config = pin_corpus(config)
     identity = Identity.load_or_create(args.identity_path or Path(args.data_dir) / "coordinator.key")
     stop = shutdown_requested()
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import platform
 import threading
 import time
 from contextlib import nullcontext
@@ -45,6 +46,10 @@ logger = logging.getLogger(__name__)
 MIN_ANSWERED_FRACTION = 0.5  # below this share of (token, expert) slots answered, a step is retried, not applied
 
 
+class CorpusMismatch(RuntimeError):
+    """This peer's training data is not the run's."""
+
+
 class TooFewExperts(RuntimeError):
     """Not enough experts answered for a step to be worth applying."""
 
@@ -77,6 +82,13 @@ class Trainer:
         ]
         self.model = MoETransformerLM(model_config, lambda layer: self.dispatchers[layer]).to(self.device)
         self.corpus = load_corpus(config.data)
+        pinned = config.data.corpus_fingerprint
+        if pinned and self.corpus.fingerprint != pinned:
+            raise CorpusMismatch(
+                f"this machine's corpus (fingerprint {self.corpus.fingerprint[:12]}) differs from the run's "
+                f"({pinned[:12]}): batches would not be reproducible by validators. With the default 'stdlib' "
+                f"corpus, use the same Python version as the coordinator (this is {platform.python_version()})"
+            )
         logger.info(f"Corpus: {len(self.corpus)} bytes from '{config.data.source}' (fingerprint {self.corpus.fingerprint[:12]})")
 
         opt = config.optimizer
@@ -241,7 +253,7 @@ def run_train(args: argparse.Namespace) -> None:
         protect_run_keys(dht, identity, config.name)
         trainer = Trainer(dht, identity, config, args)
         trainer.run(stop)
-    except RunConfigError as error:
+    except (RunConfigError, CorpusMismatch) as error:
         die(str(error))
     finally:
         dht.shutdown()
