@@ -117,7 +117,13 @@ def _worker(rank, n, size, reps, port, tag, variants, maddr_queue, barrier, resu
             barrier.wait()
             started = time.perf_counter()
             control.allow_allreduce()
-            control.result(timeout=300)
+            try:
+                control.result(timeout=300)
+            except Exception as e:  # a failed round is reported, and the other peers are not left at the barrier
+                if rep >= 0:
+                    results.put(("fail", label, rank, repr(e)[:200]))
+                barrier.wait()
+                continue
             elapsed = time.perf_counter() - started
             if kind == "athome":
                 deadline = time.monotonic() + 5
@@ -151,6 +157,7 @@ def run_group(n: int, size: int, reps: int, variants=VARIANTS) -> list[Measureme
 
     gloo = None
     per_variant: dict[str, list[tuple[int, float, float]]] = {}
+    failures: dict[str, list[str]] = {}
     expected = len(variants) * reps * n
     received = 0
     deadline = time.monotonic() + 600
@@ -163,6 +170,10 @@ def run_group(n: int, size: int, reps: int, variants=VARIANTS) -> list[Measureme
             continue
         if item[0] == "gloo":
             gloo = Measurement("gloo", item[1], item[2], item[3])
+        elif item[0] == "fail":
+            _, label, rank, error = item
+            failures.setdefault(label, []).append(error)
+            received += 1
         else:
             _, label, rank, elapsed, ratio = item
             per_variant.setdefault(label, []).append((rank, elapsed, ratio))
@@ -172,6 +183,8 @@ def run_group(n: int, size: int, reps: int, variants=VARIANTS) -> list[Measureme
         if worker.is_alive():
             worker.kill()
 
+    for label, errors in failures.items():
+        print(f"# N={n} {label}: {len(errors)} failed peer-round(s), e.g. {errors[0]}")
     measurements = [gloo] if gloo is not None else []
     vector_mib = size * 4 / 2**20
     for label, *_ in variants:

@@ -131,7 +131,8 @@ def build_local(model: ModelConfig, opt: OptimizerConfig) -> Callable:
     return lambda x, target: moe_step(layer, optimizers, experts, x, target, opt.grad_clip)
 
 
-def build_athome(model: ModelConfig, opt: OptimizerConfig, dht, host_peer_id: str, protocol: str) -> Callable:
+def build_athome(model: ModelConfig, opt: OptimizerConfig, dht, variant: str) -> Callable:
+    """``variant``: ``auto`` (athome's default), ``hivemind`` (forced onto hivemind's handlers) or ``fp16`` (fp16 wire)."""
     from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
 
     from athome.dht.schemas import run_key
@@ -143,9 +144,12 @@ def build_athome(model: ModelConfig, opt: OptimizerConfig, dht, host_peer_id: st
         registry.refresh(force=True)
         time.sleep(0.2)
     p2p = RemoteExpertWorker.run_coroutine(dht.replicate_p2p())
-    dispatcher = RemoteDispatcher(model.expert_uids(), registry, p2p)
-    if protocol != "auto":
-        dispatcher.force_protocol(protocol)
+    from hivemind.proto import runtime_pb2
+
+    compression = runtime_pb2.CompressionType.FLOAT16 if variant == "fp16" else runtime_pb2.CompressionType.NONE
+    dispatcher = RemoteDispatcher(model.expert_uids(), registry, p2p, wire_compression=compression)
+    if variant == "hivemind":
+        dispatcher.force_protocol("hivemind")
     torch.manual_seed(1)
     layer = MoELayer(model.d_model, model.experts_per_layer, model.top_k, dispatcher)
     optimizers = [expert_optimizer(layer.gate.parameters(), opt)]
@@ -216,7 +220,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads of this process and of the host (0: torch's default); "
                              "1 keeps a shared 2-core box from oversubscribing")
-    parser.add_argument("--protocols", default="auto,hivemind", help="athome dispatcher protocols to time")
+    parser.add_argument("--variants", default="auto,hivemind",
+                        help="athome dispatcher variants to time: auto (default path), hivemind (hivemind's "
+                             "handlers), fp16 (fp16 activations on the wire)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -246,9 +252,9 @@ def main() -> None:
               flush=True)
 
         variants: Dict[str, Callable] = {"local (in-process MoELayer)": build_local(model, opt)}
-        for protocol in [p for p in args.protocols.split(",") if p]:
-            label = "athome RemoteDispatcher" + ("" if protocol == "auto" else f" ({protocol} protocol)")
-            variants[label] = build_athome(model, opt, dht, swarm.host_peer_id, protocol)
+        names = {"auto": "", "hivemind": " (hivemind protocol)", "fp16": " (fp16 wire)"}
+        for variant in [v for v in args.variants.split(",") if v]:
+            variants["athome RemoteDispatcher" + names[variant]] = build_athome(model, opt, dht, variant)
         rates: Dict[str, List[float]] = {label: [] for label in variants}
         for round_index in range(args.rounds):
             for label, step in variants.items():
@@ -261,10 +267,11 @@ def main() -> None:
         local = statistics.median(rates["local (in-process MoELayer)"])
         print(f"\n{args.experts} experts, k={args.k}, batch {args.batch} tokens, d_model {args.d_model}, "
               f"hidden {args.hidden}; forward+backward+AdamW; median of {args.rounds} rounds x {args.steps} steps")
-        print(f"{'variant':44s} {'samples/s':>10s} {'ms/step':>8s} {'/local':>7s}")
+        print(f"{'variant':44s} {'samples/s':>10s} {'ms/step':>8s} {'/local':>7s}  {'range':s}")
         for label, values in rates.items():
             rate = statistics.median(values)
-            print(f"{label:44s} {rate:10.0f} {1000 * args.batch / rate:8.1f} {rate / local:7.3f}")
+            spread = f"{min(values):.0f}-{max(values):.0f}" if len(values) > 1 else ""
+            print(f"{label:44s} {rate:10.0f} {1000 * args.batch / rate:8.1f} {rate / local:7.3f}  {spread}")
         remote = statistics.median(rates["athome RemoteDispatcher"]) if "athome RemoteDispatcher" in rates else 0.0
         print(f"remote/local throughput: {remote / local:.2f}")
     finally:

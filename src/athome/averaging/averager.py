@@ -171,7 +171,9 @@ class RobustAveragingMixin:
     :param initial_throughput: bytes/s assumed before the first measured round (keep it low)
     :param timeout_margin: limits are this many times the expected duration
     :param min_allreduce_timeout: floor of the all-reduce time limit, seconds
-    :param min_chunk_timeout: floor of the per-part (sender) timeout, seconds; default: ``next_chunk_timeout`` or 5
+    :param min_chunk_timeout: floor of the per-part (sender) timeout, seconds; default: ``next_chunk_timeout`` or 10
+      (5 s gave false failures with 8 peers of 10M floats on a loaded 2-core box: one part can stall that long)
+    :param torch_threads: torch intra-op threads inside the averager process (None: leave torch's default)
     :param kwargs: everything hivemind's averager accepts (``dht``, ``prefix``, ``target_group_size``,
       ``initial_group_bits``, ``min_matchmaking_time``, ``request_timeout``, ...). A given ``allreduce_timeout`` is
       kept as hivemind's outer limit; sender/reducer timeouts are always derived per round.
@@ -190,16 +192,17 @@ class RobustAveragingMixin:
         on_round: Optional[Callable[[RoundReport], Any]] = None,
         initial_throughput: float = 5e6,
         timeout_margin: float = 4.0,
-        min_allreduce_timeout: float = 30.0,
+        min_allreduce_timeout: float = 60.0,
         min_chunk_timeout: Optional[float] = None,
         report_history: int = 64,
+        torch_threads: Optional[int] = 1,
         **kwargs,
     ):
         self.reducer_settings = ReducerSettings(reducer, clip_tau, clip_iterations, max_weight_ratio, heavy_clip_scale)
         codec = get_codec(compression)
         _check_state_compression(kwargs.get("state_compression"))
         if min_chunk_timeout is None:
-            min_chunk_timeout = kwargs.get("next_chunk_timeout") or 5.0
+            min_chunk_timeout = kwargs.get("next_chunk_timeout") or 10.0
         self._adaptive_timeouts = AdaptiveTimeouts(
             initial_throughput=initial_throughput,
             margin=timeout_margin,
@@ -208,6 +211,7 @@ class RobustAveragingMixin:
         )
         self._round_log = RoundLog(report_history, on_round)
         self._report_reader, self._report_writer = mp.Pipe(duplex=False)
+        self._torch_threads = torch_threads
         self._current_report: Optional[RoundReport] = None
         self._current_timeouts: Optional[RoundTimeouts] = None
 
@@ -277,6 +281,14 @@ class RobustAveragingMixin:
         self._round_log.callback = callback
 
     # ---- averager-process side --------------------------------------------------------------------------------
+
+    def _run_internal(self):
+        if self._torch_threads is not None:
+            # the averager's tensor ops are on 128K-element parts; multi-threaded kernels on them cost more than they
+            # save when the cores are busy serving/training (measured 5x slower sums on a loaded 2-core box), and
+            # the averager already runs (de)serialization in parallel executor threads
+            torch.set_num_threads(self._torch_threads)
+        super()._run_internal()
 
     async def _aggregate_with_group(self, group_info: GroupInfo, min_vector_size: int, **kwargs):
         """hivemind's ``_aggregate_with_group`` (1.1.12) with per-round time limits, typed errors and a report."""

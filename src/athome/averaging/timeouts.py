@@ -34,8 +34,8 @@ class AdaptiveTimeouts:
         *,
         initial_throughput: float = 5e6,
         margin: float = 4.0,
-        min_allreduce_timeout: float = 30.0,
-        min_chunk_timeout: float = 5.0,
+        min_allreduce_timeout: float = 60.0,
+        min_chunk_timeout: float = 10.0,
         smoothing: float = 0.3,
     ):
         assert initial_throughput > 0 and margin >= 1 and 0 < smoothing <= 1

@@ -8,7 +8,7 @@ writer, so one peer's record never collides with another's.
 from __future__ import annotations
 
 import math
-from typing import Annotated
+from typing import Annotated, Optional
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
@@ -88,6 +88,9 @@ def run_record_keys(run_name: str) -> dict[str, type[Record]]:
         f"{prefix}.servers": ServerRecord,
         f"{prefix}.metrics": MetricsRecord,
         f"{prefix}.peers": PeerRecord,
+        f"{prefix}.commitments": CommitmentRecord,
+        f"{prefix}.accusations": AccusationRecord,
+        f"{prefix}.bans": BanRecord,
     }
 
 
@@ -96,3 +99,77 @@ def run_key(run_name: str, kind: str) -> str:
     if key not in run_record_keys(run_name):
         raise KeyError(f"unknown record kind {kind!r}")
     return key
+
+
+# ------------------------------------------------------------------------------------------------- verification
+# Records of athome.verification: trainers' commitments, validators' accusations, the coordinator's bans.
+HexDigest = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]  # SHA-256
+Fingerprint = Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]  # a corpus fingerprint (blake2b-128)
+PeerIdText = Annotated[str, Field(pattern=r"^[1-9A-HJ-NP-Za-km-z]{40,60}$")]
+MAX_COMMITMENTS = 64
+MAX_ACCUSATIONS = 16
+MAX_BANS = 128
+
+
+class StepCommitment(Record):
+    """One trainer step, committed before its contribution is aggregated (hashes from ``athome.verification``)."""
+
+    step: int = Field(ge=0)
+    seed: int = Field(ge=0, lt=2**63)
+    epoch: int = Field(ge=0, description="the optimizer epoch whose parameters the step ran on")
+    loss: Finite = Field(ge=0, description="cross-entropy the trainer computed, nats/byte")
+    samples: int = Field(ge=1, le=65536)
+    params_hash: HexDigest
+    grad_hash: HexDigest
+    io_hash: HexDigest
+    committed_at: Finite
+
+
+class CommitmentRecord(Record):
+    """A trainer's rolling window of its latest step commitments (one record per trainer, replaced every step)."""
+
+    session: int = Field(ge=0, lt=2**63, description="random per trainer start: step numbers restart with it")
+    precision: str = Field(pattern=r"^(fp32|bf16|fp16)$")
+    device: str = Field("cpu", max_length=32)
+    corpus: Fingerprint
+    entries: list[StepCommitment] = Field(max_length=MAX_COMMITMENTS)
+
+
+class Accusation(Record):
+    """A validator's claim that ``accused`` cheated, with the evidence needed to re-verify it.
+
+    Step accusations name the step and carry the accused's own signed commitment; expert accusations name the
+    expert ``uid`` and carry the ``probe`` inputs (fp32 rows) on which the accused answered wrongly.
+    """
+
+    accused: PeerIdText
+    kind: str = Field(pattern=r"^[a-z_]{1,32}$")
+    step: int = Field(-1, ge=-1)
+    session: int = Field(0, ge=0, lt=2**63)
+    commitment: Optional[StepCommitment] = None
+    figures: dict[Annotated[str, Field(max_length=32)], Finite] = Field(default_factory=dict, max_length=16)
+    detail: str = Field("", max_length=256)
+    uid: str = Field("", max_length=64)
+    probe: bytes = Field(b"", max_length=2048, description="fp32 rows, e.g. 4 rows of d_model=128")
+    at: Finite
+
+
+class AccusationRecord(Record):
+    """A validator's latest accusations (rolling)."""
+
+    accusations: list[Accusation] = Field(max_length=MAX_ACCUSATIONS)
+
+
+class BanEntry(Record):
+    peer: PeerIdText
+    kind: str = Field(pattern=r"^[a-z_]{1,32}$")
+    reason: str = Field("", max_length=160)
+    step: int = Field(-1, ge=-1)
+    accuser: str = Field("", max_length=64)
+    at: Finite
+
+
+class BanRecord(Record):
+    """The run's bans. Only the record the *coordinator* signed counts (its subkey names the run's peer ID)."""
+
+    bans: list[BanEntry] = Field(max_length=MAX_BANS)

@@ -7,13 +7,19 @@ them. What differs from ``hivemind.moe.Server``:
   refreshed periodically and withdrawn on a clean leave, instead of hivemind's unsigned one-peer-per-uid keys;
 - every request is checked (uid, tensor count, shape, dtype, batch size, NaN/Inf) before it reaches the Runtime,
   so bad input gets a clear error back and never touches the expert's state;
-- a small servicer in the host process lets a new replica download an expert's current parameters.
+- a small servicer in the host process lets a new replica download an expert's current parameters;
+- athome trainers use a direct path (:class:`DirectExpertServicer`): one request per host carrying every expert
+  of the layer that the host serves, computed in the host process. hivemind's path goes handler process ->
+  TaskPool process (mp.Queue, tensors moved to shared memory) -> Runtime thread and back, four process hops per
+  request; the direct path has none. hivemind's handlers stay registered, so both kinds of client work.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
-from typing import AsyncIterator, Callable, Dict, Optional, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import AsyncIterator, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
@@ -80,10 +86,7 @@ class ValidatingConnectionHandler(ConnectionHandler):
         return ConnectionHandler._get_handle_name(namespace, method_name)
 
     def _backend(self, uid: str) -> ModuleBackend:
-        backend = self.module_backends.get(uid)
-        if backend is None:
-            raise BadRequest(f"this host does not serve expert {uid!r}; it serves {sorted(self.module_backends)}")
-        return backend
+        return _backend_of(self.module_backends, uid)
 
     async def rpc_info(self, request: runtime_pb2.ExpertUID, context: P2PContext) -> runtime_pb2.ExpertInfo:
         self._backend(request.uid)
@@ -133,6 +136,95 @@ class ValidatingConnectionHandler(ConnectionHandler):
         for tensor in outputs:
             for part in split_for_streaming(tensor, DEFAULT_MAX_MSG_SIZE):
                 yield runtime_pb2.ExpertResponse(tensors=[part])
+
+
+def locked(fn: Callable, lock: threading.Lock) -> Callable:
+    def call(*args):
+        with lock:
+            return fn(*args)
+
+    return call
+
+
+def guard_backends(backends: Dict[str, ModuleBackend]) -> Dict[str, threading.Lock]:
+    """One lock per expert, held by every forward/backward whichever path (Runtime or direct) runs it.
+
+    ``ExpertBackend.backward`` updates weights in place; without the lock a forward on the other path could read
+    half-updated weights. The Runtime calls ``pool.process_func``, so that is wrapped (in this process, before the
+    pools are started; the forked pool processes never call it).
+    """
+    locks = {}
+    for uid, backend in backends.items():
+        lock = locks[uid] = threading.Lock()
+        for pool in backend.get_pools():
+            pool.process_func = locked(pool.process_func, lock)
+    return locks
+
+
+class DirectExpertServicer(ServicerBase):
+    """athome's expert protocol: several experts per request, computed in the host process.
+
+    ``rpc_forward`` / ``rpc_backward`` take an ``ExpertRequest`` whose ``metadata`` is msgpack
+    ``{"uids": [uid, ...], "counts": [tensors of each uid, ...], "compression": CompressionType or absent}`` and whose
+    ``tensors`` are each uid's tensors in turn (hivemind's flat forward / backward schema per expert). The
+    ``ExpertResponse`` has ``metadata`` msgpack ``{"counts": [...], "errors": [None or message, ...]}`` and the
+    tensors of the experts that succeeded, in order, serialized with the requested compression (default none).
+    One expert's bad input fails that expert alone. Requests are computed one at a time, on one thread, so the
+    event loop stays free to read the next request meanwhile.
+    """
+
+    def __init__(self, backends: Dict[str, ModuleBackend], locks: Dict[str, threading.Lock], max_batch_size: int):
+        self.backends, self.locks, self.max_batch_size = backends, locks, max_batch_size
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="athome-direct")
+
+    async def rpc_forward(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._serve, request, True)
+
+    async def rpc_backward(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._serve, request, False)
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def _serve(self, request: runtime_pb2.ExpertRequest, forward: bool) -> runtime_pb2.ExpertResponse:
+        meta = MSGPackSerializer.loads(request.metadata) if request.metadata else {}
+        uids: List[str] = list(meta.get("uids", [request.uid]))
+        counts: List[int] = list(meta.get("counts", [len(request.tensors)]))
+        compression = meta.get("compression", runtime_pb2.CompressionType.NONE)
+        if len(uids) != len(counts) or sum(counts) != len(request.tensors):
+            raise BadRequest(f"request lists {sum(counts)} tensors for {len(uids)} experts, carries {len(request.tensors)}")
+        out_tensors, out_counts, errors = [], [], []
+        start = 0
+        for uid, count in zip(uids, counts):
+            serialized, start = request.tensors[start : start + count], start + count
+            try:
+                outputs = self._compute(uid, [deserialize_torch_tensor(t) for t in serialized], forward)
+                out_tensors += [serialize_torch_tensor(t, compression, allow_inplace=True) for t in outputs]
+                out_counts.append(len(outputs))
+                errors.append(None)
+            except Exception as error:
+                if not isinstance(error, BadRequest):
+                    logger.warning(f"{uid}: {'forward' if forward else 'backward'} failed: {error!r}")
+                out_counts.append(0)
+                errors.append(f"{type(error).__name__}: {error}")
+        return runtime_pb2.ExpertResponse(
+            tensors=out_tensors, metadata=MSGPackSerializer.dumps(dict(counts=out_counts, errors=errors))
+        )
+
+    def _compute(self, uid: str, tensors: List[torch.Tensor], forward: bool) -> Sequence[torch.Tensor]:
+        backend = _backend_of(self.backends, uid)
+        schema = backend.forward_schema if forward else backend.backward_schema
+        check_tensors(uid, tensors, list(nested_flatten(schema)), self.max_batch_size, "forward" if forward else "backward")
+        with self.locks[uid]:
+            outputs = backend.forward(*tensors) if forward else backend.backward(*tensors)
+        return [t.detach().cpu() for t in outputs]
+
+
+def _backend_of(backends: Dict[str, ModuleBackend], uid: str) -> ModuleBackend:
+    backend = backends.get(uid)
+    if backend is None:
+        raise BadRequest(f"this host does not serve expert {uid!r}; it serves {sorted(backends)}")
+    return backend
 
 
 class ExpertStateServicer(ServicerBase):
@@ -224,7 +316,7 @@ class Declarer(threading.Thread):
 
 
 class ExpertServer(Server):
-    """hivemind's Server with athome's declarer, validating handlers and state servicer."""
+    """hivemind's Server with athome's declarer, validating handlers, state servicer and direct expert path."""
 
     def __init__(
         self,
@@ -243,11 +335,17 @@ class ExpertServer(Server):
         ]
         self.dht_handler_thread = declarer
         self.state_servicer = ExpertStateServicer(get_state)
+        self.direct_servicer = DirectExpertServicer(backends, guard_backends(backends), max_batch_size)
 
     def run(self) -> None:
-        async def add_state_handlers():
+        async def add_host_handlers():
             p2p = await self.dht.replicate_p2p()
             await self.state_servicer.add_p2p_handlers(p2p)
+            await self.direct_servicer.add_p2p_handlers(p2p)
 
-        RemoteExpertWorker.run_coroutine(add_state_handlers())
+        RemoteExpertWorker.run_coroutine(add_host_handlers())
         super().run()
+
+    def shutdown(self) -> None:
+        self.direct_servicer.shutdown()
+        super().shutdown()

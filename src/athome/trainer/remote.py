@@ -1,9 +1,9 @@
 """Routing tokens to remote experts: the replica-aware registry and the grouped network dispatcher.
 
 hivemind's ``RemoteMixtureOfExperts`` sends one RPC per (sample, expert), so its throughput stays flat as the
-batch grows. Here each layer's forward sends **one request per chosen expert** carrying all of that expert's
-tokens, all experts of the layer concurrently; backward does the same. Requests use hivemind's expert protocol
-(``expert_forward`` / ``expert_backward``), so any hivemind-compatible host can serve.
+batch grows. Here each layer's forward sends **one request per host** carrying all tokens of every chosen expert
+on that host, all hosts concurrently; backward does the same. athome hosts answer it in their own process
+(``DirectExpertServicer``); a plain hivemind host gets hivemind's per-expert ``rpc_forward`` / ``rpc_backward``.
 
 A replica that fails or times out is skipped for the step (its slots come back unanswered and the gate
 renormalises over the rest) and cooled down for a while; the registry re-reads declarations periodically.
@@ -19,17 +19,24 @@ from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
-from hivemind.compression import serialize_torch_tensor
+from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
 from hivemind.dht import DHT
-from hivemind.moe.client.expert import expert_backward, expert_forward, get_server_stub
+from hivemind.moe.client.expert import expert_backward, expert_forward
 from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
+from hivemind.moe.server.connection_handler import ConnectionHandler
 from hivemind.p2p import P2P, PeerID
+from hivemind.p2p.p2p_daemon_bindings.control import MAX_UNARY_PAYLOAD_SIZE
+from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
+from hivemind.proto import runtime_pb2
+from hivemind.utils import MSGPackSerializer
 from torch.autograd.function import once_differentiable
 
 from athome.dht import get_records
 from athome.dht.schemas import ServerRecord
+from athome.peer.server import DirectExpertServicer
 
 logger = logging.getLogger(__name__)
+ATHOME, HIVEMIND = "athome", "hivemind"  # expert protocols a host may speak
 
 
 @dataclass
@@ -39,6 +46,7 @@ class ReplicaStats:
     latency: float = 0.05
     failures: int = 0
     cooldown_until: float = 0.0
+    protocol: Optional[str] = None  # ATHOME or HIVEMIND once learned from a call
 
     def record_success(self, seconds: float) -> None:
         self.latency = 0.8 * self.latency + 0.2 * seconds
@@ -119,63 +127,190 @@ class _Call:
     slots: torch.Tensor  # which of the token's k slots it fills
 
 
+class HostUnreachable(RuntimeError):
+    """The host's whole request failed (timeout, connection, daemon error): every expert on it is skipped."""
+
+
 class RemoteDispatcher:
-    """A :class:`~athome.model.moe.Dispatcher` whose experts are remote: one grouped RPC per chosen expert.
+    """A :class:`~athome.model.moe.Dispatcher` whose experts are remote: one RPC per host per layer and pass.
+
+    Each forward (and backward) sends **one request per host** carrying every chosen expert that host serves, with
+    all of each expert's tokens, to every host concurrently, over athome's direct protocol
+    (:class:`~athome.peer.server.DirectExpertServicer`). A host that lacks it (a plain hivemind server) is served
+    with hivemind's protocol instead, one request per expert; which protocol a host speaks is remembered.
 
     :param uids: the layer's expert uids, in gate order
-    :param timeout: seconds a request may take before its replica is skipped for this step
+    :param timeout: seconds a host's request may take before the host is skipped for this step
+    :param wire_compression: hivemind ``CompressionType`` for activations and gradients on the wire, both ways
+      (``FLOAT16`` halves the bytes at a relative error of about 5e-4; on loopback it costs more than it saves)
     """
 
-    def __init__(self, uids: Sequence[str], registry: ExpertRegistry, p2p: P2P, timeout: float = 20.0):
+    def __init__(
+        self,
+        uids: Sequence[str],
+        registry: ExpertRegistry,
+        p2p: P2P,
+        timeout: float = 20.0,
+        wire_compression: int = runtime_pb2.CompressionType.NONE,
+    ):
         self.uids, self.registry, self.p2p, self.timeout = list(uids), registry, p2p, timeout
+        self.wire_compression = wire_compression
         self.last_answered_fraction = 1.0
+        self._forced_protocol: Optional[str] = None
+        self._stubs: Dict[Tuple[str, str], object] = {}
 
     def __call__(self, x: torch.Tensor, expert_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         outputs, answered = _GroupedRemoteCall.apply(x, expert_index, self)
         return outputs, answered
 
+    def force_protocol(self, protocol: Optional[str]) -> None:
+        """Use ``"athome"`` or ``"hivemind"`` for every host (benchmarks, tests); ``None``: per host, as learned."""
+        assert protocol in (None, ATHOME, HIVEMIND)
+        self._forced_protocol = protocol
+
     def plan(self, expert_index: torch.Tensor) -> List[_Call]:
         num_tokens, k = expert_index.shape
         flat = expert_index.reshape(-1)
-        token_of_slot = torch.arange(num_tokens).repeat_interleave(k)
-        slot_of_slot = torch.arange(k).repeat(num_tokens)
-        calls = []
-        for expert in torch.unique(flat).tolist():
-            selected = (flat == expert).nonzero(as_tuple=True)[0]
+        order = torch.argsort(flat, stable=True)  # (token, slot) pairs grouped by expert, in token order
+        counts = torch.bincount(flat, minlength=len(self.uids)).tolist()
+        calls, start = [], 0
+        for expert, count in enumerate(counts):
+            if not count:
+                continue
+            selected, start = order[start : start + count], start + count
             peer = self.registry.choose(self.uids[expert])
             if peer is not None:
-                calls.append(_Call(self.uids[expert], peer, token_of_slot[selected], slot_of_slot[selected]))
+                calls.append(_Call(self.uids[expert], peer, selected // k, selected % k))
         return calls
 
-    def run_all(self, coroutines: Iterable) -> List:
+    def run_hosts(self, calls: Sequence[_Call], tensors: Sequence[List[torch.Tensor]], forward: bool) -> List:
+        """Send every call, grouped into one request per host, all hosts concurrently.
+
+        Returns, per call, its output tensors or the exception that made it fail.
+        """
+        by_host: Dict[str, List[int]] = {}
+        for index, call in enumerate(calls):
+            by_host.setdefault(call.peer_id, []).append(index)
+
         async def gather():
-            return await asyncio.gather(*coroutines, return_exceptions=True)
+            return await asyncio.gather(
+                *(
+                    self._timed(peer, self._call_host(peer, [calls[i] for i in indices], [tensors[i] for i in indices], forward))
+                    for peer, indices in by_host.items()
+                ),
+                return_exceptions=True,
+            )
 
-        return RemoteExpertWorker.run_coroutine(gather())
+        results: List = [None] * len(calls)
+        for (peer, indices), host_result in zip(by_host.items(), RemoteExpertWorker.run_coroutine(gather())):
+            for position, index in enumerate(indices):
+                results[index] = host_result if isinstance(host_result, BaseException) else host_result[position]
+        return results
 
-    async def timed(self, call: _Call, coroutine) -> List[torch.Tensor]:
+    async def _timed(self, peer_id: str, coroutine) -> List:
         started = time.monotonic()
         try:
             result = await asyncio.wait_for(coroutine, self.timeout)
         except BaseException:
-            self.registry.stats(call.peer_id).record_failure()
+            self.registry.stats(peer_id).record_failure()
             raise
-        self.registry.stats(call.peer_id).record_success(time.monotonic() - started)
+        if any(isinstance(r, BaseException) for r in result):
+            self.registry.stats(peer_id).record_failure()  # a host that fails an expert is cooled down all the same
+        else:
+            self.registry.stats(peer_id).record_success(time.monotonic() - started)
         return result
 
-    def forward_one(self, call: _Call, inputs: torch.Tensor):
-        stub = get_server_stub(self.p2p, PeerID.from_base58(call.peer_id))
-        serialized = [serialize_torch_tensor(inputs)]
-        return self.timed(call, expert_forward(call.uid, [inputs], serialized, stub))
+    async def _call_host(self, peer_id: str, calls: List[_Call], tensors: List[List[torch.Tensor]], forward: bool) -> List:
+        stats = self.registry.stats(peer_id)
+        protocol = self._forced_protocol or stats.protocol
+        if protocol != HIVEMIND:
+            try:
+                results = await self._call_direct(peer_id, calls, tensors, forward)
+                stats.protocol = ATHOME
+                return results
+            except P2PDaemonError as error:
+                if self._forced_protocol is not None or "not supported" not in str(error):
+                    raise
+                logger.info(f"host {peer_id[-8:]} does not speak athome's direct protocol; using hivemind's")
+                stats.protocol = HIVEMIND
+        return list(
+            await asyncio.gather(
+                *(self._call_hivemind(peer_id, call, call_tensors, forward) for call, call_tensors in zip(calls, tensors)),
+                return_exceptions=True,
+            )
+        )
 
-    def backward_one(self, call: _Call, inputs: torch.Tensor, grad_outputs: torch.Tensor):
-        stub = get_server_stub(self.p2p, PeerID.from_base58(call.peer_id))
-        serialized = [serialize_torch_tensor(inputs), serialize_torch_tensor(grad_outputs)]
-        return self.timed(call, expert_backward(call.uid, [inputs, grad_outputs], serialized, stub))
+    async def _call_direct(self, peer_id: str, calls: List[_Call], tensors: List[List[torch.Tensor]], forward: bool) -> List:
+        serialized = [[serialize_torch_tensor(t, self.wire_compression) for t in call_tensors] for call_tensors in tensors]
+        results: List = []
+        for chunk in _chunks_under(serialized, MAX_UNARY_PAYLOAD_SIZE - 64 * 1024):  # headroom for uids, framing
+            if len(chunk) == 1 and _nbytes(serialized[chunk[0]]) > MAX_UNARY_PAYLOAD_SIZE - 64 * 1024:
+                # one expert's tensors alone exceed a unary message: hivemind's protocol streams them
+                results.append((await asyncio.gather(
+                    self._call_hivemind(peer_id, calls[chunk[0]], tensors[chunk[0]], forward), return_exceptions=True
+                ))[0])
+                continue
+            request = runtime_pb2.ExpertRequest(
+                tensors=[t for i in chunk for t in serialized[i]],
+                metadata=MSGPackSerializer.dumps(dict(
+                    uids=[calls[i].uid for i in chunk], counts=[len(serialized[i]) for i in chunk],
+                    compression=self.wire_compression,
+                )),
+            )
+            stub = self._stub(peer_id, ATHOME)
+            response = await (stub.rpc_forward(request) if forward else stub.rpc_backward(request))
+            meta = MSGPackSerializer.loads(response.metadata)
+            start = 0
+            for count, error in zip(meta["counts"], meta["errors"]):
+                if error is not None:
+                    results.append(RemoteExpertError(error))
+                else:
+                    results.append([deserialize_torch_tensor(t) for t in response.tensors[start : start + count]])
+                start += count
+        return results
+
+    async def _call_hivemind(self, peer_id: str, call: _Call, tensors: List[torch.Tensor], forward: bool):
+        serialized = [serialize_torch_tensor(t, self.wire_compression) for t in tensors]
+        stub = self._stub(peer_id, HIVEMIND)
+        if forward:
+            return await expert_forward(call.uid, tensors, serialized, stub)
+        return await expert_backward(call.uid, tensors, serialized, stub)
+
+    def _stub(self, peer_id: str, protocol: str):
+        # stubs and PeerIDs are cached: parsing a base58 ID and building a stub per call shows up at ~10 calls/step
+        key = (peer_id, protocol)
+        stub = self._stubs.get(key)
+        if stub is None:
+            servicer = DirectExpertServicer if protocol == ATHOME else ConnectionHandler
+            stub = self._stubs[key] = servicer.get_stub(self.p2p, PeerID.from_base58(peer_id))
+        return stub
+
+
+class RemoteExpertError(RuntimeError):
+    """The host answered, but this expert's computation failed there (e.g. its input was refused)."""
+
+
+def _nbytes(tensors: Sequence[runtime_pb2.Tensor]) -> int:
+    return sum(len(t.buffer) for t in tensors)
+
+
+def _chunks_under(serialized: Sequence[Sequence[runtime_pb2.Tensor]], limit: int) -> List[List[int]]:
+    """Consecutive groups of call indices whose serialized tensors fit in ``limit`` bytes (an oversize call alone)."""
+    chunks: List[List[int]] = []
+    size = 0
+    for index, tensors in enumerate(serialized):
+        nbytes = _nbytes(tensors)
+        if chunks and size + nbytes <= limit:
+            chunks[-1].append(index)
+            size += nbytes
+        else:
+            chunks.append([index])
+            size = nbytes
+    return chunks
 
 
 class _GroupedRemoteCall(torch.autograd.Function):
-    """Forward: one request per chosen expert, concurrently. Backward: the same for the replicas that answered."""
+    """Forward: one request per host, concurrently. Backward: the same for the experts that answered."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, expert_index: torch.Tensor, dispatcher: RemoteDispatcher):
@@ -183,7 +318,7 @@ class _GroupedRemoteCall(torch.autograd.Function):
         x_wire = x.detach().to("cpu", torch.float32)
         calls = dispatcher.plan(expert_index.cpu())
         inputs = [x_wire.index_select(0, call.tokens) for call in calls]
-        results = dispatcher.run_all(dispatcher.forward_one(c, i) for c, i in zip(calls, inputs))
+        results = dispatcher.run_hosts(calls, [[i] for i in inputs], forward=True)
 
         outputs = torch.zeros(num_tokens, k, x.shape[-1])
         answered = torch.zeros(num_tokens, k, dtype=torch.bool)
@@ -206,10 +341,11 @@ class _GroupedRemoteCall(torch.autograd.Function):
         shape, dtype, device = ctx.x_meta
         dispatcher: RemoteDispatcher = ctx.dispatcher
         grad_wire = grad_outputs.detach().to("cpu", torch.float32)
-        sends = [(call, inputs, grad_wire[call.tokens, call.slots]) for call, inputs in ctx.done]
-        results = dispatcher.run_all(dispatcher.backward_one(c, i, g) for c, i, g in sends)
+        calls = [call for call, _ in ctx.done]
+        tensors = [[inputs, grad_wire[call.tokens, call.slots]] for call, inputs in ctx.done]
+        results = dispatcher.run_hosts(calls, tensors, forward=False)
         grad_x = torch.zeros(shape, dtype=torch.float32)
-        for (call, _, _), result in zip(sends, results):
+        for call, result in zip(calls, results):
             if isinstance(result, BaseException):
                 logger.warning(f"{call.uid} on {call.peer_id[-8:]} failed in backward ({_describe(result)}); skipped")
                 continue

@@ -1,8 +1,9 @@
 """Canonical hashes of tensors: what a commitment binds a trainer to.
 
 A digest covers each tensor's dtype, shape and raw bytes (little-endian as stored), in order, so two peers hash the
-same tensors to the same hex string and any change of a value, dtype, shape or order changes it. blake2b releases
-the GIL on large buffers, so hashing in a background thread does not stall training.
+same tensors to the same hex string and any change of a value, dtype, shape or order changes it. SHA-256 (full 256
+bits, so that even a trainer preparing a colliding pair of bundles in advance faces 2^128 work): it is the fastest
+hash in hashlib where CPUs have SHA instructions (1.5 GB/s here vs 0.5 for blake2b) and it releases the GIL.
 """
 from __future__ import annotations
 
@@ -11,10 +12,10 @@ from typing import Iterable
 
 import torch
 
-DIGEST_SIZE = 16  # 128-bit digests: 32 hex characters in records
+HEX_DIGEST_LENGTH = 64
 
 
-def update_with_tensor(digest: "hashlib._Hash", tensor: torch.Tensor) -> None:
+def update_with_tensor(digest, tensor: torch.Tensor) -> None:
     """Feed one tensor (dtype, shape, bytes) into ``digest``."""
     tensor = tensor.detach()
     if tensor.device.type != "cpu":
@@ -26,8 +27,8 @@ def update_with_tensor(digest: "hashlib._Hash", tensor: torch.Tensor) -> None:
 
 
 def hash_tensors(tensors: Iterable[torch.Tensor], person: bytes = b"athome-tensors") -> str:
-    """Hex blake2b digest of ``tensors`` in order (see the module docstring)."""
-    digest = hashlib.blake2b(digest_size=DIGEST_SIZE, person=person[:16])
+    """Hex SHA-256 digest of ``tensors`` in order, domain-separated by ``person`` (see the module docstring)."""
+    digest = hashlib.sha256(len(person).to_bytes(2, "big") + person)
     count = 0
     for tensor in tensors:
         update_with_tensor(digest, tensor)

@@ -13,6 +13,7 @@ outputs are already alive for autograd); memory is bounded by ``retention`` bund
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 from collections import OrderedDict
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -104,10 +105,14 @@ class StepRecorder:
     parameters the step ran on and the gradients about to be contributed). Thread-safe for readers (:meth:`get`).
     """
 
-    def __init__(self, peer_id: str, *, precision: str = "fp32", device: str = "cpu", retention: int = 16):
+    def __init__(
+        self, peer_id: str, *, precision: str = "fp32", device: str = "cpu", retention: int = 16,
+        session: Optional[int] = None,
+    ):
         if retention < 1:
             raise ValueError("retention must be >= 1")
         self.peer_id, self.precision, self.device, self.retention = peer_id, precision, device, retention
+        self.session = session if session is not None else secrets.randbits(63)  # step numbers restart with it
         self._slots: Dict[int, _Slot] = {}
         self._proofs: "OrderedDict[int, StepProof]" = OrderedDict()
         self._lock = threading.Lock()
@@ -159,7 +164,7 @@ class StepRecorder:
                         else torch.zeros(slot.outputs.shape[0], slot.outputs.shape[-1], dtype=slot.outputs.dtype)).cpu(),
             ))
         proof = StepProof(
-            peer_id=self.peer_id, step=step, seed=seed, epoch=epoch, loss=float(loss), samples=samples,
+            peer_id=self.peer_id, session=self.session, step=step, seed=seed, epoch=epoch, loss=float(loss), samples=samples,
             precision=self.precision, device=self.device,
             params=[p.detach().cpu().clone() for p in params],
             grads=[(p.grad.detach().cpu().clone() if p.grad is not None else torch.zeros(p.shape, dtype=p.dtype)) for p in params],
