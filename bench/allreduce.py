@@ -4,19 +4,21 @@ hivemind, plus athome's bytes sent per peer relative to the bandwidth-optimal 2(
 Every peer is a separate process (forked). Per N, in one run:
 
 * gloo: ``dist.all_reduce`` of the same tensor (after a warm-up), time = slowest rank;
-* hivemind: stock ``DecentralizedAverager`` (no compression, mean);
-* athome: ``RobustAverager`` with reducer x compression variants.
+* hivemind: stock ``DecentralizedAverager`` (no compression, mean), run first and again last (baseline = mean);
+* athome: ``RobustAverager`` with reducer x compression variants (fp16 only with ``--variants all``).
 
 For the averagers, the group is formed first (``step(require_trigger=True)``), all peers pass a barrier, and the
 clock runs from the trigger to the slowest peer's result: matchmaking is excluded, so the numbers compare the
-all-reduce proper with gloo's. Each averager first runs one untimed warm-up round (gloo too). Bytes are counted by athome's runner (serialized messages sent to other peers);
-S is the vector size *as sent* (after compression), so bytes/optimal measures the protocol, not the codec.
+all-reduce proper with gloo's. Each averager first runs one untimed warm-up round (gloo too). Bytes are counted by
+athome's runner (serialized messages sent to other peers); S is the vector size *as sent* (after compression), so
+bytes/optimal measures the protocol, not the codec.
 
 The last line is ``allreduce N=4 athome/gloo: X.XX, athome/hivemind: Y.YY, bytes/optimal: Z.ZZ`` for athome with its
 default reducer (centered_clip) and no compression, at N=4 (or the first N given if 4 is not among them).
 
-    python bench/allreduce.py                       # 10M floats, N in 2,4,8
-    python bench/allreduce.py --sizes 1000000 --peers 2,4 --reps 1
+    python bench/allreduce.py                     # 10M floats, N in 2,4,8, 1 timed rep: ~3-5 min on 2 cores
+    python bench/allreduce.py --peers 4 --reps 5   # tighter numbers for one N
+    python bench/allreduce.py --sizes 1000000 --peers 2,4 --variants mean
 """
 from __future__ import annotations
 
@@ -33,14 +35,17 @@ import multiprocessing as mp
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 
-# (label, kind, reducer, compression); the first athome variant named here is the one in the summary line
+# (label, kind, reducer, compression). Stock hivemind runs first and last: on a shared box the load drifts during a
+# run, so the baseline is the mean of both (measured: the same variant varied 1.3x between its slots).
 VARIANTS = (
     ("hivemind none/mean", "hivemind", "mean", "none"),
     ("athome none/mean", "athome", "mean", "none"),
     ("athome none/centered_clip", "athome", "centered_clip", "none"),
     ("athome fp16/centered_clip", "athome", "centered_clip", "fp16"),
     ("athome uint8/centered_clip", "athome", "centered_clip", "uint8"),
+    ("hivemind none/mean (again)", "hivemind", "mean", "none"),
 )
+DEFAULT_VARIANTS = "hivemind,athome none/mean,athome none/centered_clip,uint8"  # fp16 with --variants all
 SUMMARY_VARIANT = "athome none/centered_clip"
 
 
@@ -210,9 +215,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="10000000", help="comma-separated vector sizes (fp32 elements)")
     parser.add_argument("--peers", default="2,4,8", help="comma-separated group sizes")
-    parser.add_argument("--reps", type=int, default=2, help="all-reduces per variant (median reported)")
     parser.add_argument(
-        "--variants", default="all", help="comma-separated substrings of variant labels to run, e.g. 'mean'"
+        "--reps", type=int, default=1, help="timed all-reduces per variant after the warm-up (median reported)"
+    )
+    parser.add_argument(
+        "--variants",
+        default=DEFAULT_VARIANTS,
+        help=f"'all' or comma-separated substrings of variant labels (default: {DEFAULT_VARIANTS!r})",
     )
     args = parser.parse_args()
     variants = tuple(
@@ -229,13 +238,20 @@ def main() -> None:
             measurements = run_group(n, size, args.reps, variants)
             by_label = {m.label: m for m in measurements}
             gloo = by_label.get("gloo")
-            hivemind_m = by_label.get("hivemind none/mean")
+            baselines = [m for m in measurements if m.label.startswith("hivemind")]
+            hivemind_m = (
+                Measurement("hivemind (mean of runs)", statistics.mean(m.seconds for m in baselines), float("nan"), 0)
+                if baselines
+                else None
+            )
             print(f"\n## N={n}, {size:,} fp32 ({size * 4 / 2**20:.1f} MiB), median of {args.reps} rep(s)")
             print(f"{'variant':<28} {'seconds':>8} {'/gloo':>8} {'/hivemind':>10} {'bytes/optimal':>14}")
             for m in measurements:
                 vs_gloo = m.seconds / gloo.seconds if gloo else float("nan")
                 vs_hm = m.seconds / hivemind_m.seconds if hivemind_m else float("nan")
                 print(f"{m.label:<28} {m.seconds:>8.3f} {vs_gloo:>8.2f} {vs_hm:>10.2f} {m.bytes_ratio:>14.3f}")
+            if hivemind_m:
+                print(f"# /hivemind baseline: mean of {len(baselines)} stock runs, {hivemind_m.seconds:.3f}s")
             athome = by_label.get(SUMMARY_VARIANT)
             if athome and gloo and hivemind_m and (summary is None or n == 4):
                 summary = (n, athome.seconds / gloo.seconds, athome.seconds / hivemind_m.seconds, athome.bytes_ratio)
@@ -245,7 +261,10 @@ def main() -> None:
         print("allreduce: no complete measurement")
         sys.exit(1)
     n, vs_gloo, vs_hivemind, bytes_ratio = summary
-    print(f"allreduce N={n} athome/gloo: {vs_gloo:.2f}, athome/hivemind: {vs_hivemind:.2f}, bytes/optimal: {bytes_ratio:.2f}")
+    print(
+        f"allreduce N={n} athome/gloo: {vs_gloo:.2f}, athome/hivemind: {vs_hivemind:.2f}, "
+        f"bytes/optimal: {bytes_ratio:.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -153,8 +153,14 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=30, help="last steps averaged")
     parser.add_argument("--eval_batches", type=int, default=8, help="validation batches for the centralized model")
     parser.add_argument("--timeout", type=float, default=600, help="seconds the trainers may take")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads here and in every peer (0: torch's default); 1 keeps a shared "
+                             "2-core box from oversubscribing, which made 2-thread training ~10x slower")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # inherited by the peer subprocesses
 
     workdir = Path(tempfile.mkdtemp(prefix="athome-convergence-"))
     config = write_config(workdir / "run.toml", args.batch_size, args.trainers)

@@ -55,27 +55,28 @@ def grid_rounds(
 def hivemind_key_rounds(
     peers: int, bits: int, group_size: int, rounds: int, p_fail: float, rng: np.random.Generator
 ) -> np.ndarray:
-    """hivemind's GroupKeyManager: peers with equal ``bits``-bit keys form groups (split into chunks of at most
-    ``group_size``); after a round each member shifts in log2(group_size) bits of a random distinct index."""
-    shift = int(np.log2(group_size))
+    """hivemind's GroupKeyManager: peers with equal ``bits``-bit keys form groups (a bucket is split into chunks of at
+    most ``group_size`` in random order); after a round each member shifts in log2(group_size) bits of a random
+    distinct index in [0, group_size)."""
+    shift, mask = int(np.log2(group_size)), 2**bits - 1
     keys = rng.integers(0, 2**bits, size=peers)
     values = rng.normal(0.0, 1.0, size=peers)
     history = [values.var()]
+    positions = np.arange(peers)
     for _ in range(rounds):
-        failed = rng.random(peers) < p_fail
-        order = np.argsort(keys, kind="stable")
-        new_keys = keys.copy()
-        boundaries = np.flatnonzero(np.diff(keys[order])) + 1
-        for bucket in np.split(order, boundaries):
-            rng.shuffle(bucket)  # who meets whom within a bucket is decided by matchmaking timing
-            for start in range(0, len(bucket), group_size):
-                group = bucket[start : start + group_size]
-                if len(group) < 2 or failed[group].any():
-                    continue
-                values[group] = values[group].mean()
-                indices = rng.choice(group_size, size=len(group), replace=False)
-                new_keys[group] = ((keys[group] << shift) | indices) & (2**bits - 1)
-        keys = new_keys
+        order = np.lexsort((rng.random(peers), keys))  # by key; who meets whom within a bucket is random
+        sorted_keys = keys[order]
+        new_bucket = np.r_[True, sorted_keys[1:] != sorted_keys[:-1]]
+        bucket_start = np.maximum.accumulate(np.where(new_bucket, positions, 0))
+        rank_in_bucket = positions - bucket_start
+        _, groups = np.unique(np.cumsum(new_bucket) * peers + rank_in_bucket // group_size, return_inverse=True)
+        sizes = np.bincount(groups)
+        failed = np.bincount(groups, weights=rng.random(peers) < p_fail) > 0
+        ok = (sizes[groups] >= 2) & ~failed[groups]  # any failure voids the group's round
+        means = np.bincount(groups, weights=values[order]) / sizes
+        index = np.argsort(rng.random((len(sizes), group_size)), axis=1)[groups, rank_in_bucket % group_size]
+        values[order] = np.where(ok, means[groups], values[order])
+        keys[order] = np.where(ok, ((sorted_keys << shift) | index) & mask, sorted_keys)
         history.append(values.var())
     return np.asarray(history)
 

@@ -52,7 +52,7 @@ RUN_NAME = "bench"
 
 def write_config(path: Path, model: ModelConfig) -> None:
     path.write_text(
-        f'name = "{RUN_NAME}"\nexpert_ttl = 60\n[model]\nn_layers = 1\nexperts_per_layer = {model.experts_per_layer}\n'
+        f'name = "{RUN_NAME}"\nexpert_ttl = 60\n[model]\nn_layers = {model.n_layers}\nexperts_per_layer = {model.experts_per_layer}\n'
         f"d_model = {model.d_model}\nexpert_hidden = {model.expert_hidden}\ntop_k = {model.top_k}\n"
         f"n_heads = {model.n_heads}\n"
     )
@@ -76,7 +76,7 @@ class Swarm:
         self._start(coordinator)
         never = threading.Event()
         self.address = coordinator.wait_for("run address:", 120, never)
-        uids = f"{model.expert_prefix}.0.[0:{model.experts_per_layer}]"
+        uids = f"{model.expert_prefix}.[0:{model.n_layers}].[0:{model.experts_per_layer}]"
         host = Child("host", ["join", "--run", self.address, "--experts", uids, *loopback, *host_args,
                               "--identity_path", str(workdir / "host.key"), "--checkpoint_dir", str(workdir / "ckpt")],
                      workdir / "host.log")
@@ -132,8 +132,10 @@ def build_local(model: ModelConfig, opt: OptimizerConfig) -> Callable:
 
 
 def build_athome(model: ModelConfig, opt: OptimizerConfig, dht, variant: str) -> Callable:
-    """``variant``: ``auto`` (athome's default), ``hivemind`` (forced onto hivemind's handlers) or ``fp16`` (fp16 wire)."""
+    """``variant``: ``default`` (athome's default path), ``fp32`` (default path, uncompressed wire) or ``hivemind``
+    (uncompressed, forced onto hivemind's handlers: athome before the direct path)."""
     from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
+    from hivemind.proto import runtime_pb2
 
     from athome.dht.schemas import run_key
     from athome.trainer.remote import ExpertRegistry, RemoteDispatcher
@@ -144,10 +146,8 @@ def build_athome(model: ModelConfig, opt: OptimizerConfig, dht, variant: str) ->
         registry.refresh(force=True)
         time.sleep(0.2)
     p2p = RemoteExpertWorker.run_coroutine(dht.replicate_p2p())
-    from hivemind.proto import runtime_pb2
-
-    compression = runtime_pb2.CompressionType.FLOAT16 if variant == "fp16" else runtime_pb2.CompressionType.NONE
-    dispatcher = RemoteDispatcher(model.expert_uids(), registry, p2p, wire_compression=compression)
+    kwargs = {} if variant == "default" else dict(wire_compression=runtime_pb2.CompressionType.NONE)
+    dispatcher = RemoteDispatcher(model.expert_uids(), registry, p2p, **kwargs)
     if variant == "hivemind":
         dispatcher.force_protocol("hivemind")
     torch.manual_seed(1)
@@ -220,9 +220,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads of this process and of the host (0: torch's default); "
                              "1 keeps a shared 2-core box from oversubscribing")
-    parser.add_argument("--variants", default="auto,hivemind",
-                        help="athome dispatcher variants to time: auto (default path), hivemind (hivemind's "
-                             "handlers), fp16 (fp16 activations on the wire)")
+    parser.add_argument("--variants", default="default,fp32,hivemind",
+                        help="athome dispatcher variants to time: default, fp32 (uncompressed wire), hivemind "
+                             "(uncompressed, through hivemind's handler -> TaskPool -> Runtime path)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -252,7 +252,7 @@ def main() -> None:
               flush=True)
 
         variants: Dict[str, Callable] = {"local (in-process MoELayer)": build_local(model, opt)}
-        names = {"auto": "", "hivemind": " (hivemind protocol)", "fp16": " (fp16 wire)"}
+        names = {"default": "", "fp32": " (fp32 wire)", "hivemind": " (fp32, hivemind handlers)"}
         for variant in [v for v in args.variants.split(",") if v]:
             variants["athome RemoteDispatcher" + names[variant]] = build_athome(model, opt, dht, variant)
         rates: Dict[str, List[float]] = {label: [] for label in variants}

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import math
 import os
 import signal
 import threading
@@ -45,7 +44,7 @@ AVERAGER_KWARGS = dict(
     min_group_size=2,
     part_size_bytes=512,
     min_allreduce_timeout=15.0,
-    min_chunk_timeout=1.0,
+    min_chunk_timeout=2.0,
 )
 STEP_TIMEOUT = 30.0
 
@@ -274,24 +273,30 @@ def test_four_peers_reach_the_mean(make_averagers):
             assert float((_flat(_tensors(averager)) - mean).norm()) <= tolerance, reducer
             report = averager.last_round
             assert report.ok and report.group_size == 4 and report.unreduced_fraction == 0
-            assert report.bytes_sent > 0 and report.timeouts.sender >= 1.0
+            assert report.bytes_sent > 0 and report.timeouts.sender >= 2.0
         # every peer reduced a slice, so everybody has evidence (nobody clipped heavily)
         assert all(averager.last_round_evidence for averager in averagers)
         assert not any(averager.last_round.suspects() for averager in averagers)
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("codec, relative_bound", [("fp16", 2e-3), ("uint8", 2e-2)])
-def test_compressed_rounds_within_codec_bounds(make_averagers, codec, relative_bound):
+@pytest.mark.parametrize("codec", ["fp16", "uint8"])
+def test_compressed_rounds_within_codec_bounds(make_averagers, codec):
     sets = _random_sets(4, seed=11)
-    mean = _flat([torch.stack(ts).mean(0) for ts in zip(*sets)])
+    inputs = torch.stack([_flat(s) for s in sets])
+    mean = inputs.mean(0)
+    # a peer ends with  x_i + Q(avg(Q(x)) - Q(x_i)): three codec errors, on values and on a delta that is at most
+    # twice as large as the values (codec bounds from athome.averaging.compression)
+    if codec == "fp16":
+        bound = 4 * 2.0**-11 * float(inputs.abs().max())
+    else:
+        bound = 4 * float(inputs.max() - inputs.min()) / 255
     averagers = make_averagers(sets, reducer="mean", compression=codec)
     assert all(isinstance(r, dict) for r in _step_all(averagers))
     for averager in averagers:
-        # fp16: 2^-11 relative per value; uint8: a part's range/255 on the sent value plus on the returned delta
         result = _flat(_tensors(averager))
         assert bool(torch.isfinite(result).all())
-        assert float((result - mean).abs().max()) <= relative_bound * float(mean.abs().max()) * 8
+        assert float((result - mean).abs().max()) <= bound
 
 
 @pytest.mark.timeout(120)
@@ -451,7 +456,7 @@ def test_expert_replica_averager_averages_in_background_without_blocking(dhts):
             ExpertReplicaAverager(
                 dht, "ffn.0.3", expert.parameters(), run_prefix=run_prefix, lock=lock, target_group_size=2,
                 period=3.0, min_matchmaking_time=1.5, request_timeout=0.5, expected_replicas=2,
-                on_round=reports.append, min_allreduce_timeout=15.0, min_chunk_timeout=1.0,
+                on_round=reports.append, min_allreduce_timeout=15.0, min_chunk_timeout=2.0,
             )
             for dht, expert, lock in zip(dhts, experts, locks)
         ]

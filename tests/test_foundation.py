@@ -212,3 +212,16 @@ def test_hard_kill_of_a_peer_leaves_no_orphans(coordinator):
     while session_alive(child.process.pid) and time.time() < deadline:
         time.sleep(0.2)
     assert session_alive(child.process.pid) == []
+
+
+def test_check_asks_the_run_to_dial_back(coordinator):
+    _, address = coordinator
+    reachable = _peer("check", "--run", address, "--host_maddrs", "/ip4/127.0.0.1/tcp/0")
+    assert reachable.returncode == 0, reachable.stdout + reachable.stderr[-2000:]
+    assert "the run can dial this peer directly" in reachable.stdout
+    # announcing an address nobody listens on is what a peer behind NAT looks like from outside
+    unreachable = _peer("check", "--run", address, "--host_maddrs", "/ip4/127.0.0.1/tcp/0",
+                        "--announce_maddrs", "/ip4/127.0.0.1/tcp/1")
+    assert unreachable.returncode == 1
+    assert "cannot dial this peer directly" in unreachable.stdout
+    assert f"peer join --run {address} --port" in unreachable.stdout and "--use_auto_relay" in unreachable.stdout

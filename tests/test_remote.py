@@ -150,14 +150,15 @@ def test_remote_layer_matches_local_on_a_real_host(coordinator, spawn, tmp_path)
         layers = {}
         for name, dispatcher in [
             ("local", LocalDispatcher([build_expert(model, uid) for uid in uids])),
-            ("remote", RemoteDispatcher(uids, registry, p2p)),
-            ("fp16", RemoteDispatcher(uids, registry, p2p, wire_compression=runtime_pb2.CompressionType.FLOAT16)),
+            ("remote", RemoteDispatcher(uids, registry, p2p, wire_compression=runtime_pb2.CompressionType.NONE)),
+            ("fp16", RemoteDispatcher(uids, registry, p2p)),  # the default: mean-std scaled fp16 on the wire
         ]:
             torch.manual_seed(0)
             layers[name] = MoELayer(model.d_model, model.experts_per_layer, model.top_k, dispatcher)
         x = torch.randn(32, model.d_model)
         outputs = {name: layer(x) for name, layer in layers.items() if name != "remote"}
-        assert torch.allclose(outputs["fp16"], outputs["local"], rtol=1e-2, atol=1e-4)
+        error = (outputs["fp16"] - outputs["local"]).norm() / outputs["local"].norm()
+        assert 0 < error < 2e-3, error
         assert layers["fp16"].dispatcher.last_answered_fraction == 1.0
 
         grads = {}

@@ -10,14 +10,12 @@ from athome.netflags import add_network_flags
 
 
 def _coordinator(sub: argparse._SubParsersAction) -> None:
-    from athome.coordinator.node import DEFAULT_PORT
-
     parser = sub.add_parser("coordinator", help="start a run: bootstrap node, signed config, dashboard")
     parser.add_argument("--config", default=None, help="run config TOML (default: the built-in demo run)")
     parser.add_argument("--data_dir", default="athome_coordinator", help="where metrics and credits are stored")
     parser.add_argument("--http_host", default="127.0.0.1", help="dashboard address (0.0.0.0 to show it publicly)")
     parser.add_argument("--http_port", type=int, default=8080, help="dashboard port (0 = any free port)")
-    add_network_flags(parser, default_port=DEFAULT_PORT)
+    add_network_flags(parser, default_port=31337)
     parser.set_defaults(handler="athome.coordinator.node:run_coordinator")
 
 
@@ -31,8 +29,9 @@ def _status(sub: argparse._SubParsersAction) -> None:
 
 
 def _check(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser("check", help="check this machine: torch, GPU, p2pd, port")
-    parser.add_argument("--port", type=int, default=0, help="the port you plan to use")
+    parser = sub.add_parser("check", help="check this machine: torch, GPU, p2pd, port, and whether a run can reach it")
+    parser.add_argument("--run", default=None, help="also ask this run's coordinator to dial this peer back")
+    add_network_flags(parser)
     parser.set_defaults(handler="athome.peer.check:run_check")
 
 

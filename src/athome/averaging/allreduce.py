@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import AsyncIterator, Callable, Dict, Sequence
+from typing import AsyncIterator, Callable, Dict, Optional, Sequence
 
 import torch
 from hivemind.averaging.allreduce import AllreduceException, AllReduceRunner
@@ -64,6 +64,22 @@ class RobustAllReduceRunner(AllReduceRunner):
         self.bytes_sent = 0
         self.bytes_received = 0
         self.failed_reducers: Dict[PeerID, str] = {}
+        self._reply_streams = 0  # senders whose results this peer's reducer is still streaming back
+        self._replies_done = asyncio.Event()
+        self._replies_done.set()
+
+    async def wait_until_served(self, timeout: Optional[float]) -> bool:
+        """Wait until this peer's reducer has aggregated every part and streamed every result back to its senders.
+
+        Our own outputs can be complete before the last replies to others are serialized and sent; waiting for them
+        makes byte counts exact and keeps the round's resources until other peers are served. False on timeout.
+        """
+        try:
+            await asyncio.wait_for(self.tensor_part_reducer.finished.wait(), timeout)
+            await asyncio.wait_for(self._replies_done.wait(), timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
 
     async def _communicate_with_peer(self, peer_id: PeerID):
         """Send a part of local tensors and metadata to a single peer, receive the average for that part of tensors"""
@@ -128,6 +144,8 @@ class RobustAllReduceRunner(AllReduceRunner):
 
     async def _accumulate_parts_streaming(self, stream: AsyncIterator[averaging_pb2.AveragingData], sender_index: int):
         part_index = 0
+        self._reply_streams += 1  # athome: lets wait_until_served() know results are still being sent
+        self._replies_done.clear()
         try:
             loop = asyncio.get_event_loop()
             async for tensor_part, weight, part_compression, size in amap_in_executor(
@@ -157,5 +175,8 @@ class RobustAllReduceRunner(AllReduceRunner):
                 self.bytes_sent += message.ByteSize()
                 yield message
         finally:
+            self._reply_streams -= 1
+            if self._reply_streams == 0:
+                self._replies_done.set()
             if part_index != self.tensor_part_reducer.num_parts:
                 await self._ban_sender(self.sender_peer_ids[sender_index])

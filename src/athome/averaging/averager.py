@@ -28,11 +28,11 @@ What a round guarantees (a "round" = one all-reduce in one group):
 4. No NaN/Inf is ever averaged or applied: reducers reject non-finite parts (the sender is treated as failed) and
    receivers reject non-finite results (the reducer is treated as failed, hence a partial round).
 
-Not guaranteed: that all group members end with the same outcome or bit-identical values. With a lossy codec each
-member adds the (compressed) delta to its own local copy, so members differ by up to twice the codec's error. A sender that failed mid-round is dropped by the
-reducers and the survivors may complete (each part then averages the senders that delivered it); the failed peer
-itself sees an incomplete round. Peers whose rounds failed keep their old values and catch up in later rounds (or
-via ``load_state_from_peers``).
+Not guaranteed: that all group members end with the same outcome or bit-identical values. A sender that failed
+mid-round is dropped by the reducers and the survivors may complete (each part then averages the senders that
+delivered it); the failed peer itself sees an incomplete round. With a lossy codec each member adds the (compressed)
+delta to its own local copy, so members differ by up to twice the codec's error. Peers whose rounds failed keep
+their old values and catch up in later rounds (or via ``load_state_from_peers``).
 """
 from __future__ import annotations
 
@@ -372,6 +372,9 @@ class RobustAveragingMixin:
                     deltas.append(delta)
             except asyncio.TimeoutError as e:  # keep TimeoutError meaning "our limit expired" below
                 raise AllreduceException(f"all-reduce step timed out: {e!r}") from e
+            # our results are in; finish serving the other senders (bounded) so that the report counts every byte
+            sender_timeout = kwargs.get("sender_timeout")
+            await runner.wait_until_served(timeout=sender_timeout)
             return deltas
 
         started = time.perf_counter()

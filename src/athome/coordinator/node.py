@@ -16,10 +16,10 @@ from athome.dht import Identity, publish_run_config, start_dht, store_record
 from athome.dht.schemas import PeerRecord, run_key
 from athome.lifecycle import PeriodicThread, die, emit, shutdown_requested
 from athome.netflags import dht_kwargs, pick_public_maddr
+from athome.peer.reachability import serve_reachability
 from athome.trainer.data import load_corpus
 
 logger = logging.getLogger(__name__)
-DEFAULT_PORT = 31337
 
 
 def pin_corpus(config: RunConfig) -> RunConfig:
@@ -47,7 +47,8 @@ def run_coordinator(args: argparse.Namespace) -> None:
     stop = shutdown_requested()
 
     try:
-        dht = start_dht(identity, run_name=config.name, **dht_kwargs(args))
+        network = dht_kwargs(args)
+        dht = start_dht(identity, run_name=config.name, **network)
     except Exception as error:
         die(
             f"the DHT node failed to start: {error}\n"
@@ -55,6 +56,7 @@ def run_coordinator(args: argparse.Namespace) -> None:
         )
     started_at = time.time()
     ttl = config.expert_ttl
+    serve_reachability(dht, network["host_maddrs"])  # answers `peer check --run`
 
     service = None
     try:

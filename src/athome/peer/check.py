@@ -7,6 +7,7 @@ import socket
 from dataclasses import dataclass
 
 from rich.console import Console
+from rich.markup import escape
 
 
 @dataclass
@@ -52,8 +53,11 @@ def check_p2pd() -> CheckResult:
         finally:
             await p2p.shutdown()
 
+    from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
+
     try:
-        peer_id = asyncio.run(asyncio.wait_for(start_and_stop(), timeout=30))
+        # on hivemind's persistent loop: P2P's finalizers need a live event loop in their thread
+        peer_id = RemoteExpertWorker.run_coroutine(asyncio.wait_for(start_and_stop(), timeout=30))
     except Exception as error:
         return CheckResult(
             "p2pd", False, f"the libp2p daemon failed to start: {error}",
@@ -77,17 +81,73 @@ def check_port(port: int) -> CheckResult:
     return CheckResult("port", True, f"TCP port {port} is free")
 
 
+def check_reachability(args: argparse.Namespace) -> CheckResult:
+    """Join the run as a server would and ask the coordinator to dial this peer back from a fresh host."""
+    import tempfile
+    from pathlib import Path
+
+    from athome.dht import Identity, RunAddress, RunAddressError, start_dht
+    from athome.netflags import dht_kwargs
+    from athome.peer.reachability import check_reachable
+
+    try:
+        address = RunAddress.parse(args.run)
+    except RunAddressError as error:
+        return CheckResult("reach", False, str(error), "copy the run address exactly as `peer coordinator` printed it")
+    identity = Identity.load_or_create(Path(tempfile.mkdtemp(prefix="athome-check-")) / "identity.key")
+    args.initial_peers = [address.maddr, *args.initial_peers]
+    args.client_mode = False
+    try:
+        dht = start_dht(identity, **dht_kwargs(args))
+    except Exception as error:
+        return CheckResult(
+            "reach", False, f"could not join the run at {address}: {str(error).splitlines()[-1]}",
+            "check the address; is the coordinator up? can this machine open outgoing TCP connections?",
+        )
+    try:
+        answer = check_reachable(dht, address.coordinator_id)
+    except Exception as error:
+        answer = dict(reachable=False, maddr=None, error=f"the coordinator did not answer: {error!r}", maddrs=[])
+    finally:
+        dht.shutdown()
+    if answer["reachable"]:
+        return CheckResult("reach", True, f"the run can dial this peer directly at {answer['maddr']}")
+    return CheckResult("reach", False, f"the run cannot dial this peer directly ({answer['error']})",
+                       reachability_fixes(args, answer.get("maddrs", [])))
+
+
+def reachability_fixes(args: argparse.Namespace, maddrs: list) -> str:
+    """Numbered steps, with this machine's own address and port filled in."""
+    import ipaddress
+
+    port = args.port or 31337
+    local_ip = next(
+        (m.split("/")[2] for m in maddrs if m.startswith("/ip4/") and not ipaddress.ip_address(m.split("/")[2]).is_loopback),
+        "<this machine's LAN IP>",
+    )
+    run = args.run
+    return (
+        f"\n     a. forward TCP port {port} on your router to {local_ip}:{port}, then join with a fixed port and your "
+        f"public IP:\n        peer join --run {run} --port {port} --public_ip <your public IP> --experts auto"
+        f"\n     b. or, if you cannot open a port, join through a relay (slower; others reach you via a public peer):"
+        f"\n        peer join --run {run} --use_auto_relay --experts auto"
+        f"\n     c. or only train, which needs no incoming connections:\n        peer train --run {run} --client_mode"
+    )
+
+
 def run_check(args: argparse.Namespace) -> None:
-    console = Console()
+    console = Console(soft_wrap=True)
     results = [check_torch(), check_gpu(), check_p2pd(), check_port(args.port or 0)]
+    if args.run:
+        results.append(check_reachability(args))
     problems = 0
     for result in results:
         mark = "[green]ok[/]" if result.ok else "[red]problem[/]"
-        console.print(f"{mark:>18}  {result.name:5} {result.detail}", highlight=False)
+        console.print(f"{mark:>18}  {result.name:5} {escape(result.detail)}", highlight=False)
     for result in results:
         if not result.ok:
             problems += 1
-            console.print(f"  {problems}. fix {result.name}: {result.fix}", highlight=False)
+            console.print(f"  {problems}. fix {result.name}: {escape(result.fix)}", highlight=False)
     if problems:
         raise SystemExit(1)
     console.print("all checks passed")

@@ -141,8 +141,11 @@ class RemoteDispatcher:
 
     :param uids: the layer's expert uids, in gate order
     :param timeout: seconds a host's request may take before the host is skipped for this step
-    :param wire_compression: hivemind ``CompressionType`` for activations and gradients on the wire, both ways
-      (``FLOAT16`` halves the bytes at a relative error of about 5e-4; on loopback it costs more than it saves)
+    :param wire_compression: hivemind ``CompressionType`` of activations and gradients on the wire, both ways.
+      The default, ``MEANSTD_16BIT``, sends each row as fp16 after subtracting its mean and dividing by its std:
+      relative error 2e-4 (of the tensor's norm) for activations and gradients of any scale, where plain
+      ``FLOAT16`` loses gradients of 1e-8 entirely. It halves the bytes, and bytes are what a realistic step
+      waits for (MB-sized requests through two p2pd daemons). ``NONE`` is exact.
     """
 
     def __init__(
@@ -151,7 +154,7 @@ class RemoteDispatcher:
         registry: ExpertRegistry,
         p2p: P2P,
         timeout: float = 20.0,
-        wire_compression: int = runtime_pb2.CompressionType.NONE,
+        wire_compression: int = runtime_pb2.CompressionType.MEANSTD_16BIT,
     ):
         self.uids, self.registry, self.p2p, self.timeout = list(uids), registry, p2p, timeout
         self.wire_compression = wire_compression
@@ -242,14 +245,16 @@ class RemoteDispatcher:
 
     async def _call_direct(self, peer_id: str, calls: List[_Call], tensors: List[List[torch.Tensor]], forward: bool) -> List:
         serialized = [[serialize_torch_tensor(t, self.wire_compression) for t in call_tensors] for call_tensors in tensors]
-        results: List = []
-        for chunk in _chunks_under(serialized, MAX_UNARY_PAYLOAD_SIZE - 64 * 1024):  # headroom for uids, framing
-            if len(chunk) == 1 and _nbytes(serialized[chunk[0]]) > MAX_UNARY_PAYLOAD_SIZE - 64 * 1024:
+        limit = MAX_UNARY_PAYLOAD_SIZE - 64 * 1024  # headroom for uids and framing
+        chunks = _chunks_under(serialized, limit)
+
+        async def send(chunk: List[int]) -> List:
+            if len(chunk) == 1 and _nbytes(serialized[chunk[0]]) > limit:
                 # one expert's tensors alone exceed a unary message: hivemind's protocol streams them
-                results.append((await asyncio.gather(
-                    self._call_hivemind(peer_id, calls[chunk[0]], tensors[chunk[0]], forward), return_exceptions=True
-                ))[0])
-                continue
+                call = calls[chunk[0]]
+                return list(await asyncio.gather(
+                    self._call_hivemind(peer_id, call, tensors[chunk[0]], forward), return_exceptions=True
+                ))
             request = runtime_pb2.ExpertRequest(
                 tensors=[t for i in chunk for t in serialized[i]],
                 metadata=MSGPackSerializer.dumps(dict(
@@ -260,14 +265,19 @@ class RemoteDispatcher:
             stub = self._stub(peer_id, ATHOME)
             response = await (stub.rpc_forward(request) if forward else stub.rpc_backward(request))
             meta = MSGPackSerializer.loads(response.metadata)
-            start = 0
+            results, start = [], 0
             for count, error in zip(meta["counts"], meta["errors"]):
                 if error is not None:
                     results.append(RemoteExpertError(error))
                 else:
                     results.append([deserialize_torch_tensor(t) for t in response.tensors[start : start + count]])
                 start += count
-        return results
+            if len(results) != len(chunk):
+                raise RemoteExpertError(f"host answered {len(results)} experts of {len(chunk)}")
+            return results
+
+        # chunks go out concurrently; a failed chunk fails the whole host request (the host is then cooled down)
+        return [result for chunk_results in await asyncio.gather(*map(send, chunks)) for result in chunk_results]
 
     async def _call_hivemind(self, peer_id: str, call: _Call, tensors: List[torch.Tensor], forward: bool):
         serialized = [serialize_torch_tensor(t, self.wire_compression) for t in tensors]

@@ -31,7 +31,7 @@ from athome.verification.expert_checks import ExpertAuditor, HostFinding
 from athome.verification.validator import STEP_KINDS, CheckResult, ProofSource, StepChecker, Validator
 
 logger = logging.getLogger(__name__)
-HOST_KINDS = frozenset({"expert_outputs", "no_train"})
+HOST_KINDS = frozenset({"expert_outputs", "replica_params", "no_train"})
 
 
 class BanAuthority:

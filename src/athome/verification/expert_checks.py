@@ -3,12 +3,13 @@
 - :class:`GradNormGuard` (runs in the host's request handlers): rejects a backward request whose gradient norms are
   outliers against the expert's running statistics, so one trainer cannot blow an expert up with huge
   ``grad_outputs`` (NaN/Inf is refused before it, by ``peer/server.py``).
-- :class:`ReplicaCrossCheck`: the answers of several replicas of one expert to the same inputs; a replica far from
-  the others' coordinate-wise median is an outlier (wrong outputs, poisoned parameters).
+- :class:`ReplicaCrossCheck`: several replicas' answers (or parameters) side by side; one far from the
+  coordinate-wise median while most are close is an outlier.
 - :func:`training_probe`: forward, backward, forward again: an expert whose outputs did not move at all did not train.
 - :class:`ExpertAuditor`: a validator's audits of hosts through an :class:`ExpertClient` (RPC in a run, in-process in
-  simulations), producing accusations the coordinator can re-verify by running the same audit itself: the probe
-  inputs travel in the accusation (a seed, or a few fp32 rows of real inputs).
+  simulations): attestation (answers must match the host's own served parameters), parameter cross-checks of
+  replicas, training probes. Findings become accusations the coordinator re-verifies by running the same audit on
+  the same probe inputs, which travel in the accusation (a seed, or a few fp32 rows of real inputs).
 """
 from __future__ import annotations
 
@@ -150,9 +151,14 @@ def training_probe(
 
 
 class ExpertClient(Protocol):
+    """How a validator reaches expert hosts (RPC in a run: :class:`RemoteExpertClient`; in-process in simulations)."""
+
     def forward(self, peer: str, uid: str, inputs: torch.Tensor) -> torch.Tensor: ...
 
     def backward(self, peer: str, uid: str, inputs: torch.Tensor, grad_outputs: torch.Tensor) -> torch.Tensor: ...
+
+    def state(self, peer: str, uid: str) -> Dict[str, torch.Tensor]:
+        """The expert's current fp32 parameters as the host serves them to new replicas."""
 
 
 def encode_probe(seed: Optional[int] = None, rows: int = 4, inputs: Optional[torch.Tensor] = None) -> bytes:
@@ -175,7 +181,7 @@ def decode_probe(probe: bytes, d_model: int) -> torch.Tensor:
 class HostFinding:
     peer: str
     uid: str
-    kind: str  # "expert_outputs" | "no_train"
+    kind: str  # "expert_outputs" | "replica_params" | "no_train"
     figures: Dict[str, float] = field(default_factory=dict)
     probe: bytes = b""
     detail: str = ""
@@ -185,12 +191,26 @@ class HostFinding:
                           figures={k: min(v, 1e30) for k, v in list(self.figures.items())[:16]}, at=time.time())
 
 
-class ExpertAuditor:
-    """Audits expert hosts through ``client``: replica cross-checks and training probes.
+def _flat(state: Dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.cat([state[name].detach().double().reshape(-1) for name in sorted(state)])
 
+
+class ExpertAuditor:
+    """Audits expert hosts through ``client`` (see module docstring).
+
+    Three audits, each robust to the honest divergence of replicas (every replica trains on its own requests
+    between averaging rounds, so two honest replicas' *outputs* may differ by 100% early in training):
+
+    - **attestation** (wrong outputs): the host's answer to a probe must be what its own served parameters compute
+      (forward, download the state, forward again; if the two answers differ the host trained meanwhile and the
+      audit is retried later). Tolerance ``attest_tolerance`` covers bf16/fp16 hosts.
+    - **parameter cross-check** (poisoned replicas): a replica whose parameters lie farther than
+      ``params_tolerance`` (relative) from the coordinate-wise median of the replicas, while most replicas are close.
+    - **training probe** (experts that do not train), see :func:`training_probe`.
+
+    :param model_config: the run's model (to rebuild an expert from a downloaded state)
     :param replicas: uid -> peer IDs of the hosts currently declaring it
-    :param d_model: width of an expert's input rows
-    :param probe_rows: Gaussian rows per audit (LayerNorm outputs, which experts receive, are ~N(0, 1) per coordinate)
+    :param probe_rows: Gaussian rows per probe (LayerNorm outputs, which experts receive, are ~N(0, 1) per coordinate)
     :param training_calls: backward calls per training probe (the run's ``optimizer.expert_accumulation``)
     """
 
@@ -198,45 +218,84 @@ class ExpertAuditor:
         self,
         client: ExpertClient,
         replicas: Callable[[str], Sequence[str]],
-        d_model: int,
+        model_config,
         *,
-        cross_check: Optional[ReplicaCrossCheck] = None,
+        attest_tolerance: float = 0.05,
+        params_tolerance: float = 3.0,
         probe_rows: int = 4,
         training_calls: int = 1,
         seed: Optional[int] = None,
     ):
-        self.client, self.replicas, self.d_model = client, replicas, d_model
-        self.cross_check = cross_check or ReplicaCrossCheck()
+        self.client, self.replicas, self.model_config = client, replicas, model_config
+        self.d_model = model_config.d_model
+        self.attest_tolerance = attest_tolerance
+        self.params_check = ReplicaCrossCheck(tolerance=params_tolerance)
         self.probe_rows, self.training_calls = probe_rows, training_calls
         self._random = random.Random(seed) if seed is not None else random.SystemRandom()
 
-    def _answers(self, uid: str, inputs: torch.Tensor, peers: Sequence[str]) -> Dict[str, torch.Tensor]:
-        answers = {}
+    def _probe(self) -> bytes:
+        return encode_probe(self._random.getrandbits(63), self.probe_rows)
+
+    def _compute(self, uid: str, state: Dict[str, torch.Tensor], inputs: torch.Tensor) -> torch.Tensor:
+        from athome.model.expert import build_expert
+
+        expert = build_expert(self.model_config, uid)
+        expert.load_state_dict({name: tensor.float() for name, tensor in state.items()})
+        with torch.no_grad(), torch.autocast("cpu", enabled=False):
+            return expert(inputs.float())
+
+    # ---------------------------------------------------------------------------------------------- audits
+    def attest(self, peer: str, uid: str, probe: Optional[bytes] = None) -> Optional[HostFinding]:
+        """None if the host's answers match its parameters (or the audit could not be done)."""
+        probe = probe or self._probe()
+        inputs = decode_probe(probe, self.d_model)
+        try:
+            before = self.client.forward(peer, uid, inputs).detach().double()
+            state = self.client.state(peer, uid)
+            after = self.client.forward(peer, uid, inputs).detach().double()
+        except Exception as error:  # an unreachable host is the registry's problem, not evidence
+            logger.debug(f"attestation of {uid} on {peer[-8:]} failed: {error!r}")
+            return None
+        scale = float(before.norm()) + 1e-12
+        if float((after - before).norm()) / scale > 1e-6:
+            logger.debug(f"{uid} on {peer[-8:]} trained during its attestation; retry later")
+            return None
+        try:
+            local = self._compute(uid, state, inputs).double()
+        except Exception as error:
+            return HostFinding(peer, uid, "expert_outputs", {}, probe, f"{uid}: served state is unusable: {error}"[:256])
+        distance = float((before - local).norm()) / (float(local.norm()) + 1e-12)
+        if distance <= self.attest_tolerance:
+            return None
+        return HostFinding(peer, uid, "expert_outputs", {"distance": distance}, probe,
+                           f"{uid}: answers {distance:.3g} away from what its own parameters compute "
+                           f"(tolerance {self.attest_tolerance:g})")
+
+    def cross_check_params(self, uid: str) -> List[HostFinding]:
+        peers = list(self.replicas(uid))
+        if len(peers) < self.params_check.min_replicas:
+            return []
+        states = {}
         for peer in peers:
             try:
-                answers[peer] = self.client.forward(peer, uid, inputs)
-            except Exception as error:  # an unreachable host is the registry's problem, not evidence
-                logger.debug(f"audit of {uid} on {peer[-8:]} failed: {error!r}")
-        return answers
-
-    def cross_check_uid(self, uid: str, probe: Optional[bytes] = None) -> List[HostFinding]:
-        """Ask every replica of ``uid`` for the same probe; outliers become findings."""
-        peers = list(self.replicas(uid))
-        if len(peers) < self.cross_check.min_replicas:
+                states[peer] = _flat(self.client.state(peer, uid))
+            except Exception as error:
+                logger.debug(f"state of {uid} on {peer[-8:]} unavailable: {error!r}")
+        shapes = {tuple(v.shape) for v in states.values()}
+        if len(shapes) != 1:
             return []
-        probe = probe or encode_probe(self._random.getrandbits(63), self.probe_rows)
-        verdict = self.cross_check.judge(self._answers(uid, decode_probe(probe, self.d_model), peers))
+        verdict = self.params_check.judge(states)
         return [
-            HostFinding(peer, uid, "expert_outputs", {"distance": verdict.distances[peer]}, probe,
-                        f"{uid}: answer {verdict.distances[peer]:.3g} away from the replicas' median "
-                        f"(tolerance {self.cross_check.tolerance:g})")
+            HostFinding(peer, uid, "replica_params", {"distance": verdict.distances[peer]}, b"",
+                        f"{uid}: parameters {verdict.distances[peer]:.3g} away from the replicas' median "
+                        f"(tolerance {self.params_check.tolerance:g})")
             for peer in verdict.outliers
         ]
 
     def probe_training(self, peer: str, uid: str, probe: Optional[bytes] = None) -> Optional[HostFinding]:
-        probe = probe or encode_probe(self._random.getrandbits(63), self.probe_rows)
+        probe = probe or self._probe()
         inputs = decode_probe(probe, self.d_model)
-        grad = torch.randn(inputs.shape, generator=torch.Generator().manual_seed(len(probe) + inputs.numel())) * 1e-3
+        grad = torch.randn(inputs.shape, generator=torch.Generator().manual_seed(inputs.numel())) * 1e-3
         try:
             result = training_probe(
                 lambda x: self.client.forward(peer, uid, x),
@@ -252,34 +311,64 @@ class ExpertAuditor:
                            f"{uid}: outputs unchanged after {self.training_calls} backward call(s)")
 
     def audit(self, uids: Sequence[str], count: int = 1) -> List[HostFinding]:
-        """Cross-check ``count`` random uids and probe one random replica of each for training."""
+        """For ``count`` random uids: attest and probe every replica, cross-check the replicas' parameters."""
         findings: List[HostFinding] = []
         for uid in self._random.sample(list(uids), min(count, len(uids))):
-            findings += self.cross_check_uid(uid)
-            peers = list(self.replicas(uid))
-            if peers:
-                finding = self.probe_training(self._random.choice(peers), uid)
-                if finding is not None:
-                    findings.append(finding)
+            for peer in list(self.replicas(uid)):
+                for finding in (self.attest(peer, uid), self.probe_training(peer, uid)):
+                    if finding is not None:
+                        findings.append(finding)
+            findings += self.cross_check_params(uid)
         return findings
 
     def reverify(self, accusation: Accusation, attempts: int = 2) -> Optional[bool]:
-        """Run the accused audit again: True confirmed, False refuted, None cannot tell (host gone, too few replicas)."""
+        """Run the audit again on the same probe: True confirmed, False refuted, None cannot tell."""
+        peer, uid = accusation.accused, accusation.uid
+        if peer not in self.replicas(uid):
+            return None
+        if accusation.kind == "replica_params":
+            return any(f.peer == peer for f in self.cross_check_params(uid))
         try:
             decode_probe(accusation.probe, self.d_model)
         except ValueError:
             return False
-        if accusation.accused not in self.replicas(accusation.uid):
+        audit = self.attest if accusation.kind == "expert_outputs" else self.probe_training if accusation.kind == "no_train" else None
+        if audit is None:
             return None
-        if accusation.kind == "expert_outputs":
-            verdict = self.cross_check.judge(
-                self._answers(accusation.uid, decode_probe(accusation.probe, self.d_model), list(self.replicas(accusation.uid)))
-            )
-            if not verdict.conclusive:
-                return None
-            return accusation.accused in verdict.outliers
-        if accusation.kind == "no_train":
-            # the accused must fail every attempt: one skipped fp16 step must not get an honest host banned
-            return all(self.probe_training(accusation.accused, accusation.uid, accusation.probe) is not None
-                       for _ in range(attempts))
-        return None
+        # every attempt must fail: one skipped fp16 step or one unlucky race must not get an honest host banned
+        return all(audit(peer, uid, accusation.probe) is not None for _ in range(attempts))
+
+
+class RemoteExpertClient:
+    """:class:`ExpertClient` over hivemind's expert protocol and athome's state servicer (``peer/server.py``)."""
+
+    def __init__(self, dht, timeout: float = 30.0):
+        from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
+
+        self.dht, self.timeout = dht, timeout
+        self.p2p = RemoteExpertWorker.run_coroutine(dht.replicate_p2p())
+
+    def _call(self, peer: str, uid: str, tensors: List[torch.Tensor], backward: bool) -> torch.Tensor:
+        import asyncio
+
+        from hivemind.compression import serialize_torch_tensor
+        from hivemind.moe.client.expert import expert_backward, expert_forward, get_server_stub
+        from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
+        from hivemind.p2p import PeerID
+
+        stub = get_server_stub(self.p2p, PeerID.from_base58(peer))
+        tensors = [t.detach().float().cpu() for t in tensors]
+        serialized = [serialize_torch_tensor(t) for t in tensors]
+        call = (expert_backward if backward else expert_forward)(uid, tensors, serialized, stub)
+        return RemoteExpertWorker.run_coroutine(asyncio.wait_for(call, self.timeout))[0]
+
+    def forward(self, peer: str, uid: str, inputs: torch.Tensor) -> torch.Tensor:
+        return self._call(peer, uid, [inputs], backward=False)
+
+    def backward(self, peer: str, uid: str, inputs: torch.Tensor, grad_outputs: torch.Tensor) -> torch.Tensor:
+        return self._call(peer, uid, [inputs, grad_outputs], backward=True)
+
+    def state(self, peer: str, uid: str) -> Dict[str, torch.Tensor]:
+        from athome.peer.server import download_expert_state
+
+        return download_expert_state(self.dht, peer, uid, timeout=self.timeout)

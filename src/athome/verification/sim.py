@@ -34,7 +34,7 @@ from athome.verification.bans import BanAuthority
 from athome.verification.board import MemoryHub
 from athome.verification.calibration import Tolerances
 from athome.verification.commitments import CommitmentWindow, commit
-from athome.verification.expert_checks import ExpertAuditor, GradNormGuard, ReplicaCrossCheck
+from athome.verification.expert_checks import ExpertAuditor, GradNormGuard
 from athome.verification.proof import StepProof
 from athome.verification.recording import RecordingDispatcher, StepRecorder
 from athome.verification.replay import autocast_for
@@ -142,6 +142,9 @@ class SimExpertClient:
 
     def backward(self, peer: str, uid: str, inputs: torch.Tensor, grad_outputs: torch.Tensor) -> torch.Tensor:
         return self.hosts[peer].backward(uid, inputs, grad_outputs)
+
+    def state(self, peer: str, uid: str) -> Dict[str, torch.Tensor]:
+        return {name: p.detach().clone() for name, p in self.hosts[peer].experts[uid].named_parameters()}
 
 
 class SimExpertLayer:
@@ -274,10 +277,7 @@ class SimSwarm:
             sampler = TrustSampler(base_rate=config.check_rate, seed=config.seed + 7)
             self.validator = Validator(self.hub.board(self.coordinator_id), self.proofs, checker, sampler, accuse=False)
             self.proofs.add(self.coordinator_id, self.validator.lookup)
-            self.auditor = ExpertAuditor(
-                SimExpertClient(self.hosts), self._replicas, mc.d_model, cross_check=ReplicaCrossCheck(),
-                seed=config.seed + 11,
-            )
+            self.auditor = ExpertAuditor(SimExpertClient(self.hosts), self._replicas, mc, seed=config.seed + 11)
             self.authority = BanAuthority(self.validator, auditor=self.auditor,
                                           max_false_accusations=config.max_false_accusations)
         self.bans: Dict[str, int] = {}  # peer -> step banned
@@ -412,6 +412,9 @@ class SimSwarm:
                 for params in replicas:
                     for p, value in zip(params, _split(average, params)):
                         p.copy_(value)
+        for host in live:  # a malicious host keeps (or re-applies) its poison instead of adopting the average
+            if host.attack is not None:
+                host.attack.poison([p for e in host.experts.values() for p in e.parameters()])
 
     # -------------------------------------------------------------------------------------------- attacks
     def _accuse_falsely(self, liar: SimTrainer) -> None:
