@@ -98,7 +98,12 @@ def run_swarm(workdir: Path, config_path: Path, args) -> Dict[str, List[dict]]:
             if code != 0:
                 raise RuntimeError(f"{child.name} exited with {code}; see {child.log_path}")
         print(f"swarm trained {args.trainers} x {args.steps} steps in {time.monotonic() - started:.0f}s", flush=True)
-        return {peer: [json.loads(line) for line in log.read_text().splitlines()] for peer, log in trainers.items()}
+        logs = {peer: [json.loads(line) for line in log.read_text().splitlines()] for peer, log in trainers.items()}
+        for rows in logs.values():
+            if len(rows) > 10:  # the first steps include connecting and warm-up
+                print(f"swarm trainer: {(rows[-1]['time'] - rows[9]['time']) / (len(rows) - 10):.3f} s/step "
+                      f"after step 10", flush=True)
+        return logs
     finally:
         for child in children:
             child.terminate()
@@ -178,7 +183,8 @@ def main() -> None:
 
     started = time.monotonic()
     central, validation = train_centralized(config, peers, args.steps, args.eval_batches)
-    print(f"centralized trained {args.steps} steps in {time.monotonic() - started:.0f}s", flush=True)
+    print(f"centralized trained {args.steps} steps in {time.monotonic() - started:.0f}s "
+          f"({(time.monotonic() - started) / args.steps:.3f} s/step incl. data and evaluation)", flush=True)
 
     samples_per_step = args.batch_size * args.trainers * config.model.seq_len
     window = min(args.window, args.steps)

@@ -25,6 +25,7 @@ The last line is ``remote/local throughput: X.XX`` (athome's default path over l
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import signal
@@ -45,6 +46,7 @@ import torch.nn.functional as F  # noqa: E402
 from athome.config import ModelConfig, OptimizerConfig  # noqa: E402
 from athome.model.expert import build_expert  # noqa: E402
 from athome.model.moe import LocalDispatcher, MoELayer  # noqa: E402
+from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker  # noqa: E402
 
 logger = logging.getLogger("bench.remote_overhead")
 RUN_NAME = "bench"
@@ -131,10 +133,9 @@ def build_local(model: ModelConfig, opt: OptimizerConfig) -> Callable:
     return lambda x, target: moe_step(layer, optimizers, experts, x, target, opt.grad_clip)
 
 
-def build_athome(model: ModelConfig, opt: OptimizerConfig, dht, variant: str) -> Callable:
+def build_athome(model: ModelConfig, opt: OptimizerConfig, dht, p2p, variant: str) -> Callable:
     """``variant``: ``default`` (athome's default path), ``fp32`` (default path, uncompressed wire) or ``hivemind``
     (uncompressed, forced onto hivemind's handlers: athome before the direct path)."""
-    from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
     from hivemind.proto import runtime_pb2
 
     from athome.dht.schemas import run_key
@@ -145,7 +146,6 @@ def build_athome(model: ModelConfig, opt: OptimizerConfig, dht, variant: str) ->
     while registry.num_hosts() == 0 and time.monotonic() < deadline:
         registry.refresh(force=True)
         time.sleep(0.2)
-    p2p = RemoteExpertWorker.run_coroutine(dht.replicate_p2p())
     kwargs = {} if variant == "default" else dict(wire_compression=runtime_pb2.CompressionType.NONE)
     dispatcher = RemoteDispatcher(model.expert_uids(), registry, p2p, **kwargs)
     if variant == "hivemind":
@@ -197,6 +197,57 @@ def build_hivemind(model: ModelConfig, opt: OptimizerConfig, dht, host_peer_id: 
     return step
 
 
+async def close_p2p(p2p) -> None:
+    """Shut a P2P replica down on its own event loop (its ``__del__`` elsewhere raises) and let its tasks end."""
+    await p2p.shutdown()
+    await asyncio.sleep(0.1)
+
+
+def measure_phases(model: ModelConfig, p2p, host_peer_id: str, rows: int, repeats: int = 60) -> Dict[str, float]:
+    """Median latency (ms) of single requests to the host, to split a step's time into its parts.
+
+    Interleaved, so that background load hits every probe alike: an empty round trip to the host process (direct
+    path) and to a hivemind handler process (``rpc_info``); one expert's forward of ``rows`` tokens on each path;
+    and the same forward in this process (``ExpertBackend.forward``, no network) for the compute alone.
+    """
+    from hivemind.compression import serialize_torch_tensor
+    from hivemind.moe.client.expert import expert_forward
+    from hivemind.moe.server.connection_handler import ConnectionHandler
+    from hivemind.p2p import PeerID
+    from hivemind.proto import runtime_pb2
+    from hivemind.utils import MSGPackSerializer
+
+    from athome.model.expert import expert_input_schema
+    from athome.peer.backend import ExpertBackend
+    from athome.peer.server import DirectExpertServicer
+
+    uid = model.expert_uids()[0]
+    peer = PeerID.from_base58(host_peer_id)
+    direct, hivemind = DirectExpertServicer.get_stub(p2p, peer), ConnectionHandler.get_stub(p2p, peer)
+    x = torch.randn(rows, model.d_model)
+    empty = runtime_pb2.ExpertRequest(metadata=MSGPackSerializer.dumps(dict(uids=[], counts=[])))
+    one = runtime_pb2.ExpertRequest(tensors=[serialize_torch_tensor(x)],
+                                    metadata=MSGPackSerializer.dumps(dict(uids=[uid], counts=[1])))
+    backend = ExpertBackend(uid, build_expert(model, uid), optimizer_config=OptimizerConfig(),
+                            args_schema=expert_input_schema(model), max_batch_size=16384)
+    run = RemoteExpertWorker.run_coroutine
+    probes = {
+        "round trip, host process (direct, empty)": lambda: run(direct.rpc_forward(empty)),
+        "round trip, hivemind handler process (rpc_info)": lambda: run(hivemind.rpc_info(runtime_pb2.ExpertUID(uid=uid))),
+        f"forward {rows} tokens, direct path": lambda: run(direct.rpc_forward(one)),
+        f"forward {rows} tokens, hivemind handler->TaskPool->Runtime": lambda: run(
+            expert_forward(uid, [x], [serialize_torch_tensor(x)], hivemind)),
+        f"forward {rows} tokens, compute only (in-process backend)": lambda: backend.forward(x),
+    }
+    times: Dict[str, List[float]] = {label: [] for label in probes}
+    for _ in range(repeats):
+        for label, probe in probes.items():
+            started = time.perf_counter()
+            probe()
+            times[label].append(time.perf_counter() - started)
+    return {label: 1000 * statistics.median(values[repeats // 10:]) for label, values in times.items()}
+
+
 def time_steps(step: Callable, batches: List[tuple]) -> float:
     """Samples/s of ``step`` over ``batches`` (after one untimed warm-up step)."""
     step(*batches[0])
@@ -209,14 +260,16 @@ def time_steps(step: Callable, batches: List[tuple]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=40, help="timed steps per variant and round")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=25, help="timed steps per variant and round")
+    parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--hivemind_steps", type=int, default=3, help="steps of stock RemoteMixtureOfExperts (0: skip)")
     parser.add_argument("--batch", type=int, default=128, help="tokens per step")
     parser.add_argument("--experts", type=int, default=4)
     parser.add_argument("--k", type=int, default=2)
     parser.add_argument("--d_model", type=int, default=128)
     parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--phases", type=int, default=64, metavar="ROWS",
+                        help="also time single requests of ROWS tokens on each path (0: skip)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads of this process and of the host (0: torch's default); "
                              "1 keeps a shared 2-core box from oversubscribing")
@@ -236,7 +289,7 @@ def main() -> None:
 
     workdir = Path(tempfile.mkdtemp(prefix="athome-bench-"))
     swarm = None
-    dht = None
+    dht = p2p = None
     previous_sigterm = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         started = time.monotonic()
@@ -252,9 +305,10 @@ def main() -> None:
               flush=True)
 
         variants: Dict[str, Callable] = {"local (in-process MoELayer)": build_local(model, opt)}
+        p2p = RemoteExpertWorker.run_coroutine(dht.replicate_p2p())
         names = {"default": "", "fp32": " (fp32 wire)", "hivemind": " (fp32, hivemind handlers)"}
         for variant in [v for v in args.variants.split(",") if v]:
-            variants["athome RemoteDispatcher" + names[variant]] = build_athome(model, opt, dht, variant)
+            variants["athome RemoteDispatcher" + names[variant]] = build_athome(model, opt, dht, p2p, variant)
         rates: Dict[str, List[float]] = {label: [] for label in variants}
         for round_index in range(args.rounds):
             for label, step in variants.items():
@@ -264,18 +318,25 @@ def main() -> None:
             label = "hivemind RemoteMixtureOfExperts"
             rates[label] = [time_steps(hivemind_step, batches[: args.hivemind_steps + 1])]
 
+        if args.phases:
+            print(f"\nsingle requests, median ms ({args.phases} tokens = one expert's share of a {args.batch}-token step)")
+            for label, ms in measure_phases(model, p2p, swarm.host_peer_id, args.phases).items():
+                print(f"  {label:58s} {ms:6.2f}")
+
         local = statistics.median(rates["local (in-process MoELayer)"])
         print(f"\n{args.experts} experts, k={args.k}, batch {args.batch} tokens, d_model {args.d_model}, "
               f"hidden {args.hidden}; forward+backward+AdamW; median of {args.rounds} rounds x {args.steps} steps")
-        print(f"{'variant':44s} {'samples/s':>10s} {'ms/step':>8s} {'/local':>7s}  {'range':s}")
+        print(f"{'variant':48s} {'samples/s':>10s} {'ms/step':>8s} {'/local':>7s}  {'range':s}")
         for label, values in rates.items():
             rate = statistics.median(values)
             spread = f"{min(values):.0f}-{max(values):.0f}" if len(values) > 1 else ""
-            print(f"{label:44s} {rate:10.0f} {1000 * args.batch / rate:8.1f} {rate / local:7.3f}  {spread}")
+            print(f"{label:48s} {rate:10.0f} {1000 * args.batch / rate:8.1f} {rate / local:7.3f}  {spread}")
         remote = statistics.median(rates["athome RemoteDispatcher"]) if "athome RemoteDispatcher" in rates else 0.0
         print(f"remote/local throughput: {remote / local:.2f}")
     finally:
         signal.signal(signal.SIGTERM, previous_sigterm)
+        if p2p is not None:
+            RemoteExpertWorker.run_coroutine(close_p2p(p2p))
         if dht is not None:
             dht.shutdown()
         if swarm is not None:

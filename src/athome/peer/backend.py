@@ -252,6 +252,14 @@ class ExpertBackend(ModuleBackend):
         """The fp32 master weights, in ``parameter_names`` order (the module's own params unless offloaded)."""
         return list(self._master)
 
+    @property
+    def master_lock(self) -> "_MasterWeightsLock":
+        """Hold this while reading or changing ``master_parameters`` from another thread (replica averaging).
+
+        Training steps wait meanwhile; on release, an offloaded expert's device copy is refreshed from the master.
+        """
+        return _MasterWeightsLock(self)
+
     def device_memory_bytes(self) -> int:
         """Bytes of the tensors this expert keeps on its compute device between requests.
 
@@ -581,6 +589,21 @@ class ExpertBackend(ModuleBackend):
 
 
 _COUNTERS = ("num_updates", "num_backward_calls", "num_forward_calls", "samples_processed", "skipped_steps")
+
+
+class _MasterWeightsLock:
+    def __init__(self, backend: "ExpertBackend"):
+        self.backend = backend
+
+    def __enter__(self) -> None:
+        self.backend._lock.acquire()
+
+    def __exit__(self, *exc) -> None:
+        try:
+            if self.backend.offload:
+                self.backend._push_master_to_device(all_params=True)
+        finally:
+            self.backend._lock.release()
 
 
 def _all_finite(tensors: Sequence[torch.Tensor]) -> bool:

@@ -16,6 +16,7 @@ from typing import Dict, Optional
 
 import torch
 
+from athome.averaging.replica import ExpertReplicaAverager
 from athome.config import RunConfig
 from athome.dht import (
     Identity,
@@ -117,6 +118,29 @@ def build_backend(
     return backend
 
 
+def start_replica_averaging(
+    dht, config: RunConfig, backends: Dict[str, ExpertBackend], live_hosts: Dict[str, list]
+) -> list[ExpertReplicaAverager]:
+    """Average each hosted expert with its replicas on other hosts, every ``averaging.period`` seconds.
+
+    Rounds run in background processes; serving waits only for the copies in and out of the expert.
+    """
+    averaging = config.averaging
+    averagers = []
+    for uid, backend in backends.items():
+        averagers.append(ExpertReplicaAverager(
+            dht, uid, backend.master_parameters, run_prefix=config.key_prefix, lock=backend.master_lock,
+            target_group_size=averaging.target_group_size, period=averaging.period,
+            expected_replicas=len(live_hosts.get(uid, ())) + 1, reducer=averaging.reducer,
+            clip_tau=averaging.clip_tau, clip_iterations=averaging.clip_iterations, compression=averaging.compression,
+        ))
+    logger.info(
+        f"Averaging {len(averagers)} experts with their replicas every {averaging.period:.0f}s "
+        f"({averaging.reducer}, {averaging.compression}; set [averaging] in the run config)"
+    )
+    return averagers
+
+
 def run_join(args: argparse.Namespace) -> None:
     try:
         address = RunAddress.parse(args.run)
@@ -184,6 +208,7 @@ def run_join(args: argparse.Namespace) -> None:
     presence.start()
     saver = CheckpointSaver(backends, checkpoint_dir, every_updates=100, every_seconds=60)
     saver.start()
+    replica_averagers = start_replica_averaging(dht, config, backends, live_hosts)
     if declarer.declared.wait(timeout=60):
         emit(f"serving experts: {','.join(backends)}")
     else:
@@ -201,6 +226,8 @@ def run_join(args: argparse.Namespace) -> None:
     finally:
         logger.info("Leaving: saving checkpoints and withdrawing declarations")
         presence.stop()
+        for averager in replica_averagers:
+            averager.shutdown()
         saver.stop()
         if trainer_thread is not None:
             trainer_thread.join(timeout=30)

@@ -79,7 +79,9 @@ def serve_reachability(dht, host_maddrs: Sequence[str]) -> ReachabilityServicer:
     servicer = ReachabilityServicer(host_maddrs)
 
     async def register():
-        await servicer.add_p2p_handlers(await dht.replicate_p2p())
+        # keep the replica referenced: when it is garbage-collected, its handlers silently stop answering
+        servicer.p2p = await dht.replicate_p2p()
+        await servicer.add_p2p_handlers(servicer.p2p)
 
     RemoteExpertWorker.run_coroutine(register())
     return servicer

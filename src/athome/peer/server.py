@@ -16,6 +16,7 @@ them. What differs from ``hivemind.moe.Server``:
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -138,7 +139,15 @@ class ValidatingConnectionHandler(ConnectionHandler):
                 yield runtime_pb2.ExpertResponse(tensors=[part])
 
 
+WIRE_COMPRESSIONS = frozenset(
+    (runtime_pb2.CompressionType.NONE, runtime_pb2.CompressionType.FLOAT16, runtime_pb2.CompressionType.MEANSTD_16BIT)
+)  # what a direct request may ask the host to answer in (8-bit codecs of hivemind 1.1.12 break on numpy 2)
+
+
 def locked(fn: Callable, lock: threading.Lock) -> Callable:
+    """``fn`` called with ``lock`` held."""
+
+    @functools.wraps(fn)
     def call(*args):
         with lock:
             return fn(*args)
@@ -168,8 +177,8 @@ class DirectExpertServicer(ServicerBase):
     ``{"uids": [uid, ...], "counts": [tensors of each uid, ...], "compression": CompressionType or absent}`` and whose
     ``tensors`` are each uid's tensors in turn (hivemind's flat forward / backward schema per expert). The
     ``ExpertResponse`` has ``metadata`` msgpack ``{"counts": [...], "errors": [None or message, ...]}`` and the
-    tensors of the experts that succeeded, in order, serialized with the requested compression (default none).
-    One expert's bad input fails that expert alone. Requests are computed one at a time, on one thread, so the
+    tensors of the experts that succeeded, in order, serialized with the requested compression (one of
+    ``WIRE_COMPRESSIONS``; default none). One expert's bad input fails that expert alone. Requests are computed one at a time, on one thread, so the
     event loop stays free to read the next request meanwhile.
     """
 
@@ -193,6 +202,8 @@ class DirectExpertServicer(ServicerBase):
         compression = meta.get("compression", runtime_pb2.CompressionType.NONE)
         if len(uids) != len(counts) or sum(counts) != len(request.tensors):
             raise BadRequest(f"request lists {sum(counts)} tensors for {len(uids)} experts, carries {len(request.tensors)}")
+        if compression not in WIRE_COMPRESSIONS:
+            raise BadRequest(f"unsupported response compression {compression!r}; use NONE, FLOAT16 or MEANSTD_16BIT")
         out_tensors, out_counts, errors = [], [], []
         start = 0
         for uid, count in zip(uids, counts):
@@ -339,7 +350,8 @@ class ExpertServer(Server):
 
     def run(self) -> None:
         async def add_host_handlers():
-            p2p = await self.dht.replicate_p2p()
+            # keep the replica referenced: when it is garbage-collected, its handlers silently stop answering
+            self.host_p2p = p2p = await self.dht.replicate_p2p()
             await self.state_servicer.add_p2p_handlers(p2p)
             await self.direct_servicer.add_p2p_handlers(p2p)
 

@@ -127,10 +127,6 @@ class _Call:
     slots: torch.Tensor  # which of the token's k slots it fills
 
 
-class HostUnreachable(RuntimeError):
-    """The host's whole request failed (timeout, connection, daemon error): every expert on it is skipped."""
-
-
 class RemoteDispatcher:
     """A :class:`~athome.model.moe.Dispatcher` whose experts are remote: one RPC per host per layer and pass.
 

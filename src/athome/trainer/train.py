@@ -20,9 +20,9 @@ from typing import Optional
 
 import hivemind
 import torch
-from hivemind.compression import Float16Compression, NoCompression
 from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
 
+from athome.averaging import RobustGradientAverager, get_codec
 from athome.config import RunConfig
 from athome.devices import resolve_device, resolve_precision
 from athome.dht import (
@@ -102,7 +102,11 @@ class Trainer:
             matchmaking_time=3.0,
             averaging_timeout=30.0,
             averager_opts=dict(request_timeout=1.0),  # below matchmaking_time, see hivemind #443
-            grad_compression=Float16Compression() if config.averaging.compression == "fp16" else NoCompression(),
+            grad_compression=get_codec(config.averaging.compression),
+            grad_averager_factory=partial(
+                RobustGradientAverager, reducer=config.averaging.reducer, clip_tau=config.averaging.clip_tau,
+                clip_iterations=config.averaging.clip_iterations,
+            ),
             verbose=False,
         )
         self.step = 0

@@ -130,8 +130,8 @@ class TrainerAttack(DispatchTamper):
     def begin_step(self, step: int) -> None:
         self.step = step
         self.on = step >= self.spec.start and self._random.random() < self.spec.probability
-        if self.on and self.kind not in ("false_accusation", "equivocation"):
-            self.attacked_steps.append(step)
+        if self.on and self.kind in ("label_flip", "poisoned_grad_outputs", "fake_expert_outputs", "diverged_params"):
+            self.attacked_steps.append(step)  # the others count when they actually change something
 
     # ---- forward ----------------------------------------------------------------------------------------------
     def losses(self, model, batch: torch.Tensor):
@@ -178,6 +178,7 @@ class TrainerAttack(DispatchTamper):
         if self.on:
             fake = self._fake(params, honest)
             if fake is not None:
+                self.attacked_steps.append(self.step)
                 with torch.no_grad():
                     for p, value in zip(params, fake):
                         if p.grad is None:

@@ -28,10 +28,17 @@ from athome.dht.schemas import MAX_BANS, Accusation, BanEntry, BanRecord
 from athome.verification.board import Board
 from athome.verification.commitments import CommitmentBook
 from athome.verification.expert_checks import ExpertAuditor, HostFinding
-from athome.verification.validator import STEP_KINDS, CheckResult, ProofSource, StepChecker, Validator
+from athome.verification.validator import STEP_KINDS, ProofSource, ProofUnavailable, StepChecker, Validator
 
 logger = logging.getLogger(__name__)
 HOST_KINDS = frozenset({"expert_outputs", "replica_params", "no_train"})
+
+
+def matches_commitment(proof, seen) -> bool:
+    """Whether ``proof`` is exactly the bundle ``seen`` commits to (identity and all three hashes)."""
+    c = seen.commitment
+    return (proof.peer_id == seen.peer and proof.session == seen.session and proof.step == c.step
+            and proof.params_hash == c.params_hash and proof.grad_hash == c.grad_hash and proof.io_hash == c.io_hash)
 
 
 class BanAuthority:
@@ -115,18 +122,27 @@ class BanAuthority:
         seen = self.book.get(accusation.accused, accusation.session, accusation.step)
         if seen is None:
             return None
-        proof = self.proofs.fetch(accuser, accusation.accused, accusation.step)
-        if proof is None or proof.session != seen.session or proof.peer_id != seen.peer:
-            proof = self.proofs.fetch(accusation.accused, accusation.accused, accusation.step)
-        if proof is None and accusation.kind == "missing_proof":
-            # only while the step is still in the accused's published window must it be able to serve it
-            return True if self.validator.in_current_window(seen) else None
-        if proof is None:
-            return None
+        # evidence from the accuser counts only if it *is* the accused's committed bundle (hashes match the signed
+        # commitment); otherwise a liar could hand in a doctored bundle and have it fail on the accused's behalf
+        proof = self._fetch(accuser, accusation.accused, accusation.step)
+        if proof is None or not matches_commitment(proof, seen):
+            try:
+                proof = self.proofs.fetch(accusation.accused, accusation.accused, accusation.step)
+            except ProofUnavailable:
+                return None  # the coordinator cannot reach it either: no verdict (its own checks will count that)
+            if proof is None:
+                # the accused itself answered "not found": that is a failure while the step is in its window
+                return True if self.validator.in_current_window(seen) else None
         result = self.validator.check_with(seen, proof)
         if result.verdict == "inconclusive":
             return None
         return result.failed
+
+    def _fetch(self, holder: str, owner: str, step: int):
+        try:
+            return self.proofs.fetch(holder, owner, step)
+        except ProofUnavailable:
+            return None
 
     def report_host_findings(self, findings: Iterable[HostFinding]) -> List[BanEntry]:
         """The coordinator's own host audits: re-run once more (transient noise), then ban."""

@@ -133,13 +133,15 @@ def _replay_in_subprocess(directory: Path, setting: Dict[str, str], device: str)
     env.update({k: v for k, v in setting.items() if k != "threads"})
     command = [sys.executable, "-m", "athome.verification.calibration", "--replay", str(directory),
                "--threads", setting.get("threads", "1"), "--device", device]
-    output = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout
-    return [json.loads(line) for line in output.splitlines() if line.startswith("{")]
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"replay with {setting} failed:\n{done.stderr[-3000:]}")
+    return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
 
 
 def calibrate(precisions: Sequence[str] = ("fp32", "bf16", "fp16"), steps: int = 24, *, device: str = "cpu",
               settings: Sequence[Dict[str, str]] = VALIDATOR_SETTINGS, validator_devices: Sequence[str] = ("cpu",),
-              margin: float = MARGIN) -> Dict[str, dict]:
+              margin: float = MARGIN, model: Optional[dict] = None) -> Dict[str, dict]:
     """Measure honest distances for each precision; returns precision -> report (maxima, tolerances, FP counts)."""
     import torch
 
@@ -147,12 +149,12 @@ def calibrate(precisions: Sequence[str] = ("fp32", "bf16", "fp16"), steps: int =
 
     reports = {}
     for precision in precisions:
-        proofs = record_honest(precision, steps, device=device)
-        config = SimConfig(precision=precision).run_config()
+        proofs = record_honest(precision, steps, device=device, model=model)
+        config = SimConfig(precision=precision, **({"model": model} if model else {})).run_config()
         rows_by_setting = {}
         with tempfile.TemporaryDirectory() as tmp:
             directory = Path(tmp)
-            (directory / "config.json").write_text(config.model_dump_json())
+            (directory / "config.json").write_text(config.model.model_dump_json())
             for index, proof in enumerate(proofs):
                 (directory / f"{index:05d}.proof").write_bytes(proof.to_bytes())
             for validator_device in validator_devices:
@@ -201,6 +203,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--steps", type=int, default=24, help="sim steps (2 trainers each)")
     parser.add_argument("--device", default="cpu", help="the trainer's device (cpu or cuda)")
     parser.add_argument("--margin", type=float, default=MARGIN)
+    parser.add_argument("--model", choices=["small", "default"], default="small",
+                        help="the simulation's small model, or the run config's default model (slower)")
     parser.add_argument("--replay", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -209,8 +213,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         return
     logging.basicConfig(level=logging.WARNING)
     validator_devices = ("cpu",) if args.device == "cpu" else (args.device, "cpu")
+    from athome.config import ModelConfig
+
+    model = ModelConfig().model_dump() if args.model == "default" else None
     reports = calibrate(args.precisions.split(","), args.steps, device=args.device,
-                        validator_devices=validator_devices, margin=args.margin)
+                        validator_devices=validator_devices, margin=args.margin, model=model)
     print(json.dumps(reports, indent=1))
     for precision, report in reports.items():
         print(f"{precision}: worst honest {report['maxima']} -> tolerances {report['tolerances']}; "

@@ -155,7 +155,7 @@ class Replayer:
         for dispatcher in self.dispatchers:
             dispatcher.io = None
         return Recomputation(
-            loss=float(cross_entropy), grads=grads, grad_outputs=grad_outputs, route_mismatch=route_mismatch,
+            loss=cross_entropy.item(), grads=grads, grad_outputs=grad_outputs, route_mismatch=route_mismatch,
             seconds=time.perf_counter() - started,
         )
 

@@ -266,8 +266,10 @@ class SimSwarm:
             self.trainers.append(SimTrainer(name, peer_id, recorder, window, attack))
 
         self.proofs = LocalProofSource()
+        self.forged_evidence: Dict[tuple, StepProof] = {}  # what false accusers serve as "evidence"
         for trainer in self.trainers:
-            self.proofs.add(trainer.peer_id, lambda owner, step, t=trainer: t.recorder.get(step) if owner == t.peer_id else None)
+            self.proofs.add(trainer.peer_id, lambda owner, step, t=trainer: (
+                t.recorder.get(step) if owner == t.peer_id else self.forged_evidence.get((t.peer_id, owner, step))))
         self.validator: Optional[Validator] = None
         self.authority: Optional[BanAuthority] = None
         self.auditor: Optional[ExpertAuditor] = None
@@ -423,6 +425,12 @@ class SimSwarm:
             return
         victim = self.rng.choice(victims)
         commitment = victim.window.record().entries[-1]
+        honest = victim.recorder.get(commitment.step)
+        if honest is not None:  # doctored "evidence": the victim's bundle with its contribution doubled
+            self.forged_evidence[(liar.peer_id, victim.peer_id, commitment.step)] = StepProof(
+                **{**{f: getattr(honest, f) for f in ("peer_id", "session", "step", "seed", "epoch", "loss", "samples",
+                                                      "precision", "device", "params", "layers")},
+                   "grads": [g * 2 for g in honest.grads]})
         accusation = Accusation(accused=victim.peer_id, kind="gradient", step=commitment.step,
                                 session=victim.window.session, commitment=commitment,
                                 figures={"grad": 3.0}, detail="forged", at=time.time())

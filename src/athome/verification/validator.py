@@ -73,10 +73,15 @@ class CheckResult:
         return self.verdict == "pass"
 
 
+class ProofUnavailable(RuntimeError):
+    """The holder could not be asked (unreachable, timed out, garbled answer): no verdict either way."""
+
+
 class ProofSource(Protocol):
     def fetch(self, holder: str, owner: str, step: int) -> Optional[StepProof]:
         """The bundle of ``owner``'s ``step``, asked of peer ``holder`` (the owner itself, or an accuser holding it
-        as evidence); None if the holder does not have it or cannot be reached."""
+        as evidence); None if the holder answered that it does not have it. Raises :class:`ProofUnavailable` if the
+        holder could not be asked."""
 
 
 class LocalProofSource:
@@ -226,6 +231,8 @@ class Validator:
       :class:`~athome.verification.bans.BanAuthority`)
     :param on_result: called with every :class:`CheckResult` (e.g. the coordinator's ledger)
     :param max_checks_per_poll: cap on recomputations per poll (the rest of the sample waits in a queue)
+    :param max_unreachable: consecutive checks a trainer may fail to answer (network) before it counts as unable
+      to produce its bundles (it would otherwise contribute unverifiable gradients forever)
     """
 
     def __init__(
@@ -240,6 +247,7 @@ class Validator:
         on_result: Optional[Callable[[CheckResult], None]] = None,
         max_checks_per_poll: Optional[int] = None,
         evidence_size: int = 16,
+        max_unreachable: int = 5,
     ):
         self.board, self.proofs, self.checker, self.sampler = board, proofs, checker, sampler
         self.peer_id = board.peer_id
@@ -254,6 +262,8 @@ class Validator:
         self._accusations: List[Accusation] = []
         self._reference_cache: "OrderedDict[str, List[torch.Tensor]]" = OrderedDict()
         self.checks = self.failures = 0
+        self.max_unreachable = max_unreachable
+        self._unreachable: Dict[str, int] = {}
         self.latest_records: Dict[str, CommitmentRecord] = {}
 
     # ---------------------------------------------------------------------------------------------- main loop
@@ -294,7 +304,23 @@ class Validator:
 
     def check(self, seen: SeenCommitment) -> CheckResult:
         """Fetch and check one committed step (no accounting)."""
-        return self.check_with(seen, self.proofs.fetch(seen.peer, seen.peer, seen.commitment.step))
+        if seen.session == self.book.current_session(seen.peer) and seen.peer in self.latest_records \
+                and not self.in_current_window(seen):
+            # the trainer moved on and dropped the bundle, as it may: the check came too late (validator backlog)
+            return CheckResult(seen.peer, seen.session, seen.commitment.step, "inconclusive", "expired",
+                               commitment=seen.commitment)
+        try:
+            proof = self.proofs.fetch(seen.peer, seen.peer, seen.commitment.step)
+        except ProofUnavailable as error:
+            count = self._unreachable[seen.peer] = self._unreachable.get(seen.peer, 0) + 1
+            if count < self.max_unreachable:
+                return CheckResult(seen.peer, seen.session, seen.commitment.step, "inconclusive", "unreachable",
+                                   detail=str(error)[:200], commitment=seen.commitment)
+            self._unreachable[seen.peer] = 0
+            return CheckResult(seen.peer, seen.session, seen.commitment.step, "fail", "missing_proof",
+                               detail=f"could not serve its bundles {count} times in a row", commitment=seen.commitment)
+        self._unreachable.pop(seen.peer, None)
+        return self.check_with(seen, proof)
 
     def check_with(self, seen: SeenCommitment, proof: Optional[StepProof]) -> CheckResult:
         stale = proof is None or proof.session != seen.session
@@ -323,7 +349,10 @@ class Validator:
         for seen in self.book_entries(epoch, params_hash):
             if seen.peer == exclude:
                 continue
-            proof = self.proofs.fetch(seen.peer, seen.peer, seen.commitment.step)
+            try:
+                proof = self.proofs.fetch(seen.peer, seen.peer, seen.commitment.step)
+            except ProofUnavailable:
+                continue
             if proof is not None and proof.params_hash == params_hash:
                 self._reference_cache[params_hash] = proof.params
                 while len(self._reference_cache) > 4:

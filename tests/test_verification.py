@@ -1,0 +1,263 @@
+"""Verification: recomputation catches every simulated attack, bans follow, honest peers are left alone.
+
+Most tests run an in-process swarm (``athome.verification.sim``): real model, corpus, recording, commitments,
+bundles, recomputation, CenteredClip aggregation, re-verification and bans; the network is simulated (trainers run
+one after another on shared dense parameters). Records and bundle transfer are also tested on real DHT nodes on
+127.0.0.1.
+"""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from athome.dht import Identity, start_dht, store_record
+from athome.dht.records import owner_subkey
+from athome.dht.schemas import BanEntry, BanRecord, CommitmentRecord, run_key
+from athome.verification.attacks import HOST_KINDS, TRAINER_KINDS, AttacksDisabled, AttackSpec, TrainerAttack
+from athome.verification.board import DHTBoard
+from athome.verification.calibration import CPU_TOLERANCES
+from athome.verification.commitments import CommitmentBook, CommitmentWindow, commit
+from athome.verification.expert_checks import GradNormGuard
+from athome.verification.proof import StepProof
+from athome.verification.sim import SimConfig, SimSwarm
+from athome.verification.validator import ProofUnavailable
+
+LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
+TINY = dict(d_model=32, n_layers=2, n_heads=2, seq_len=16, experts_per_layer=4, expert_hidden=64, top_k=2)
+MAX_LATENCY = 8  # steps from the first attacked step to the ban, for attacks present on every step
+
+
+def tiny(**overrides) -> SimConfig:
+    settings = dict(model=dict(TINY), n_trainers=3, batch_size=4, data_bytes=300_000)
+    settings.update(overrides)
+    return SimConfig(**settings)
+
+
+@pytest.fixture
+def attacks_allowed(monkeypatch):
+    monkeypatch.setenv("ATHOME_ALLOW_ATTACKS", "1")
+
+
+# ---------------------------------------------------------------------------------------------- bundles
+def test_bundle_round_trip_and_honest_replay_is_within_tolerance():
+    swarm = SimSwarm(tiny(validate=False))
+    proofs = [proof for _ in range(3) for proof in swarm.step().proofs]
+    proof = proofs[-1]
+    again = StepProof.from_bytes(proof.to_bytes())
+    assert (again.params_hash, again.grad_hash, again.io_hash) == (proof.params_hash, proof.grad_hash, proof.io_hash)
+    assert again.nbytes() == proof.nbytes()
+    # the recorder shares parameters between steps of one epoch and bounds memory
+    assert swarm.trainers[0].recorder.memory_bytes() > 0
+
+    from athome.verification.replay import Replayer, compare
+
+    replayer = Replayer(swarm.run_config.model, swarm.corpus, grad_clip=swarm.run_config.optimizer.grad_clip)
+    for item in proofs:
+        distances = compare(item, replayer.recompute(item))
+        tolerance = CPU_TOLERANCES[item.precision]
+        assert distances.grad <= tolerance.grad and distances.loss <= tolerance.loss
+        assert distances.grad_outputs <= tolerance.grad_outputs
+
+
+def test_a_slight_deviation_on_a_single_step_is_caught():
+    """0.1% on one step: the comparison is per step and per tensor, nothing is averaged away."""
+    from athome.verification.commitments import SeenCommitment
+    from athome.verification.validator import StepChecker
+
+    swarm = SimSwarm(tiny(validate=False, n_trainers=1))
+    proofs = [p for _ in range(4) for p in swarm.step().proofs]
+    checker = StepChecker(swarm.run_config, swarm.corpus)
+
+    def seen(proof: StepProof) -> SeenCommitment:
+        return SeenCommitment(proof.peer_id, proof.session, commit(proof), proof.precision, proof.device,
+                              swarm.corpus.fingerprint, first_seen=0.0)
+
+    assert all(checker.check(seen(p), p).passed for p in proofs)
+    cheat = StepProof(**{**{f: getattr(proofs[2], f) for f in (
+        "peer_id", "session", "step", "seed", "epoch", "loss", "samples", "precision", "device", "params", "layers")},
+        "grads": [g.clone() for g in proofs[2].grads]})
+    cheat.grads[3].mul_(1.001)  # one tensor, 0.1%, committed consistently (hashes match)
+    result = checker.check(seen(cheat), cheat)
+    assert result.failed and result.kind == "gradient", result
+
+
+# ---------------------------------------------------------------------------------------------- attacks
+def test_attacks_need_the_testing_switch(monkeypatch):
+    monkeypatch.delenv("ATHOME_ALLOW_ATTACKS", raising=False)
+    with pytest.raises(AttacksDisabled, match="ATHOME_ALLOW_ATTACKS=1"):
+        TrainerAttack("sign_flip")
+    with pytest.raises(ValueError, match="unknown attack"):
+        AttackSpec.parse("teleport")
+    assert AttackSpec.parse("slight:0.05@0.2+30") == AttackSpec("slight", 0.05, 0.2, 30)
+
+
+def _run_until_banned(config: SimConfig, target: str, max_steps: int):
+    swarm = SimSwarm(config)
+    peer_id = {p.name: p.peer_id for p in [*swarm.trainers, *swarm.hosts]}[target]
+    for _ in range(max_steps):
+        swarm.step()
+        if peer_id in swarm.bans:
+            break
+    return swarm, peer_id
+
+
+@pytest.mark.parametrize("kind", sorted(TRAINER_KINDS))
+def test_each_trainer_attack_is_caught_and_the_attacker_banned(kind, attacks_allowed):
+    swarm, attacker = _run_until_banned(tiny(trainer_attacks={0: kind}), "trainer-0", 16)
+    assert attacker in swarm.bans, f"{kind} was not caught"
+    attack = swarm.trainers[0].attack
+    first_attacked = attack.attacked_steps[0] if attack.attacked_steps else 0
+    assert swarm.bans[attacker] - first_attacked <= MAX_LATENCY
+    assert set(swarm.bans) == {attacker}, f"honest peers banned: {swarm.banned_kinds}"
+
+
+@pytest.mark.parametrize("kind", sorted(HOST_KINDS))
+def test_each_host_attack_is_caught_and_the_host_banned(kind, attacks_allowed):
+    swarm, host = _run_until_banned(tiny(host_attacks={0: kind}, audit_every=1), "host-0", 8)
+    assert host in swarm.bans, f"{kind} was not caught"
+    assert swarm.bans[host] <= MAX_LATENCY
+    assert set(swarm.bans) == {host}, f"honest peers banned: {swarm.banned_kinds}"
+
+
+def test_poisoned_grad_outputs_are_refused_by_the_host_guard():
+    guard = GradNormGuard()
+    generator = torch.Generator().manual_seed(0)
+    honest = [torch.randn(16, 32, generator=generator) * 1e-3 * (1 + i % 5) for i in range(64)]
+    assert all(guard.check("ffn.0.0", g) is None for g in honest)
+    reason = guard.check("ffn.0.0", honest[0] * -1000)
+    assert reason is not None and "outlier" in reason
+    assert guard.check("ffn.0.0", torch.zeros(16, 32)) is None  # small is never refused
+
+
+# ---------------------------------------------------------------------------------------------- honest peers
+def test_no_honest_peer_is_banned_over_500_bf16_checks():
+    """Every step of every trainer is checked (rate 1); the validator replays with another thread count."""
+    torch.set_num_threads(2)
+    swarm = SimSwarm(tiny(precision="bf16", n_trainers=4, check_rate=1.0, validator_threads=1, audit_every=10,
+                          model=dict(TINY, d_model=16, expert_hidden=32)))
+    while swarm.validator.checks < 500:
+        swarm.step()
+    assert swarm.bans == {}
+    assert swarm.validator.failures == 0
+    results = [r for r in swarm.validator.results if r.verdict != "inconclusive"]
+    assert len(results) >= 500
+    worst = max(r.figures["grad"] for r in results)
+    assert worst <= CPU_TOLERANCES["bf16"].grad
+    assert swarm.evaluate() < 5.0  # it trained
+
+
+def test_loss_with_an_attacker_stays_within_5_percent_of_a_clean_run(attacks_allowed):
+    steps = 30
+    clean = SimSwarm(tiny(n_trainers=4, seed=1))
+    clean.run(steps)
+    attacked = SimSwarm(tiny(n_trainers=4, seed=1, trainer_attacks={3: "sign_flip"}, host_attacks={2: "wrong_outputs"},
+                             audit_every=2))
+    attacked.run(steps)
+    assert set(attacked.bans) == {attacked.trainers[3].peer_id, attacked.hosts[2].peer_id}
+    clean_loss, attacked_loss = clean.evaluate(), attacked.evaluate()
+    assert clean_loss < 4.5  # both trained from ~5.5 nats
+    assert abs(attacked_loss - clean_loss) <= 0.05 * clean_loss, (clean_loss, attacked_loss)
+
+
+def test_a_restart_is_not_an_equivocation_and_unreachable_peers_are_not_banned_at_once():
+    from athome.verification.board import MemoryHub
+    from athome.verification.sim import fake_peer_id
+
+    swarm = SimSwarm(tiny(validate=False, n_trainers=1))
+    proof = swarm.step().proofs[0]
+    book = CommitmentBook()
+    window = CommitmentWindow(precision="bf16", device="cpu", corpus=swarm.corpus.fingerprint, session=1)
+    window.add(commit(proof))
+    assert len(book.update({proof.peer_id: window.record()}).new) == 1
+    restarted = CommitmentWindow(precision="bf16", device="cpu", corpus=swarm.corpus.fingerprint, session=2)
+    other = commit(swarm.step().proofs[0]).model_copy(update=dict(step=proof.step))
+    restarted.add(other)
+    update = book.update({proof.peer_id: restarted.record()})
+    assert update.equivocations == [] and update.new_sessions == [proof.peer_id]
+    rewritten = CommitmentWindow(precision="bf16", device="cpu", corpus=swarm.corpus.fingerprint, session=2)
+    rewritten.add(other.model_copy(update=dict(loss=other.loss + 1)))
+    assert len(book.update({proof.peer_id: rewritten.record()}).equivocations) == 1
+
+    # a trainer that cannot be reached is inconclusive, until it has been unreachable max_unreachable times
+    from athome.verification.trust import TrustSampler
+    from athome.verification.validator import StepChecker, Validator
+
+    class Unreachable:
+        def fetch(self, holder, owner, step):
+            raise ProofUnavailable("timeout")
+
+    hub = MemoryHub(fake_peer_id("coordinator"))
+    validator = Validator(hub.board(hub.coordinator_id), Unreachable(), StepChecker(swarm.run_config, swarm.corpus),
+                          TrustSampler(1.0, seed=0), accuse=False, max_unreachable=3)
+    trainer_window = CommitmentWindow(precision="bf16", device="cpu", corpus=swarm.corpus.fingerprint, session=5)
+    verdicts = []
+    for step in range(3):
+        trainer_window.add(commit(proof).model_copy(update=dict(step=step)))
+        hub.board(proof.peer_id).publish_commitments(trainer_window.record())
+        verdicts += [(r.verdict, r.kind) for r in validator.poll()]
+    assert verdicts == [("inconclusive", "unreachable")] * 2 + [("fail", "missing_proof")]
+
+
+# ---------------------------------------------------------------------------------------------- real DHT
+@pytest.fixture
+def three_nodes(tmp_path):
+    names = ("coordinator", "trainer", "liar")
+    identities = [Identity.load_or_create(tmp_path / f"{name}.key") for name in names]
+    first = start_dht(identities[0], host_maddrs=LOOPBACK, run_name="demo")
+    others = [start_dht(identity, host_maddrs=LOOPBACK, run_name="demo",
+                        initial_peers=[str(m) for m in first.get_visible_maddrs()]) for identity in identities[1:]]
+    nodes = [first, *others]
+    yield identities, nodes
+    for node in reversed(nodes):
+        node.shutdown()
+
+
+def test_commitments_and_bans_on_a_real_dht_and_bundles_over_p2p(three_nodes):
+    from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
+    from hivemind.utils import get_dht_time
+
+    from athome.verification.proofs import ProofServicer, RemoteProofSource
+
+    (coordinator, trainer, liar), (coordinator_dht, trainer_dht, liar_dht) = three_nodes
+    boards = {name: DHTBoard(dht, "demo", coordinator.peer_id) for name, dht in
+              (("coordinator", coordinator_dht), ("trainer", trainer_dht), ("liar", liar_dht))}
+
+    swarm = SimSwarm(tiny(validate=False, n_trainers=1))
+    proof = swarm.step().proofs[0]
+    proof.peer_id = trainer.peer_id
+    window = CommitmentWindow(precision=proof.precision, device="cpu", corpus=swarm.corpus.fingerprint, session=proof.session)
+    window.add(commit(proof))
+    assert boards["trainer"].publish_commitments(window.record())
+    records = boards["coordinator"].commitments()
+    assert records[trainer.peer_id].entries[0].grad_hash == proof.grad_hash
+
+    # nobody can commit in the trainer's name, or wipe the key
+    forged = window.record().model_copy(update=dict(entries=[]))
+    key = run_key("demo", "commitments")
+    assert not liar_dht.store(key, forged.model_dump(), get_dht_time() + 60, subkey=owner_subkey(trainer.peer_id))
+    assert not liar_dht.store(key, "wipe", get_dht_time() + 60)
+    assert len(boards["coordinator"].commitments()[trainer.peer_id].entries) == 1
+
+    # only the coordinator's ban record counts; a ban "signed" by anyone else is ignored
+    fake_ban = BanRecord(bans=[BanEntry(peer=trainer.peer_id, kind="gradient", reason="forged", at=time.time())])
+    assert store_record(liar_dht, run_key("demo", "bans"), fake_ban, ttl=60)
+    assert boards["trainer"].bans() == {}
+    real_ban = BanRecord(bans=[BanEntry(peer=liar.peer_id, kind="false_accusations", reason="3 refuted", at=time.time())])
+    assert boards["coordinator"].publish_bans(real_ban)
+    assert set(boards["trainer"].bans()) == {liar.peer_id}
+
+    # bundles travel over p2p; "not found" and "unreachable" are told apart
+    servicer = ProofServicer(lambda owner, step: proof if (owner, step) == (trainer.peer_id, proof.step) else None)
+    RemoteExpertWorker.run_coroutine(_add_handlers(trainer_dht, servicer))
+    source = RemoteProofSource(RemoteExpertWorker.run_coroutine(coordinator_dht.replicate_p2p()), timeout=20)
+    fetched = source.fetch(trainer.peer_id, trainer.peer_id, proof.step)
+    assert fetched is not None and fetched.grad_hash == proof.grad_hash and fetched.io_hash == proof.io_hash
+    assert source.fetch(trainer.peer_id, trainer.peer_id, proof.step + 1) is None
+    with pytest.raises(ProofUnavailable):
+        source.fetch(liar.peer_id, trainer.peer_id, proof.step)  # the liar serves no proofs at all
+
+
+async def _add_handlers(dht, servicer):
+    await servicer.add_p2p_handlers(await dht.replicate_p2p())
