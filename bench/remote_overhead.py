@@ -7,18 +7,24 @@ forward, MSE loss (+ 0.01 x load-balancing loss), backward through gate and expe
 (trainer side) and AdamW + grad clipping on every expert that got tokens (as ``ExpertBackend`` does on a host).
 
 - ``local``: ``MoELayer`` + ``LocalDispatcher`` with the same experts, AdamW on them each step, one process.
-- ``athome``: a real swarm in subprocesses, started as a volunteer would (``peer coordinator --config`` and
-  ``peer join --experts ffn.0.[0:4]``), and the trainer-side ``RemoteDispatcher`` in this process.
-- ``athome (hivemind protocol)``: the same dispatcher forced onto hivemind's stock ``rpc_forward`` /
-  ``rpc_backward`` handlers (ConnectionHandler process -> TaskPool -> Runtime), i.e. what athome did before its
-  direct serving path.
+- ``athome RemoteDispatcher``: a real swarm in subprocesses, started as a volunteer would (``peer coordinator
+  --config`` and ``peer join --experts ffn.0.[0:4]``), and the trainer-side ``RemoteDispatcher`` in this
+  process with its defaults: athome's direct path (one request per host, served in the host process) and
+  mean-std fp16 on the wire.
+- ``(fp32 wire)``: the same, uncompressed.
+- ``(fp32, hivemind handlers)``: uncompressed and forced onto hivemind's ``rpc_forward`` / ``rpc_backward``
+  (ConnectionHandler process -> TaskPool process -> Runtime thread), one request per expert: athome before the
+  direct path.
 - ``hivemind RemoteMixtureOfExperts``: stock hivemind's client MoE on the same host (declared hivemind-style,
-  k_best=2), fewer steps because it is slow.
+  k_best=2), a few steps only because it is slow.
 
-Host and trainer share this machine's cores, like the numbers in the hivemind notes. Variants are timed in
-interleaved rounds (median per variant) so that background load hits all of them alike.
+Host and trainer share this machine's cores, like the numbers in the hivemind notes. Every process runs torch
+with ``--threads`` (default 1): on a shared 2-core box two OpenMP threads per process oversubscribe the cores and
+make every number a measure of the background load. Variants are timed in interleaved rounds (median per
+variant) so that background load hits all of them alike. ``--phases`` adds single-request latencies that split
+a request into round trip, hivemind's process hops and compute.
 
-    python bench/remote_overhead.py [--steps 40 --rounds 3 --hivemind_steps 3 --batch 128]
+    python bench/remote_overhead.py [--steps 25 --rounds 8 --hivemind_steps 3 --batch 128 --phases 64]
 
 The last line is ``remote/local throughput: X.XX`` (athome's default path over local).
 """

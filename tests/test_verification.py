@@ -250,14 +250,16 @@ def test_commitments_and_bans_on_a_real_dht_and_bundles_over_p2p(three_nodes):
 
     # bundles travel over p2p; "not found" and "unreachable" are told apart
     servicer = ProofServicer(lambda owner, step: proof if (owner, step) == (trainer.peer_id, proof.step) else None)
-    RemoteExpertWorker.run_coroutine(_add_handlers(trainer_dht, servicer))
-    source = RemoteProofSource(RemoteExpertWorker.run_coroutine(coordinator_dht.replicate_p2p()), timeout=20)
-    fetched = source.fetch(trainer.peer_id, trainer.peer_id, proof.step)
-    assert fetched is not None and fetched.grad_hash == proof.grad_hash and fetched.io_hash == proof.io_hash
-    assert source.fetch(trainer.peer_id, trainer.peer_id, proof.step + 1) is None
-    with pytest.raises(ProofUnavailable):
-        source.fetch(liar.peer_id, trainer.peer_id, proof.step)  # the liar serves no proofs at all
-
-
-async def _add_handlers(dht, servicer):
-    await servicer.add_p2p_handlers(await dht.replicate_p2p())
+    server_p2p = RemoteExpertWorker.run_coroutine(trainer_dht.replicate_p2p())
+    client_p2p = RemoteExpertWorker.run_coroutine(coordinator_dht.replicate_p2p())
+    try:
+        RemoteExpertWorker.run_coroutine(servicer.add_p2p_handlers(server_p2p))
+        source = RemoteProofSource(client_p2p, timeout=20)
+        fetched = source.fetch(trainer.peer_id, trainer.peer_id, proof.step)
+        assert fetched is not None and fetched.grad_hash == proof.grad_hash and fetched.io_hash == proof.io_hash
+        assert source.fetch(trainer.peer_id, trainer.peer_id, proof.step + 1) is None
+        with pytest.raises(ProofUnavailable):
+            source.fetch(liar.peer_id, trainer.peer_id, proof.step)  # the liar serves no proofs at all
+    finally:
+        for p2p in (server_p2p, client_p2p):
+            RemoteExpertWorker.run_coroutine(p2p.shutdown())

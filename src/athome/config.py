@@ -114,6 +114,9 @@ class RunConfig(_Strict):
     data: DataConfig = DataConfig()
     batch_size: int = Field(16, ge=1, le=65536, description="sequences per trainer step")
     expert_ttl: float = Field(30.0, ge=5, description="seconds a peer's declarations live without refresh")
+    wire_compression: Literal["none", "fp16"] = Field(
+        "fp16", description="activations and gradients between trainers and experts: fp16 (per-row scaled) or exact"
+    )
 
     @field_validator("name")
     @classmethod

@@ -21,6 +21,7 @@ from typing import Optional
 import hivemind
 import torch
 from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
+from hivemind.proto import runtime_pb2
 
 from athome.averaging import RobustGradientAverager, get_codec
 from athome.config import RunConfig
@@ -43,6 +44,7 @@ from athome.trainer.data import batch_seed, load_corpus
 from athome.trainer.remote import ExpertRegistry, RemoteDispatcher
 
 logger = logging.getLogger(__name__)
+WIRE_COMPRESSION = dict(none=runtime_pb2.CompressionType.NONE, fp16=runtime_pb2.CompressionType.MEANSTD_16BIT)
 MIN_ANSWERED_FRACTION = 0.5  # below this share of (token, expert) slots answered, a step is retried, not applied
 
 
@@ -77,7 +79,8 @@ class Trainer:
         uids = model_config.expert_uids()
         per_layer = model_config.experts_per_layer
         self.dispatchers = [
-            RemoteDispatcher(uids[layer * per_layer : (layer + 1) * per_layer], self.registry, p2p)
+            RemoteDispatcher(uids[layer * per_layer : (layer + 1) * per_layer], self.registry, p2p,
+                             wire_compression=WIRE_COMPRESSION[config.wire_compression])
             for layer in range(model_config.n_layers)
         ]
         self.model = MoETransformerLM(model_config, lambda layer: self.dispatchers[layer]).to(self.device)
