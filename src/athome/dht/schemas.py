@@ -131,6 +131,7 @@ class CommitmentRecord(Record):
     session: int = Field(ge=0, lt=2**63, description="random per trainer start: step numbers restart with it")
     precision: str = Field(pattern=r"^(fp32|bf16|fp16)$")
     device: str = Field("cpu", max_length=32)
+    platform: str = Field("", max_length=96, description="numerics: device kind, kernel ISA, torch version")
     corpus: Fingerprint
     entries: list[StepCommitment] = Field(max_length=MAX_COMMITMENTS)
 

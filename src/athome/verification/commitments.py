@@ -40,10 +40,14 @@ class CommitmentWindow:
     :param session: random per process start (step numbers restart when a trainer restarts)
     """
 
-    def __init__(self, *, precision: str, device: str, corpus: str, size: int = 32, session: Optional[int] = None):
+    def __init__(self, *, precision: str, device: str, corpus: str, size: int = 32, session: Optional[int] = None,
+                 platform: Optional[str] = None):
         if not 1 <= size <= MAX_COMMITMENTS:
             raise ValueError(f"window size must be in [1, {MAX_COMMITMENTS}]")
+        from athome.verification.calibration import numerics_platform
+
         self.precision, self.device, self.corpus = precision, device, corpus
+        self.platform = platform if platform is not None else numerics_platform(device)
         self.session = session if session is not None else secrets.randbits(63)
         self._entries: Deque[StepCommitment] = deque(maxlen=size)
         self._lock = threading.Lock()
@@ -58,7 +62,8 @@ class CommitmentWindow:
         with self._lock:
             entries = list(self._entries)
         return CommitmentRecord(
-            session=self.session, precision=self.precision, device=self.device, corpus=self.corpus, entries=entries,
+            session=self.session, precision=self.precision, device=self.device, platform=self.platform,
+            corpus=self.corpus, entries=entries,
         )
 
 
@@ -71,7 +76,8 @@ class SeenCommitment:
     device: str
     corpus: str
     first_seen: float
-    late: bool = False  # appeared after a later step of the same session had been seen
+    late: bool = False
+    platform: str = ""  # appeared after a later step of the same session had been seen
 
 
 @dataclass
@@ -115,7 +121,7 @@ class CommitmentBook:
                         continue
                     late = entry.step < self._max_step.get(key, -1)
                     seen = SeenCommitment(peer, record.session, entry, record.precision, record.device, record.corpus,
-                                          first_seen=now, late=late)
+                                          first_seen=now, late=late, platform=record.platform)
                     steps[entry.step] = seen
                     self._max_step[key] = max(self._max_step.get(key, -1), entry.step)
                     result.new.append(seen)

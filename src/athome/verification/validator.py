@@ -34,7 +34,7 @@ from athome.config import RunConfig
 from athome.dht.schemas import MAX_ACCUSATIONS, Accusation, AccusationRecord, CommitmentRecord, StepCommitment
 from athome.trainer.data import Corpus, batch_seed
 from athome.verification.board import Board
-from athome.verification.calibration import Tolerances, tolerances_for
+from athome.verification.calibration import Tolerances, numerics_platform, tolerances_for
 from athome.verification.commitments import CommitmentBook, SeenCommitment
 from athome.verification.proof import StepProof
 from athome.verification.replay import Replayer, ReplayError, compare
@@ -126,16 +126,17 @@ class StepChecker:
         self.run_name, self.config, self.corpus = config.name, config, corpus
         self.fixed_tolerances = tolerances
         self.device = device
+        self.platform = numerics_platform(device)
         self.params_max_steps = params_max_steps
         self.threads = threads
         self.replayer = Replayer(config.model, corpus, grad_clip=config.optimizer.grad_clip, aux_coef=aux_coef, device=device)
         self.replay_seconds = 0.0
         self.replays = 0
 
-    def tolerances(self, precision: str, trainer_device: str) -> Tolerances:
+    def tolerances(self, precision: str, trainer_platform: str) -> Tolerances:
         if self.fixed_tolerances is not None:
             return self.fixed_tolerances
-        return tolerances_for(precision, trainer_device, self.device)
+        return tolerances_for(precision, trainer_platform, self.platform)
 
     def check(
         self,
@@ -211,9 +212,10 @@ class StepChecker:
         distances = compare(proof, recomputation)
         distances.loss = abs(c.loss - recomputation.loss)  # what was *committed* (and reported), not the bundle's
         figures.update(distances.as_dict())
-        tolerance = self.tolerances(seen.precision, seen.device)
-        for kind, name in (("grad_outputs", "grad_outputs"), ("gradient", "grad"), ("loss", "loss"),
-                           ("routing", "route_mismatch")):
+        tolerance = self.tolerances(seen.precision, seen.platform)
+        figures["tolerance_profile"] = 0.0 if seen.platform == self.platform else 1.0  # 0 same platform, 1 cross
+        for kind, name in (("grad_outputs", "grad_outputs"), ("gradient", "grad_global"), ("gradient", "grad"),
+                           ("loss", "loss"), ("routing", "route_mismatch")):
             value, limit = getattr(distances, name), getattr(tolerance, name)
             if not value <= limit:  # also catches NaN
                 return verdict("fail", kind, f"{name} off by {value:.3g} (tolerance {limit:.3g})", **figures)

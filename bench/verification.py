@@ -1,0 +1,151 @@
+"""Verification bench: detection latency per attack, false-positive rate, and the compute overhead of verification.
+
+Everything runs in one process on the in-process swarm of ``athome.verification.sim`` (real model, corpus, recording,
+commitments, recomputation, CenteredClip, re-verification, bans, host audits; simulated network), at the run
+config's default check rate (``verification.check_rate``, 5%) unless told otherwise.
+
+1. Latency: one attacker per run among 4 trainers and 3 expert hosts. The attacker is *trusted* (its clean record is
+   pre-seeded, so it is checked at the base rate, as a patient attacker that behaved for hundreds of steps would be;
+   newcomers are checked on every step and caught at once). Latency = swarm steps from its first attacked step to
+   its ban. Host attacks are found by the coordinator's host audits (one random expert every ``--audit_every`` steps).
+2. False positives: an honest bf16 swarm where every step of every trainer is checked (rate 1), the validator
+   replaying with another thread count than the trainers; plus the host audits of that run.
+3. Overhead: the same swarm with verification (recording, commitments, validation at the default rate, trusted
+   steady state, host audits) and without (no recording at all), alternating blocks of steps in this process;
+   overhead = extra wall time per step, as a share of the step without verification.
+
+    ATHOME_ALLOW_ATTACKS=1 PYTHONPATH=src python bench/verification.py [--fp_checks 1000 --overhead_blocks 6]
+
+The last line is ``detected: K/K attacks, max latency S steps, false positives: F/C checks, overhead: P%``.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+os.environ.setdefault("ATHOME_ALLOW_ATTACKS", "1")  # this bench drives attack simulators (testing only)
+
+from athome.config import RunConfig  # noqa: E402
+from athome.verification.attacks import HOST_KINDS, TRAINER_KINDS  # noqa: E402
+from athome.verification.sim import SimConfig, SimSwarm  # noqa: E402
+
+EXTRA = ("slight:0.001", "sign_flip@0.25")  # a 0.1% deviation; an attacker active on a quarter of its steps
+
+
+def trust_everyone(swarm: SimSwarm, streak: int = 10_000) -> None:
+    for trainer in swarm.trainers:
+        swarm.validator.sampler.trust(trainer.peer_id).clean_streak = streak
+
+
+def latency(kind: str, rate: float, seed: int, max_steps: int, audit_every: int) -> tuple:
+    host = kind in HOST_KINDS
+    config = SimConfig(check_rate=rate, seed=seed, audit_every=audit_every,
+                       trainer_attacks={} if host else {0: kind}, host_attacks={0: kind} if host else {})
+    swarm = SimSwarm(config)
+    trust_everyone(swarm)
+    target = swarm.hosts[0] if host else swarm.trainers[0]
+    for _ in range(max_steps):
+        swarm.step()
+        if target.peer_id in swarm.bans:
+            break
+    honest_bans = [swarm.peer_name(p) for p in swarm.bans if p != target.peer_id]
+    if target.peer_id not in swarm.bans:
+        return None, honest_bans, None
+    attacked = 0 if host else (target.attack.attacked_steps[0] if target.attack.attacked_steps else 0)
+    return swarm.bans[target.peer_id] - attacked + 1, honest_bans, swarm.banned_kinds[target.peer_id]
+
+
+def false_positives(checks: int, seed: int) -> tuple:
+    torch.set_num_threads(2)
+    swarm = SimSwarm(SimConfig(precision="bf16", check_rate=1.0, validator_threads=1, seed=seed, audit_every=2))
+    while swarm.validator.checks < checks:
+        swarm.step()
+    results = [r for r in swarm.validator.results if r.verdict != "inconclusive"]
+    worst = max(r.figures.get("grad_global", 0.0) for r in results)
+    audits = swarm.step_index // 2
+    return swarm.validator.failures, len(results), len(swarm.bans), audits, worst, swarm.step_index
+
+
+def overhead(blocks: int, steps: int, rate: float, seed: int) -> dict:
+    with_v = SimSwarm(SimConfig(check_rate=rate, seed=seed))
+    without = SimSwarm(SimConfig(record=False, validate=False, seed=seed))
+    trust_everyone(with_v)
+    for swarm in (with_v, without):  # warm up allocators and caches
+        swarm.run(3)
+    times = {"with": [], "without": []}
+    parts = {"verification": 0.0, "validation": 0.0, "train": 0.0}
+    for _ in range(blocks):
+        for name, swarm in (("without", without), ("with", with_v)):
+            started = time.perf_counter()
+            reports = swarm.run(steps)
+            times[name].append((time.perf_counter() - started) / steps)
+            if name == "with":
+                for report in reports:
+                    parts["verification"] += report.verification_seconds
+                    parts["validation"] += report.validation_seconds
+                    parts["train"] += report.train_seconds
+    ratios = [w / wo for w, wo in zip(times["with"], times["without"])]
+    return dict(
+        overhead=100.0 * (statistics.median(ratios) - 1.0),
+        with_step=statistics.median(times["with"]), without_step=statistics.median(times["without"]),
+        recording_share=100.0 * parts["verification"] / parts["train"],
+        validation_share=100.0 * parts["validation"] / parts["train"],
+        checks=with_v.validator.checks, steps=blocks * steps,
+    )
+
+
+def main() -> None:
+    default_rate = RunConfig().verification.check_rate
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rate", type=float, default=default_rate, help="check rate (default: the run config's)")
+    parser.add_argument("--max_steps", type=int, default=400, help="give up on an attack after this many steps")
+    parser.add_argument("--audit_every", type=int, default=5, help="steps between host audits")
+    parser.add_argument("--fp_checks", type=int, default=1000, help="honest checks for the false-positive rate")
+    parser.add_argument("--overhead_blocks", type=int, default=6)
+    parser.add_argument("--overhead_steps", type=int, default=10, help="steps per block")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--only", default=None, help="comma-separated attack kinds (default: all)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.ERROR)
+    logging.getLogger("athome").setLevel(logging.CRITICAL)  # bans and refusals are the expected output here
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+    kinds = args.only.split(",") if args.only else [*sorted(TRAINER_KINDS), *EXTRA, *sorted(HOST_KINDS)]
+    print(f"swarm: 4 trainers, 3 expert hosts, small model ({SimConfig().model}), batch {SimConfig().batch_size}, "
+          f"bf16; check rate {args.rate:g} for trusted peers; host audits every {args.audit_every} steps")
+    print(f"{'attack':<26}{'latency (steps)':>16}{'  caught as':<22}{'honest peers banned':>20}")
+    detected, worst, bad_bans = 0, 0, 0
+    for index, kind in enumerate(kinds):
+        started = time.perf_counter()
+        steps, honest_bans, caught_as = latency(kind, args.rate, args.seed + index, args.max_steps, args.audit_every)
+        bad_bans += len(honest_bans)
+        if steps is not None:
+            detected += 1
+            worst = max(worst, steps)
+        shown = f"{steps}" if steps is not None else f">{args.max_steps} (missed)"
+        print(f"{kind:<26}{shown:>16}  {caught_as or '-':<20}{', '.join(honest_bans) or 'none':>20}"
+              f"   ({time.perf_counter() - started:.0f}s)")
+        sys.stdout.flush()
+
+    failures, checks, fp_bans, audits, worst_grad, fp_steps = false_positives(args.fp_checks, args.seed + 1000)
+    print(f"honest bf16 run: {checks} checks over {fp_steps} steps, {failures} failed, {fp_bans} bans, {audits} host "
+          f"audits; worst honest contribution error {worst_grad:.2g} (same-platform tolerance)")
+
+    result = overhead(args.overhead_blocks, args.overhead_steps, args.rate, args.seed + 2000)
+    print(f"overhead: {result['with_step'] * 1e3:.0f} ms/step with verification vs {result['without_step'] * 1e3:.0f} "
+          f"ms/step without (median of {args.overhead_blocks} alternating blocks of {args.overhead_steps} steps); "
+          f"recording+commitments {result['recording_share']:.1f}% and validation {result['validation_share']:.1f}% "
+          f"of training time ({result['checks']} checks in {result['steps']} steps)")
+    fp_total = failures + bad_bans
+    print(f"detected: {detected}/{len(kinds)} attacks, max latency {worst} steps, "
+          f"false positives: {fp_total}/{checks} checks, overhead: {result['overhead']:.1f}%")
+
+
+if __name__ == "__main__":
+    main()
