@@ -41,7 +41,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 logger = logging.getLogger(__name__)
 
-MARGIN = {"same": 100.0, "cross": 3.0}  # measured maxima times this; see the module docstring
+# measured maxima times this: "same" differs only by thread count, so even 100x is tiny; "cross" was measured on a
+# stand-in for other hardware (other kernels on the same CPU), so it gets room for hardware we could not measure
+MARGIN = {"same": 100.0, "cross": 10.0}
 METRICS = ("loss", "grad", "grad_global", "grad_outputs", "route_mismatch")
 
 
@@ -78,10 +80,30 @@ def numerics_platform(device: str = "cpu") -> str:
     return f"{kind}:{torch.backends.cpu.get_cpu_capability()}:torch{torch.__version__}"[:96]
 
 
-# ---- measured: python -m athome.verification.calibration (see the module docstring and MEASURED) ----------------
-MEASURED: Dict[str, Dict[str, Dict[str, float]]] = {}  # filled in below, profile -> precision -> worst distances
-SAME_PLATFORM: Dict[str, Tolerances] = {p: FLOOR for p in ("fp32", "bf16", "fp16")}
-CROSS_PLATFORM_CPU: Dict[str, Tolerances] = {p: FLOOR for p in ("fp32", "bf16", "fp16")}
+# ---- measured: python -m athome.verification.calibration [--model default] (see the module docstring) ----------
+# worst honest distances over both models (the sim's small one: 48 proofs; the default ModelConfig: 12 proofs),
+# 2 validator settings per profile; false positives of tolerances derived from the first half, on the second half
+MEASURED: Dict[str, Dict[str, dict]] = {
+    "same": {
+        "fp32": dict(loss=0.0, grad=4.3e-07, grad_global=4.2e-08, grad_outputs=0.0, route_mismatch=0.0, fp="0/60"),
+        "bf16": dict(loss=0.0, grad=4.1e-07, grad_global=3.2e-08, grad_outputs=0.0, route_mismatch=0.0, fp="0/60"),
+        "fp16": dict(loss=0.0, grad=4.3e-07, grad_global=3.2e-08, grad_outputs=0.0, route_mismatch=0.0, fp="0/60"),
+    },
+    "cross": {
+        "fp32": dict(loss=4.8e-07, grad=4.3e-07, grad_global=2.1e-07, grad_outputs=3e-07, route_mismatch=0.0, fp="0/60"),
+        "bf16": dict(loss=2.4e-04, grad=2.6e-3, grad_global=1.8e-3, grad_outputs=2.1e-3, route_mismatch=0.0, fp="0/60"),
+        "fp16": dict(loss=2.7e-05, grad=3.1e-3, grad_global=3.4e-4, grad_outputs=1.0e-3, route_mismatch=0.0, fp="0/60"),
+    },
+}
+MEASURED_ON = "cpu:AVX2:torch2.13.0+cpu (x86-64, 2 cores); cross = ATEN_CPU_CAPABILITY=default, ONEDNN_MAX_CPU_ISA=SSE41"
+SAME_PLATFORM: Dict[str, Tolerances] = {
+    p: Tolerances(**{m: max(MARGIN["same"] * MEASURED["same"][p][m], getattr(FLOOR, m)) for m in METRICS})
+    for p in ("fp32", "bf16", "fp16")
+}
+CROSS_PLATFORM_CPU: Dict[str, Tolerances] = {  # never tighter than "same"
+    p: Tolerances(**{m: max(MARGIN["cross"] * MEASURED["cross"][p][m], getattr(SAME_PLATFORM[p], m)) for m in METRICS})
+    for p in ("fp32", "bf16", "fp16")
+}
 # not measured (no GPU where the table was made): loose values for pairs involving CUDA, to be replaced
 PROVISIONAL_CUDA: Dict[str, Tolerances] = {
     "fp32": Tolerances(loss=1e-3, grad=2e-2, grad_global=5e-3, grad_outputs=5e-3, route_mismatch=0.02),

@@ -15,7 +15,7 @@ import logging
 import secrets
 import threading
 import time
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Deque, Dict, Iterable, List, Optional, Tuple
 
@@ -86,7 +86,7 @@ class BookUpdate:
 
     new: List[SeenCommitment] = field(default_factory=list)
     equivocations: List[Tuple[SeenCommitment, StepCommitment]] = field(default_factory=list)
-    new_sessions: List[str] = field(default_factory=list)  # peers that (re)started a session
+    new_sessions: List[str] = field(default_factory=list)  # known peers that restarted with a new session
 
 
 class CommitmentBook:
@@ -100,6 +100,8 @@ class CommitmentBook:
         self._seen: Dict[Tuple[str, int], "dict[int, SeenCommitment]"] = {}
         self._max_step: Dict[Tuple[str, int], int] = {}
         self._sessions: Dict[str, int] = {}  # peer -> latest session seen
+        self._epochs: "OrderedDict[int, Dict[str, SeenCommitment]]" = OrderedDict()  # epoch -> peer -> latest entry
+        self.max_epochs = 256
         self._lock = threading.Lock()
 
     def update(self, records: Dict[str, CommitmentRecord], now: Optional[float] = None) -> BookUpdate:
@@ -109,7 +111,7 @@ class CommitmentBook:
             for peer, record in records.items():
                 key = (peer, record.session)
                 if self._sessions.get(peer) != record.session:
-                    if key not in self._seen:
+                    if peer in self._sessions and key not in self._seen:
                         result.new_sessions.append(peer)
                     self._sessions[peer] = record.session
                 steps = self._seen.setdefault(key, {})
@@ -124,9 +126,12 @@ class CommitmentBook:
                                           first_seen=now, late=late, platform=record.platform)
                     steps[entry.step] = seen
                     self._max_step[key] = max(self._max_step.get(key, -1), entry.step)
+                    self._epochs.setdefault(entry.epoch, {})[peer] = seen
                     result.new.append(seen)
                 while len(steps) > self.max_steps:
                     del steps[min(steps)]
+            while len(self._epochs) > self.max_epochs:
+                del self._epochs[min(self._epochs)]
         return result
 
     def get(self, peer: str, session: int, step: int) -> Optional[SeenCommitment]:
@@ -141,22 +146,25 @@ class CommitmentBook:
         """The params hash that most *other* peers committed at ``epoch``, if at least ``min_peers`` peers and a
         strict majority of them agree; None when there is no such quorum (then the hash cannot be judged)."""
         excluded = set(exclude)
-        votes: Dict[str, str] = {}
         with self._lock:
-            for (peer, _), steps in self._seen.items():
-                if peer in excluded:
-                    continue
-                for seen in steps.values():
-                    if seen.commitment.epoch == epoch:
-                        votes[peer] = seen.commitment.params_hash  # one vote per peer: its latest at that epoch
+            votes = {peer: seen.commitment.params_hash for peer, seen in self._epochs.get(epoch, {}).items()
+                     if peer not in excluded}
         if len(votes) < min_peers:
             return None
         (best, count), = Counter(votes.values()).most_common(1)
         return best if count * 2 > len(votes) else None
 
+    def at_epoch(self, epoch: int, params_hash: Optional[str] = None) -> List[SeenCommitment]:
+        """One commitment per peer at ``epoch`` (its latest), optionally only those with ``params_hash``."""
+        with self._lock:
+            entries = list(self._epochs.get(epoch, {}).values())
+        return [seen for seen in entries if params_hash is None or seen.commitment.params_hash == params_hash]
+
     def forget(self, peer: str) -> None:
         """Drop a (banned) peer's commitments."""
         with self._lock:
+            for by_peer in self._epochs.values():
+                by_peer.pop(peer, None)
             for key in [key for key in self._seen if key[0] == peer]:
                 del self._seen[key]
                 self._max_step.pop(key, None)

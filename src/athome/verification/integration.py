@@ -33,7 +33,7 @@ from athome.verification.recording import RecordingDispatcher, StepRecorder
 
 logger = logging.getLogger(__name__)
 WINDOW = 16  # steps a trainer's commitment record covers
-RETENTION_MARGIN = 8  # bundles are kept this many steps longer than advertised (validators fetch a bit later)
+RETENTION_MARGIN = 4  # bundles are kept this many steps longer than advertised (validators fetch a bit later)
 
 
 class _StepScope:

@@ -163,21 +163,22 @@ class StepRecorder:
                 grad_x=(slot.grad_x if slot.grad_x is not None
                         else torch.zeros(slot.outputs.shape[0], slot.outputs.shape[-1], dtype=slot.outputs.dtype)).cpu(),
             ))
+        with self._lock:
+            previous = next(reversed(self._proofs.values()), None)
         proof = StepProof(
             peer_id=self.peer_id, session=self.session, step=step, seed=seed, epoch=epoch, loss=float(loss), samples=samples,
             precision=self.precision, device=self.device,
-            params=[p.detach().cpu().clone() for p in params],
+            params=_snapshot(params, previous),
             grads=[(p.grad.detach().cpu().clone() if p.grad is not None else torch.zeros(p.shape, dtype=p.dtype)) for p in params],
             layers=layers,
         )
+        if previous is not None and proof.params is previous.params and "params_hash" in previous.__dict__:
+            proof.__dict__["params_hash"] = previous.__dict__["params_hash"]  # same tensors, same hash
         with self._lock:
-            previous = next(reversed(self._proofs.values()), None)
             self._proofs[step] = proof
             self._proofs.move_to_end(step)
             while len(self._proofs) > self.retention:
                 self._proofs.popitem(last=False)
-        if previous is not None:
-            _share_params(previous, proof)
         self._slots = {}
         return proof
 
@@ -201,11 +202,12 @@ class StepRecorder:
         return total
 
 
-def _share_params(previous: StepProof, proof: StepProof) -> None:
-    """Steps of one optimizer epoch run on the same parameters: keep one copy of them (cheap equality test first)."""
-    if previous.epoch != proof.epoch or len(previous.params) != len(proof.params):
-        return
-    if all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(previous.params, proof.params)):
-        proof.params = previous.params
-        if "params_hash" in previous.__dict__:
-            proof.__dict__["params_hash"] = previous.__dict__["params_hash"]
+def _snapshot(params: Sequence[torch.Tensor], previous: Optional[StepProof]) -> List[torch.Tensor]:
+    """A CPU copy of ``params``, or the previous step's copy if they did not change (steps of one optimizer epoch
+    run on the same parameters: one copy and one hash serve them all). Comparing reads; copying would also write."""
+    if previous is not None and len(previous.params) == len(params) and all(
+        a.shape == b.shape and torch.equal(a.detach().cpu() if a.device.type != "cpu" else a.detach(), b)
+        for a, b in zip(params, previous.params)
+    ):
+        return previous.params
+    return [p.detach().cpu().clone() for p in params]

@@ -223,7 +223,7 @@ class Distances:
                     route_mismatch=self.route_mismatch, **self.extra)
 
 
-def relative_error(claimed: Sequence[torch.Tensor], recomputed: Sequence[torch.Tensor], floor: float = 0.5) -> float:
+def relative_error(claimed: Sequence[torch.Tensor], recomputed: Sequence[torch.Tensor], floor: float = 0.05) -> float:
     """max over tensors of ``||c - r|| / (||r|| + floor * ||R|| / sqrt(n))``, ``R`` the whole recomputed vector.
 
     Per tensor, so that poisoning one small tensor (a gate, a bias) is not diluted by the big ones; the floor keeps

@@ -363,9 +363,7 @@ class Validator:
         return None
 
     def book_entries(self, epoch: int, params_hash: str) -> List[SeenCommitment]:
-        with self.book._lock:  # noqa: SLF001 (same package)
-            return [seen for steps in self.book._seen.values() for seen in steps.values()
-                    if seen.commitment.epoch == epoch and seen.commitment.params_hash == params_hash][:4]
+        return self.book.at_epoch(epoch, params_hash)[:4]
 
     # ---------------------------------------------------------------------------------------------- outcomes
     def _account(self, result: CheckResult) -> None:
