@@ -49,6 +49,8 @@ class GradNormGuard:
         self.z, self.log_ratio, self.window, self.warmup = z, math.log(min_ratio), window, warmup
         self.absolute_max = absolute_max
         self._history: Dict[str, Deque[tuple]] = {}
+        self._limits: Dict[str, list] = {}
+        self._since_refresh: Dict[str, int] = {}
         self._lock = threading.Lock()
         self.rejected = 0
 
@@ -68,18 +70,27 @@ class GradNormGuard:
         with self._lock:
             history = self._history.setdefault(uid, deque(maxlen=self.window))
             if len(history) >= self.warmup:
+                limits = self._limits.get(uid)
+                if limits is None or self._since_refresh.get(uid, 0) >= 8:  # medians move slowly: refresh every 8
+                    limits = self._limits[uid] = self._compute_limits(history)
+                    self._since_refresh[uid] = 0
                 for index, name in ((0, "largest row norm"), (1, "RMS row norm")):
-                    values = sorted(h[index] for h in history)
-                    median = values[len(values) // 2]
-                    mad = sorted(abs(v - median) for v in values)[len(values) // 2]
-                    limit = median + max(self.z * 1.4826 * mad, self.log_ratio)
+                    median, limit = limits[index]
                     if stats[index] > limit:
                         return self._reject(
                             uid, f"{uid}: grad_outputs {name} {math.exp(stats[index]):.3g} is an outlier (usual "
                                  f"{math.exp(median):.3g}, limit {math.exp(limit):.3g}); request refused",
                         )
             history.append(stats)
+            self._since_refresh[uid] = self._since_refresh.get(uid, 0) + 1
         return None
+
+    def _compute_limits(self, history) -> list:
+        values = torch.tensor(list(history), dtype=torch.float64)
+        median = values.median(dim=0).values
+        mad = (values - median).abs().median(dim=0).values
+        limit = median + torch.clamp(self.z * 1.4826 * mad, min=self.log_ratio)
+        return [(float(median[i]), float(limit[i])) for i in range(2)]
 
     def _reject(self, uid: str, reason: str) -> str:
         self.rejected += 1
