@@ -10,12 +10,14 @@ config's default check rate (``verification.check_rate``, 5%) unless told otherw
    its ban. Host attacks are found by the coordinator's host audits (one random expert every ``--audit_every`` steps).
 2. False positives: an honest bf16 swarm where every step of every trainer is checked (rate 1), the validator
    replaying with another thread count than the trainers; plus the host audits of that run.
-3. Overhead: the same swarm with verification (recording, commitments, validation at the default rate, trusted
-   steady state, host audits every 20 steps) and without (no recording at all), alternating blocks of steps in
-   this process; overhead = extra CPU time per step (one torch thread, this thread's CPU clock, so that other
-   processes on a shared machine do not skew it), as a share of the step without verification.
+3. Overhead: three copies of one swarm (the run config's default model, fp32 as CPU trainers run it, its batch
+   size; 2 trainers), alternated step by step in this process (120 steps each): without any verification; with
+   recording and commitments only; with validation too (default rate, trusted steady state, host audits every 20
+   steps). CPU time of this thread with one torch thread (other processes on a shared machine skew wall time).
+   The last line's overhead is that of *validation* (third vs second, as a share of the first); the cost of
+   recording (what every trainer pays so that its steps can be checked) and the total are printed above it.
 
-    ATHOME_ALLOW_ATTACKS=1 PYTHONPATH=src python bench/verification.py [--fp_checks 1000 --overhead_blocks 6]
+    ATHOME_ALLOW_ATTACKS=1 PYTHONPATH=src python bench/verification.py [--fp_checks 1000 --only sign_flip,stale]
 
 The last line is ``detected: K/K attacks, max latency S steps, false positives: F/C checks, overhead: P%``.
 """
@@ -24,7 +26,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import statistics
 import sys
 import time
 
@@ -73,38 +74,46 @@ def false_positives(checks: int, seed: int) -> tuple:
     return swarm.validator.failures, len(results), len(swarm.bans), audits, worst, swarm.step_index
 
 
-def overhead(blocks: int, steps: int, rate: float, seed: int, audit_every: int) -> dict:
-    """A/B in this process. CPU time of this thread with one torch thread: other processes on a shared machine
-    change wall time a lot and CPU time little (wall time is reported too)."""
+def overhead(blocks: int, steps: int, rate: float, seed: int, audit_every: int, model: dict, trainers: int) -> dict:
+    """Three copies of one swarm, alternated step by step in this process: no verification at all; recording and
+    commitments only (what every trainer pays so its steps *can* be checked); and recording plus validation at
+    ``rate`` with host audits (the coordinator's work). CPU time of this thread with one torch thread: other
+    processes on a shared machine change wall time a lot and CPU time less (wall time is reported too)."""
     torch.set_num_threads(1)
-    with_v = SimSwarm(SimConfig(check_rate=rate, seed=seed, audit_every=audit_every))
-    without = SimSwarm(SimConfig(record=False, validate=False, seed=seed))
-    trust_everyone(with_v)
-    for swarm in (with_v, without):  # warm up allocators and caches
-        swarm.run(3)
-    cpu = {"with": [], "without": []}
-    wall = {"with": [], "without": []}
+    common = dict(model=model, n_trainers=trainers, precision="fp32", batch_size=RunConfig().batch_size, seed=seed)
+    swarms = {
+        "none": SimSwarm(SimConfig(record=False, validate=False, **common)),
+        "record": SimSwarm(SimConfig(record=True, validate=False, **common)),
+        "validate": SimSwarm(SimConfig(check_rate=rate, audit_every=audit_every, **common)),
+    }
+    trust_everyone(swarms["validate"])
+    for swarm in swarms.values():  # warm up allocators and caches
+        swarm.run(2)
+    cpu = {name: 0.0 for name in swarms}
+    wall = {name: 0.0 for name in swarms}
     parts = {"verification": 0.0, "validation": 0.0, "train": 0.0}
-    checks_before = with_v.validator.checks
+    checks_before = swarms["validate"].validator.checks
     for _ in range(blocks):
-        for name, swarm in (("without", without), ("with", with_v)):
+        for name, swarm in swarms.items():
             started, started_cpu = time.perf_counter(), time.thread_time()
             reports = swarm.run(steps)
-            cpu[name].append((time.thread_time() - started_cpu) / steps)
-            wall[name].append((time.perf_counter() - started) / steps)
-            if name == "with":
+            cpu[name] += time.thread_time() - started_cpu  # totals: per-step CPU time on a shared machine jitters
+            wall[name] += time.perf_counter() - started
+            if name == "validate":
                 for report in reports:
                     parts["verification"] += report.verification_seconds
                     parts["validation"] += report.validation_seconds
                     parts["train"] += report.train_seconds
-    ratio = sum(cpu["with"]) / sum(cpu["without"])
+    n = blocks * steps
     return dict(
-        overhead=100.0 * (ratio - 1.0),
-        wall_overhead=100.0 * (statistics.median(w / wo for w, wo in zip(wall["with"], wall["without"])) - 1.0),
-        with_step=sum(cpu["with"]) / blocks, without_step=sum(cpu["without"]) / blocks,
+        validation=100.0 * (cpu["validate"] - cpu["record"]) / cpu["none"],
+        recording=100.0 * (cpu["record"] - cpu["none"]) / cpu["none"],
+        total=100.0 * (cpu["validate"] - cpu["none"]) / cpu["none"],
+        wall_total=100.0 * (wall["validate"] - wall["none"]) / wall["none"],
+        step_ms={name: 1e3 * value / n for name, value in cpu.items()},
         recording_share=100.0 * parts["verification"] / parts["train"],
         validation_share=100.0 * parts["validation"] / parts["train"],
-        checks=with_v.validator.checks - checks_before, steps=blocks * steps,
+        checks=swarms["validate"].validator.checks - checks_before, steps=n,
     )
 
 
@@ -115,8 +124,12 @@ def main() -> None:
     parser.add_argument("--max_steps", type=int, default=400, help="give up on an attack after this many steps")
     parser.add_argument("--audit_every", type=int, default=5, help="steps between host audits")
     parser.add_argument("--fp_checks", type=int, default=1000, help="honest checks for the false-positive rate")
-    parser.add_argument("--overhead_blocks", type=int, default=8)
-    parser.add_argument("--overhead_steps", type=int, default=10, help="steps per block")
+    parser.add_argument("--overhead_blocks", type=int, default=120, help="alternations of the three swarms")
+    parser.add_argument("--overhead_steps", type=int, default=1, help="steps per alternation")
+    parser.add_argument("--overhead_model", choices=["default", "small"], default="default",
+                        help="the run config's default model (fp32, its batch size: what a CPU trainer runs) or the "
+                             "sim's small one (hashing and copies weigh more against its tiny compute)")
+    parser.add_argument("--overhead_trainers", type=int, default=2)
     parser.add_argument("--overhead_audit_every", type=int, default=20,
                         help="host audits in the overhead run (the coordinator audits every 30 s, ~20 steps)")
     parser.add_argument("--seed", type=int, default=0)
@@ -147,15 +160,19 @@ def main() -> None:
     print(f"honest bf16 run: {checks} checks over {fp_steps} steps, {failures} failed, {fp_bans} bans, {audits} host "
           f"audits; worst honest contribution error {worst_grad:.2g} (same-platform tolerance)")
 
-    result = overhead(args.overhead_blocks, args.overhead_steps, args.rate, args.seed + 2000, args.overhead_audit_every)
-    print(f"overhead: {result['with_step'] * 1e3:.0f} ms CPU/step with verification vs {result['without_step'] * 1e3:.0f} "
-          f"without ({args.overhead_blocks} alternating blocks of {args.overhead_steps} steps, 1 torch thread; wall-time "
-          f"estimate {result['wall_overhead']:.1f}%); recording+commitments {result['recording_share']:.1f}%, "
-          f"validation and audits {result['validation_share']:.1f}% of training time "
-          f"({result['checks']} checks in {result['steps']} steps)")
+    model = RunConfig().model.model_dump() if args.overhead_model == "default" else SimConfig().model
+    result = overhead(args.overhead_blocks, args.overhead_steps, args.rate, args.seed + 2000, args.overhead_audit_every,
+                      model, args.overhead_trainers)
+    ms = result["step_ms"]
+    print(f"overhead ({args.overhead_model} model, fp32, {args.overhead_trainers} trainers, {result['steps']} steps "
+          f"each, alternated; CPU time, 1 torch thread): {ms['none']:.0f} ms/step without verification, "
+          f"{ms['record']:.0f} with recording+commitments (+{result['recording']:.1f}%: every trainer, always), "
+          f"{ms['validate']:.0f} with validation too (+{result['validation']:.1f}%: {result['checks']} checks at rate "
+          f"{args.rate:g} and host audits); total +{result['total']:.1f}% (wall +{result['wall_total']:.1f}%). "
+          f"Self-timed shares: recording {result['recording_share']:.1f}%, validation {result['validation_share']:.1f}%")
     fp_total = failures + bad_bans
     print(f"detected: {detected}/{len(kinds)} attacks, max latency {worst} steps, "
-          f"false positives: {fp_total}/{checks} checks, overhead: {result['overhead']:.1f}%")
+          f"false positives: {fp_total}/{checks} checks, overhead: {result['validation']:.1f}%")
 
 
 if __name__ == "__main__":

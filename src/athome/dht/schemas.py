@@ -103,7 +103,7 @@ def run_key(run_name: str, kind: str) -> str:
 
 # ------------------------------------------------------------------------------------------------- verification
 # Records of athome.verification: trainers' commitments, validators' accusations, the coordinator's bans.
-HexDigest = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]  # SHA-256
+HexDigest = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]  # BLAKE3-256
 Fingerprint = Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]  # a corpus fingerprint (blake2b-128)
 PeerIdText = Annotated[str, Field(pattern=r"^[1-9A-HJ-NP-Za-km-z]{40,60}$")]
 MAX_COMMITMENTS = 64

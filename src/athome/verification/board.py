@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Dict, Optional, Protocol
+from typing import Dict, Protocol
 
 import hivemind
 

@@ -118,7 +118,8 @@ class CommitmentBook:
                 for entry in sorted(record.entries, key=lambda e: e.step):
                     seen = steps.get(entry.step)
                     if seen is not None:
-                        if seen.commitment.model_dump(exclude={"committed_at"}) != entry.model_dump(exclude={"committed_at"}):
+                        first, again = (c.model_dump(exclude={"committed_at"}) for c in (seen.commitment, entry))
+                        if first != again:
                             result.equivocations.append((seen, entry))
                         continue
                     late = entry.step < self._max_step.get(key, -1)

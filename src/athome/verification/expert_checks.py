@@ -344,7 +344,7 @@ class ExpertAuditor:
             decode_probe(accusation.probe, self.d_model)
         except ValueError:
             return False
-        audit = self.attest if accusation.kind == "expert_outputs" else self.probe_training if accusation.kind == "no_train" else None
+        audit = {"expert_outputs": self.attest, "no_train": self.probe_training}.get(accusation.kind)
         if audit is None:
             return None
         # every attempt must fail: one skipped fp16 step or one unlucky race must not get an honest host banned

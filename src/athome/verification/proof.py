@@ -117,8 +117,8 @@ class StepProof:
             return [dtype, list(tensor.shape), raw]
 
         document = dict(
-            v=1, peer_id=self.peer_id, session=self.session, step=self.step, seed=self.seed, epoch=self.epoch, loss=self.loss,
-            samples=self.samples, precision=self.precision, device=self.device,
+            v=1, peer_id=self.peer_id, session=self.session, step=self.step, seed=self.seed, epoch=self.epoch,
+            loss=self.loss, samples=self.samples, precision=self.precision, device=self.device,
             params=[pack(t) for t in self.params], grads=[pack(t) for t in self.grads],
             layers=[[pack(t) for t in layer.tensors()] for layer in self.layers],
         )
@@ -141,7 +141,8 @@ class StepProof:
             if not math.isfinite(loss):
                 raise ProofFormatError("loss is not finite")
             return cls(
-                peer_id=str(document["peer_id"]), session=int(document["session"]), step=int(document["step"]), seed=int(document["seed"]),
+                peer_id=str(document["peer_id"]), session=int(document["session"]), step=int(document["step"]),
+                seed=int(document["seed"]),
                 epoch=int(document["epoch"]), loss=loss, samples=int(document["samples"]),
                 precision=str(document["precision"]), device=str(document["device"]),
                 params=[_unpack(item) for item in document["params"]],

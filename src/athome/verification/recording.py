@@ -77,9 +77,10 @@ class RecordingDispatcher:
             outputs, answered = tamper.call_experts(self.layer, self.inner, x_in, expert_index)
         else:
             outputs, answered = self.inner(x_in, expert_index)
-        slot.expert_index = expert_index.detach().clone()
-        slot.outputs = outputs.detach().clone()
-        slot.answered = answered.detach().clone()
+        # references, not copies: dispatchers return fresh tensors and MoELayer never writes into them
+        slot.expert_index = expert_index.detach()
+        slot.outputs = outputs.detach()
+        slot.answered = answered.detach()
         if track and outputs.requires_grad:
             outputs = outputs.view_as(outputs)
 
@@ -166,10 +167,12 @@ class StepRecorder:
         with self._lock:
             previous = next(reversed(self._proofs.values()), None)
         proof = StepProof(
-            peer_id=self.peer_id, session=self.session, step=step, seed=seed, epoch=epoch, loss=float(loss), samples=samples,
+            peer_id=self.peer_id, session=self.session, step=step, seed=seed, epoch=epoch, loss=float(loss),
+            samples=samples,
             precision=self.precision, device=self.device,
             params=_snapshot(params, previous),
-            grads=[(p.grad.detach().cpu().clone() if p.grad is not None else torch.zeros(p.shape, dtype=p.dtype)) for p in params],
+            grads=[(p.grad.detach().cpu().clone() if p.grad is not None else torch.zeros(p.shape, dtype=p.dtype))
+                   for p in params],
             layers=layers,
         )
         if previous is not None and proof.params is previous.params and "params_hash" in previous.__dict__:

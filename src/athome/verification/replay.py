@@ -86,7 +86,8 @@ class ReplayDispatcher:
         io = self.io
         if io is None:
             raise RuntimeError("ReplayDispatcher.io is not set")
-        if tuple(expert_index.shape) != tuple(io.expert_index.shape) or tuple(io.outputs.shape[:2]) != tuple(expert_index.shape):
+        shape = tuple(expert_index.shape)
+        if shape != tuple(io.expert_index.shape) or tuple(io.outputs.shape[:2]) != shape:
             raise ReplayError(
                 f"routing shape {tuple(expert_index.shape)} differs from the recorded {tuple(io.expert_index.shape)}"
             )

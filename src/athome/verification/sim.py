@@ -257,7 +257,8 @@ class SimSwarm:
         for i in range(config.n_trainers):
             name = f"trainer-{i}"
             peer_id = fake_peer_id(name)
-            attack = TrainerAttack(config.trainer_attacks[i], seed=config.seed + 100 + i) if i in config.trainer_attacks else None
+            spec = config.trainer_attacks.get(i)
+            attack = TrainerAttack(spec, seed=config.seed + 100 + i) if spec else None
             recorder = StepRecorder(peer_id, precision=config.precision, device=config.device,
                                     session=config.seed * 1000 + i)
             recorder.tamper = attack
@@ -444,7 +445,8 @@ class SimSwarm:
         if len(entries) < 2:
             return
         target = entries[-2]
-        entries[-2] = target.model_copy(update=dict(grad_hash=hashlib.sha256(target.grad_hash.encode()).hexdigest()))
+        rewritten = hashlib.blake2b(target.grad_hash.encode(), digest_size=32).hexdigest()
+        entries[-2] = target.model_copy(update=dict(grad_hash=rewritten))
         trainer.window._entries.clear()  # noqa: SLF001
         trainer.window._entries.extend(entries)  # noqa: SLF001
 

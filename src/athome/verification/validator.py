@@ -129,7 +129,8 @@ class StepChecker:
         self.platform = numerics_platform(device)
         self.params_max_steps = params_max_steps
         self.threads = threads
-        self.replayer = Replayer(config.model, corpus, grad_clip=config.optimizer.grad_clip, aux_coef=aux_coef, device=device)
+        self.replayer = Replayer(config.model, corpus, grad_clip=config.optimizer.grad_clip, aux_coef=aux_coef,
+                                 device=device)
         self.replay_seconds = 0.0
         self.replays = 0
 
@@ -165,7 +166,8 @@ class StepChecker:
                                                      f"{self.corpus.fingerprint[:12]}: cannot rebuild its batches")
         mismatched = [
             name for name, claimed, actual in (
-                ("peer", seen.peer, proof.peer_id), ("session", seen.session, proof.session), ("step", c.step, proof.step), ("seed", c.seed, proof.seed),
+                ("peer", seen.peer, proof.peer_id), ("session", seen.session, proof.session),
+                ("step", c.step, proof.step), ("seed", c.seed, proof.seed),
                 ("epoch", c.epoch, proof.epoch), ("samples", c.samples, proof.samples),
                 ("precision", seen.precision, proof.precision),
                 ("params_hash", c.params_hash, proof.params_hash), ("grad_hash", c.grad_hash, proof.grad_hash),
