@@ -1,0 +1,1 @@
+"""Tools for tests and benches that build real networks (never imported by the peer commands)."""
