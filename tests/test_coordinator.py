@@ -134,7 +134,108 @@ def test_expert_work_uses_the_same_rules(store: Store):
     assert store.record_expert_work(BOB, 100, T0, now=T0).credited == 100
     assert store.record_expert_work(BOB, 100, T0, now=T0 + 5).skipped
     assert store.record_expert_work(BOB, 40, T0 + 10, now=T0 + 10).restarted
-    assert store.contribution(BOB)["expert_work"] == 140
+    assert (store.contribution(BOB)["work_claimed"], store.contribution(BOB)["expert_work"]) == (140, 0)  # no receipts
+
+
+# ------------------------------------------------------------------------------------------------ receipts, pending credit
+def test_expert_work_is_the_lesser_of_claim_and_receipts_of_non_banned_trainers(store: Store):
+    store.record_expert_work(BOB, 10**6, T0, now=T0)  # the host claims a million calls (rate cap: 50k/s x 60 s)
+    assert store.contribution(BOB)["expert_work"] == 0
+    store.record_receipts(PEER, 7, T0, {BOB: 300}, now=T0)
+    store.record_receipts(EVE, 9, T0, {BOB: 200, PEER: 5}, now=T0)
+    assert store.contribution(BOB)["expert_work"] == 500 and store.contribution(PEER)["expert_work"] == 0  # no claim
+    assert store.record_receipts(PEER, 7, T0, {BOB: 10**9}, now=T0 + 1)[BOB].skipped  # replay of an old report time
+    store.record_receipts(PEER, 7, T0 + 2, {BOB: 250}, now=T0 + 2)  # a counter that falls = restart: +250
+    assert store.contribution(BOB)["expert_work"] == 750
+    store.record_receipts(PEER, 8, T0 + 3, {BOB: 100}, now=T0 + 3)  # new session: +100
+    assert store.contribution(BOB)["expert_work"] == 850
+    assert store.record_receipts(BOB, 1, T0 + 3, {BOB: 10**6}, now=T0 + 3)[BOB].skipped == "self-receipt"
+    store.record_receipts(EVE, 9, T0 + 4, {BOB: 10**15}, now=T0 + 4)  # a forged-huge receipt is rate-capped
+    capped = store.contribution(BOB)["expert_work"]
+    assert capped <= store.contribution(BOB)["work_claimed"] and capped < 10**7
+    store.revoke(EVE, "failed spot-checks", now=T0 + 5)  # a banned trainer's receipts stop counting
+    assert store.contribution(BOB)["expert_work"] == 650
+    store.unban(EVE)
+    assert store.contribution(BOB)["expert_work"] == capped
+    store.record_receipts(PEER, 8, T0 + 6, {BOB: "junk", EVE: -5}, now=T0 + 6)  # junk counters never reduce credit
+    assert store.contribution(BOB)["expert_work"] >= capped - 100
+    row = next(r for r in store.leaderboard(now=T0)["rows"] if r["peer_id"] == BOB)
+    assert row["work_claimed"] == 10**6 and row["expert_work"] == store.contribution(BOB)["expert_work"]
+
+
+def test_samples_count_while_pending_verify_on_a_passed_check_and_lapse_otherwise(tmp_path: Path):
+    policy = CreditPolicy(max_samples_per_second=100.0, slack_seconds=0.0, pending_window=100.0, trusted_after_checks=2)
+    with Store(tmp_path / "ledger", policy) as store:
+        store.ingest([trainer(PEER, 1000, T0), trainer(BOB, 1000, T0), trainer(EVE, 1000, T0)], now=T0)
+        row = store.contribution(PEER)
+        assert (row["samples"], row["pending_samples"], row["verified_samples"]) == (1000, 1000, 0)
+        assert store.record_check(PEER, True, now=T0 + 10) == 1000  # a passed check verifies what was pending
+        assert store.record_check(EVE, False, now=T0 + 10) == 1000  # a failed one revokes it
+        store.ingest([trainer(PEER, 1500, T0 + 50), trainer(BOB, 1000, T0 + 50)], now=T0 + 50)
+        rows = {r["peer_id"]: r for r in store.leaderboard(now=T0 + 50)["rows"]}
+        assert (rows[PEER]["samples"], rows[PEER]["verified_samples"], rows[PEER]["pending_samples"]) == (1500, 1000, 500)
+        assert (rows[BOB]["samples"], rows[BOB]["pending_samples"]) == (1000, 1000)  # within the window: counts
+        assert (rows[EVE]["samples"], rows[EVE]["checks_failed"]) == (0, 1)
+        store.ingest([], now=T0 + 120)  # BOB's batch is past the window, no check passed: it lapses
+        assert (store.contribution(BOB)["samples"], store.contribution(BOB)["lapsed_samples"]) == (0, 1000)
+        assert store.contribution(PEER)["samples"] == 1500  # PEER's batch of T0+50 is still in its window
+        store.ingest([], now=T0 + 160)  # ...and lapses too: one passed check is not trust yet
+        assert (store.contribution(PEER)["samples"], store.contribution(PEER)["verified_samples"]) == (1000, 1000)
+        store.record_check(PEER, True, now=T0 + 170)  # streak 2 = trusted: later batches verify at the window's end
+        store.ingest([trainer(PEER, 2000, T0 + 180)], now=T0 + 180)
+        store.ingest([], now=T0 + 300)
+        row = store.contribution(PEER)
+        assert (row["samples"], row["verified_samples"], row["pending_samples"]) == (1500, 1500, 0)
+        store.record_check(PEER, False, now=T0 + 301)  # trust is lost on a failure
+        store.ingest([trainer(PEER, 2100, T0 + 310)], now=T0 + 310)
+        store.ingest([], now=T0 + 420)
+        assert store.contribution(PEER)["samples"] == 1500
+        totals = store.totals(now=T0 + 420)
+        assert totals["lapsed_samples"] == 1600 and totals["revoked_samples"] == 1000 and totals["pending_samples"] == 0
+
+
+def test_adversarial_reports_never_push_pending_or_verified_above_what_was_credited(tmp_path: Path):
+    import random
+
+    rng = random.Random(7)
+    policy = CreditPolicy(max_samples_per_second=100.0, slack_seconds=0.0, pending_window=30.0, trusted_after_checks=3)
+    with Store(tmp_path / "ledger", policy) as store:
+        now = T0
+        for _ in range(300):
+            now += rng.choice([0.0, 1.0, 5.0, 40.0])
+            value = rng.choice([0, -1, 10, 10**6, 2**80, float("nan"), "x", rng.randrange(5000)])
+            action = rng.random()
+            if action < 0.6:
+                store.ingest([trainer(PEER, value, now - rng.choice([0, 0, 100]))], now=now)
+            elif action < 0.8:
+                store.record_check(PEER, rng.random() < 0.7, now=now)
+            elif action < 0.9:
+                store.mark_verified(PEER, value if isinstance(value, int) else 0)
+            else:
+                store.settle(now)
+            row = store.contribution(PEER)
+            assert 0 <= row["verified_samples"] <= row["samples"] <= MAX_COUNTER
+            assert row["samples"] == row["verified_samples"] + row["pending_samples"]
+            pending_rows = store._read("SELECT COALESCE(SUM(amount), 0) FROM pending WHERE peer_id = ?", (PEER,))
+            assert pending_rows[0][0] == row["pending_samples"]
+
+
+def test_a_schema_1_ledger_is_migrated(tmp_path: Path):
+    import sqlite3
+
+    with Store(tmp_path / "ledger", POLICY) as store:
+        store.record_samples(PEER, 100, T0, now=T0)
+    db = sqlite3.connect(tmp_path / "ledger" / "coordinator.sqlite3")
+    for column in ("pending_samples", "lapsed_samples", "revoked_samples", "clean_streak", "work_claimed", "work_receipted"):
+        db.execute(f"ALTER TABLE contributions DROP COLUMN {column}")
+    db.execute("UPDATE contributions SET expert_work = 77")
+    db.execute("DELETE FROM pending")
+    db.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    db.commit()
+    db.close()
+    with Store(tmp_path / "ledger", POLICY) as store:
+        row = store.contribution(PEER)
+        assert (row["samples"], row["pending_samples"], row["work_claimed"], row["expert_work"]) == (100, 100, 77, 0)
 
 
 # ------------------------------------------------------------------------------------------------ store queries
@@ -172,7 +273,7 @@ def test_restart_of_the_coordinator_keeps_everything(tmp_path: Path):
     ledger = tmp_path / "ledger"
     with Store(ledger, POLICY) as store:
         store.ingest([trainer(PEER, 500, T0, name="alice", team="red"), trainer(BOB, 900, T0, name="bob")], now=T0)
-        store.record_check(PEER, False)
+        store.record_check(PEER, True, now=T0)
         store.revoke(EVE, "forged receipts", now=T0)
         store.save_expert_map({"ffn.0.0": [PEER]}, now=T0)
         before = store.leaderboard(now=T0)

@@ -186,10 +186,10 @@ def print_leaderboard(page: dict[str, Any], source: str = "") -> None:
     shown = len(page["rows"])
     first = page.get("offset", 0) + 1 if shown else 0
     title = f"leaderboard ({first}-{page.get('offset', 0) + shown} of {page.get('total', shown)})"
-    table = Table(title=title, caption=f"from {source}; samples are self-reported until verified" if source else None)
+    table = Table(title=title, caption=f"from {source}; pending samples count until a spot-check settles them" if source else None)
     for column, justify in (
         ("#", "right"), ("name", "left"), ("team", "left"), ("samples", "right"), ("verified", "right"),
-        ("expert work", "right"), ("uptime", "right"), ("checks ✓/✗", "right"), ("status", "left"), ("peer", "left"),
+        ("pending", "right"), ("expert work", "right"), ("uptime", "right"), ("checks ✓/✗", "right"), ("status", "left"), ("peer", "left"),
     ):
         table.add_column(column, justify=justify, no_wrap=column not in ("name", "team", "status"))
     colors = {"live": "green", "offline": "dim", "banned": "red"}
@@ -200,7 +200,8 @@ def print_leaderboard(page: dict[str, Any], source: str = "") -> None:
             status_text += f" {escape(row['banned_reason'])}"
         table.add_row(
             str(row["rank"]), escape(row.get("public_name") or "(anonymous)"), escape(row.get("team", "")),
-            f"{row.get('samples', 0):,}", f"{row.get('verified_samples', 0):,}", f"{row.get('expert_work', 0):,}",
+            f"{row.get('samples', 0):,}", f"{row.get('verified_samples', 0):,}",
+            f"{row.get('pending_samples', 0):,}", f"{row.get('expert_work', 0):,}",
             _duration(row.get("uptime_seconds", 0)), f"{row.get('checks_passed', 0)}/{row.get('checks_failed', 0)}",
             status_text, escape(row.get("peer_id", "")[-8:]),
         )

@@ -8,6 +8,7 @@ so a slow DHT never stalls the dashboard. If ``http_port`` is taken, the service
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -20,7 +21,7 @@ from athome.config import RunConfig
 from athome.coordinator.store import CreditPolicy, Observation, Store
 from athome.coordinator.web import DashboardContext, WebServer, create_app
 from athome.dht import get_records
-from athome.dht.schemas import MetricsRecord, PeerRecord, ServerRecord, run_key
+from athome.dht.schemas import MetricsRecord, PeerRecord, ReceiptRecord, ServerRecord, run_key
 from athome.lifecycle import PeriodicThread
 
 logger = logging.getLogger(__name__)
@@ -37,8 +38,8 @@ def observations_from_records(
 
     The peer record gives role, name, team and relay status; a server record adds its experts (and role
     'expert_host' if no peer record); a metrics record adds the trainer's counters (and role 'trainer').
-    Expert-work counters are read from a server record's ``expert_calls`` / ``reported_at`` fields when the
-    schema has them (it does not yet: see the coordinator's notes), else expert work is not credited.
+    Expert-work claims are read from a server record's ``expert_calls`` / ``reported_at`` fields; they count only
+    as far as trainers' receipts (polled separately) back them.
     """
     observations = []
     for peer_id in sorted(set(servers) | set(metrics) | set(peers)):
@@ -103,6 +104,10 @@ class CoordinatorService:
     ):
         self.dht, self.config, self.data_dir = dht, config, Path(data_dir)
         self.http_host, self.http_port = http_host, http_port
+        if config.verification.check_rate == 0 and policy.pending_window is not None:
+            # nothing will ever check these samples: let them stay pending instead of lapsing
+            logger.info("verification.check_rate is 0: samples stay pending (unverified) and never lapse")
+            policy = dataclasses.replace(policy, pending_window=None)
         self.poll_period, self.policy = poll_period, policy
         self.live_window = live_window if live_window is not None else config.expert_ttl + 2 * poll_period
         self.run_address = run_address
@@ -172,11 +177,15 @@ class CoordinatorService:
             servers = get_records(self.dht, run_key(name, "servers"), ServerRecord)
             metrics = get_records(self.dht, run_key(name, "metrics"), MetricsRecord)
             peers = get_records(self.dht, run_key(name, "peers"), PeerRecord)
+            receipts = get_records(self.dht, run_key(name, "receipts"), ReceiptRecord)
             observations = observations_from_records(servers, metrics, peers)
             now = time.time()
             if self.store is None:
                 raise RuntimeError("the service is not started")
             self.store.ingest(observations, now)
+            for trainer_id, (receipt, _) in receipts.items():
+                calls = {host: item.forward + item.backward for host, item in receipt.hosts.items()}
+                self.store.record_receipts(trainer_id, receipt.session, receipt.time, calls, now)
             self.store.save_expert_map(expert_map_from_servers(servers, self.config.model.expert_uids()), now)
         except Exception as error:
             with self._stats_lock:

@@ -18,8 +18,30 @@ nobody has checked, so the ledger treats them as claims and bounds what they can
 - negative, non-integer or absurdly large values are clamped to ``[0, MAX_COUNTER]`` before any arithmetic, so
   SQLite's 64-bit integers never overflow.
 
-Self-reported credit is stored as unverified: ``verified_samples`` stays 0 until the verification subsystem calls
-:meth:`Store.mark_verified`; :meth:`Store.revoke` takes all credit away and bans the peer.
+Samples count only while verification vouches for them (``samples`` = ``verified_samples`` + ``pending_samples``):
+
+- credited samples start *pending*, in a batch stamped with the coordinator time they were credited;
+- a passed spot-check (:meth:`Store.record_check`) verifies every sample of the peer pending at that moment. Checks
+  sample steps at random with OS randomness, so a trainer cannot tell which of its pending steps will be replayed;
+  each passed check vouches for what was reported since the previous one;
+- a failed check revokes every pending sample of the peer (``revoked_samples``); a ban (:meth:`Store.revoke`)
+  revokes everything, verified included;
+- a batch still pending after ``CreditPolicy.pending_window`` seconds is settled by :meth:`Store.settle` (called on
+  every ingest): verified if the peer's trust covers it (``trusted_after_checks`` consecutive passed checks and
+  no failed one since, BOINC's adaptive-replication rule), otherwise it *lapses* (``lapsed_samples``) and stops
+  counting. With ``pending_window=None`` (no verification runs for this ledger) pending samples never lapse.
+
+Expert work counts only where the trainers that called the host sign for it (``expert_work`` =
+min(``work_claimed``, ``work_receipted``)):
+
+- ``work_claimed`` is the host's own cumulative forward+backward call counter with the rules above (rate cap,
+  replays, restarts);
+- ``work_receipted`` sums, over trainers that are not banned and are not the host itself, the growth of each
+  trainer's signed receipt counter for that host (:meth:`Store.record_receipts`: same replay/restart/rate rules
+  per (trainer, host) pair, a new trainer session counts as a restart). A host cannot inflate its credit (its
+  claim is capped by what others signed), and a trainer can only sign in its own name (records are signed per
+  writer). What this does not stop: a trainer and a host run by the same person (two identities) can inflate the
+  host's work up to the rate cap, until the trainer is banned, which withdraws its receipts.
 """
 from __future__ import annotations
 
@@ -36,7 +58,7 @@ from typing import Any, Iterable, Iterator, Optional
 logger = logging.getLogger(__name__)
 
 DB_FILENAME = "coordinator.sqlite3"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MAX_COUNTER = 2**53  # integers beyond this are clamped: no float precision loss in JSON, no int64 overflow
 MAX_TEXT = 64
 MAX_PAGE = 1000
@@ -108,11 +130,41 @@ CREATE TABLE IF NOT EXISTS bans (
     reason TEXT NOT NULL,
     banned_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS pending (
+    id INTEGER PRIMARY KEY,
+    peer_id TEXT NOT NULL,
+    amount INTEGER NOT NULL,
+    credited_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS pending_peer ON pending (peer_id);
+CREATE INDEX IF NOT EXISTS pending_age ON pending (credited_at);
+CREATE TABLE IF NOT EXISTS receipts (
+    trainer_id TEXT NOT NULL,
+    host_id TEXT NOT NULL,
+    session INTEGER NOT NULL DEFAULT 0,
+    reported INTEGER NOT NULL DEFAULT 0,
+    report_time REAL,
+    credited INTEGER NOT NULL DEFAULT 0,
+    credited_at REAL,
+    refused INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (trainer_id, host_id)
+);
+CREATE INDEX IF NOT EXISTS receipts_host ON receipts (host_id);
 """
 
+# columns added in schema 2 (ALTER TABLE on ledgers written by schema 1)
+_V2_COLUMNS = (
+    ("pending_samples", "INTEGER NOT NULL DEFAULT 0"),
+    ("lapsed_samples", "INTEGER NOT NULL DEFAULT 0"),
+    ("revoked_samples", "INTEGER NOT NULL DEFAULT 0"),
+    ("clean_streak", "INTEGER NOT NULL DEFAULT 0"),
+    ("work_claimed", "INTEGER NOT NULL DEFAULT 0"),
+    ("work_receipted", "INTEGER NOT NULL DEFAULT 0"),
+)
+
 LEADERBOARD_COLUMNS = (
-    "rank", "peer_id", "public_name", "team", "samples", "verified_samples", "verified", "expert_work",
-    "uptime_seconds", "checks_passed", "checks_failed", "status", "banned_reason",
+    "rank", "peer_id", "public_name", "team", "samples", "verified_samples", "pending_samples", "verified",
+    "expert_work", "work_claimed", "uptime_seconds", "checks_passed", "checks_failed", "status", "banned_reason",
 )
 
 
@@ -127,6 +179,10 @@ class CreditPolicy:
     :param max_gap_seconds: growth allowance stops accruing after this long without a report
     :param max_clock_skew: report times further than this in the future are clamped
     :param max_uptime_gap: a peer seen again within this many seconds was up all along; a longer gap is downtime
+    :param pending_window: seconds credited samples may stay pending (unverified but counted); None = forever
+      (a ledger that no verification feeds)
+    :param trusted_after_checks: consecutive passed checks after which a peer's pending samples verify at the end
+      of the window without a check of their own (BOINC trusts a host after 10 consecutive valid results)
     """
 
     max_samples_per_second: float = 20_000.0
@@ -136,6 +192,8 @@ class CreditPolicy:
     max_gap_seconds: float = 3600.0
     max_clock_skew: float = 300.0
     max_uptime_gap: float = 60.0
+    pending_window: Optional[float] = 600.0
+    trusted_after_checks: int = 10
 
 
 @dataclass(frozen=True)
@@ -229,6 +287,7 @@ class Store:
             version = int(db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0])
             if version > SCHEMA_VERSION:
                 raise RuntimeError(f"{self.path} was written by a newer athome (schema {version}); upgrade athome")
+            self._migrate(db, version)
             if run_name is not None:
                 db.execute("INSERT OR IGNORE INTO meta VALUES ('run_name', ?)", (run_name,))
                 stored = db.execute("SELECT value FROM meta WHERE key='run_name'").fetchone()[0]
@@ -240,6 +299,23 @@ class Store:
         self._last_expert_map: Optional[str] = None
 
     # ---------------------------------------------------------------------------------------------- plumbing
+    @staticmethod
+    def _migrate(db: sqlite3.Connection, version: int) -> None:
+        columns = {row[1] for row in db.execute("PRAGMA table_info(contributions)")}
+        for name, declaration in _V2_COLUMNS:
+            if name not in columns:
+                db.execute(f"ALTER TABLE contributions ADD COLUMN {name} {declaration}")
+        if version < 2:
+            # schema 1 credited expert work from the host's claim alone, and samples without a pending state:
+            # keep the claims as claims (no receipts back them); unverified samples start a pending window now
+            db.execute("UPDATE contributions SET work_claimed = expert_work, expert_work = 0")
+            db.execute(
+                "INSERT INTO pending (peer_id, amount, credited_at) SELECT peer_id, samples - verified_samples, ? "
+                "FROM contributions WHERE samples > verified_samples", (time.time(),)
+            )
+            db.execute("UPDATE contributions SET pending_samples = samples - verified_samples")
+            db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
+
     def close(self) -> None:
         """Checkpoint the WAL and close; idempotent."""
         with self._lock:
@@ -299,6 +375,7 @@ class Store:
         with self._transaction() as db:
             for obs in observations:
                 results[obs.peer_id] = self._ingest_one(db, obs, now)
+            self._settle(db, now)
         return results
 
     def _ingest_one(self, db: sqlite3.Connection, obs: Observation, now: float) -> CreditResult:
@@ -359,7 +436,7 @@ class Store:
         self, db: sqlite3.Connection, peer_id: str, kind: str, reported: Any, report_time: Any, now: float
     ) -> CreditResult:
         """The credit arithmetic of one cumulative counter (``kind`` is 'samples' or 'work'); see the module doc."""
-        total_column = "samples" if kind == "samples" else "expert_work"
+        total_column = "samples" if kind == "samples" else "work_claimed"
         rate = self.policy.max_samples_per_second if kind == "samples" else self.policy.max_expert_calls_per_second
         row = db.execute(
             f"SELECT banned, {kind}_reported AS reported, {kind}_report_time AS report_time, "
@@ -394,7 +471,63 @@ class Store:
                 WHERE peer_id = ?""",
             (credited, MAX_COUNTER, value, report_time, now, refused, MAX_COUNTER, int(restarted), peer_id),
         )
+        if kind == "samples" and credited:
+            db.execute("UPDATE contributions SET pending_samples = MIN(pending_samples + ?, ?) WHERE peer_id = ?",
+                       (credited, MAX_COUNTER, peer_id))
+            db.execute("INSERT INTO pending (peer_id, amount, credited_at) VALUES (?, ?, ?)", (peer_id, credited, now))
+        if kind == "work":
+            self._update_expert_work(db, peer_id)
         return CreditResult(credited=credited, refused=refused, restarted=restarted)
+
+    @staticmethod
+    def _update_expert_work(db: sqlite3.Connection, host_id: str) -> None:
+        """expert_work = min(the host's claim, receipts of non-banned trainers other than itself)."""
+        receipted = db.execute(
+            """SELECT COALESCE(SUM(r.credited), 0) FROM receipts r JOIN contributions t ON t.peer_id = r.trainer_id
+               WHERE r.host_id = ? AND r.trainer_id != r.host_id AND t.banned = 0""",
+            (host_id,),
+        ).fetchone()[0]
+        db.execute(
+            "UPDATE contributions SET work_receipted = MIN(?, ?), expert_work = MIN(work_claimed, ?, ?) "
+            "WHERE peer_id = ? AND banned = 0",
+            (receipted, MAX_COUNTER, receipted, MAX_COUNTER, host_id),
+        )
+
+    def _settle(self, db: sqlite3.Connection, now: float) -> None:
+        """Settle pending batches older than the window: verified if the peer is trusted, else lapsed."""
+        window = self.policy.pending_window
+        if window is None:
+            return
+        rows = db.execute(
+            """SELECT p.peer_id, SUM(p.amount) AS amount, c.clean_streak >= ? AS trusted
+               FROM pending p JOIN contributions c ON c.peer_id = p.peer_id
+               WHERE p.credited_at < ? GROUP BY p.peer_id""",
+            (self.policy.trusted_after_checks, now - window),
+        ).fetchall()
+        for row in rows:
+            amount = int(row["amount"])
+            if row["trusted"]:
+                db.execute(
+                    "UPDATE contributions SET pending_samples = MAX(pending_samples - ?, 0), "
+                    "verified_samples = MIN(verified_samples + ?, samples) WHERE peer_id = ?",
+                    (amount, amount, row["peer_id"]),
+                )
+            else:
+                db.execute(
+                    "UPDATE contributions SET pending_samples = MAX(pending_samples - ?, 0), "
+                    "samples = MAX(samples - ?, 0), lapsed_samples = MIN(lapsed_samples + ?, ?) WHERE peer_id = ?",
+                    (amount, amount, amount, MAX_COUNTER, row["peer_id"]),
+                )
+                logger.info(f"{amount} samples of {row['peer_id']} lapsed: no spot-check passed within "
+                            f"{window:.0f}s and the peer is not trusted yet (CreditPolicy.pending_window)")
+        if rows:
+            db.execute("DELETE FROM pending WHERE credited_at < ?", (now - window,))
+
+    def settle(self, now: Optional[float] = None) -> None:
+        """Settle pending samples older than ``CreditPolicy.pending_window`` (see the module doc); ingest calls it."""
+        now = time.time() if now is None else now
+        with self._transaction() as db:
+            self._settle(db, now)
 
     def _append_metrics(self, db: sqlite3.Connection, peer_id: str, obs: Observation, now: float) -> None:
         loss, sps = _finite(obs.loss), _finite(obs.samples_per_second)
@@ -421,59 +554,156 @@ class Store:
     def record_expert_work(
         self, peer_id: str, cumulative_calls: Any, report_time: Any, now: Optional[float] = None
     ) -> CreditResult:
-        """Credit an expert host's cumulative forward+backward calls served, with the same rules as samples."""
+        """Credit an expert host's claim (cumulative forward+backward calls served), with the same rules as samples;
+        it counts as ``expert_work`` only as far as trainers' receipts back it (:meth:`record_receipts`)."""
         now = time.time() if now is None else now
         with self._transaction() as db:
             self._touch_contribution(db, peer_id, Observation(peer_id), now, seen=False)
             return self._credit(db, peer_id, "work", cumulative_calls, report_time, now)
 
     # ---------------------------------------------------------------------------------------------- verification hooks
-    def record_check(self, peer_id: str, passed: bool, now: Optional[float] = None) -> None:
-        """Count one spot-check of ``peer_id``'s work (called by the verification subsystem)."""
+    def record_receipts(
+        self, trainer_id: str, session: Any, report_time: Any, receipts: dict[str, Any], now: Optional[float] = None
+    ) -> dict[str, CreditResult]:
+        """Apply one trainer's signed receipt record: ``receipts`` maps host peer ID -> that host's cumulative
+        forward+backward calls made by this trainer in ``session``. Each (trainer, host) counter follows the module's
+        credit rules (replays ignored, a fall or a new session is a restart, growth rate-capped); then each host's
+        ``expert_work`` is recomputed. A banned trainer's receipts, and a host's receipts for itself, count nothing.
+        Returns host -> result."""
+        now = time.time() if now is None else now
+        trainer_id = _text(trainer_id, 128)
+        session = clamp_counter(session)
+        report_time = _finite(report_time)
+        results: dict[str, CreditResult] = {}
+        rate = self.policy.max_expert_calls_per_second
+        with self._transaction() as db:
+            self._touch_contribution(db, trainer_id, Observation(trainer_id), now, seen=False)
+            banned = db.execute("SELECT banned FROM contributions WHERE peer_id = ?", (trainer_id,)).fetchone()[0]
+            for host_id, calls in list(receipts.items())[:1024]:
+                host_id = _text(host_id, 128)
+                if banned or report_time is None or host_id == trainer_id:
+                    results[host_id] = CreditResult(skipped="banned" if banned else "no report time"
+                                                    if report_time is None else "self-receipt")
+                    continue
+                clamped_time = min(report_time, now + self.policy.max_clock_skew)
+                row = db.execute("SELECT * FROM receipts WHERE trainer_id = ? AND host_id = ?",
+                                 (trainer_id, host_id)).fetchone()
+                if row is not None and row["report_time"] is not None and clamped_time <= row["report_time"]:
+                    results[host_id] = CreditResult(skipped="stale or replayed report")
+                    continue
+                value = clamp_counter(calls)
+                restarted = row is not None and (session != row["session"] or value < row["reported"])
+                growth = value if row is None or restarted else value - row["reported"]
+                if row is None or row["credited_at"] is None:
+                    allowed_seconds = self.policy.first_report_seconds
+                else:
+                    allowed_seconds = min(max(0.0, now - row["credited_at"]) + self.policy.slack_seconds,
+                                          self.policy.max_gap_seconds)
+                credited = min(growth, int(rate * allowed_seconds))
+                db.execute(
+                    """INSERT INTO receipts (trainer_id, host_id, session, reported, report_time, credited, credited_at,
+                                             refused) VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+                       ON CONFLICT (trainer_id, host_id) DO UPDATE SET session = excluded.session,
+                           reported = excluded.reported, report_time = excluded.report_time,
+                           credited = MIN(credited + excluded.credited, ?), credited_at = excluded.credited_at,
+                           refused = MIN(refused + excluded.refused, ?)""",
+                    (trainer_id, host_id, session, value, clamped_time, credited, now, growth - credited,
+                     MAX_COUNTER, MAX_COUNTER),
+                )
+                self._touch_contribution(db, host_id, Observation(host_id), now, seen=False)
+                self._update_expert_work(db, host_id)
+                results[host_id] = CreditResult(credited=credited, refused=growth - credited, restarted=restarted)
+        return results
+
+    # ---------------------------------------------------------------------------------------------- verification hooks
+    def record_check(self, peer_id: str, passed: bool, now: Optional[float] = None) -> int:
+        """Count one spot-check of ``peer_id``'s work (called by the verification subsystem).
+
+        Passed: every sample of the peer pending now becomes verified. Failed: every pending sample is revoked and
+        the clean streak restarts (a ban, :meth:`revoke`, is the verification subsystem's separate decision).
+        Returns the number of samples verified (passed) or revoked (failed)."""
         now = time.time() if now is None else now
         with self._transaction() as db:
             self._touch_contribution(db, peer_id, Observation(peer_id), now, seen=False)
-            column = "checks_passed" if passed else "checks_failed"
-            db.execute(f"UPDATE contributions SET {column} = {column} + 1 WHERE peer_id = ?", (peer_id,))
+            row = db.execute("SELECT banned, pending_samples FROM contributions WHERE peer_id = ?", (peer_id,)).fetchone()
+            pending = 0 if row["banned"] else int(row["pending_samples"])
+            if passed:
+                db.execute(
+                    "UPDATE contributions SET checks_passed = checks_passed + 1, clean_streak = clean_streak + 1, "
+                    "verified_samples = MIN(verified_samples + ?, samples), pending_samples = 0 WHERE peer_id = ?",
+                    (pending, peer_id),
+                )
+            else:
+                db.execute(
+                    "UPDATE contributions SET checks_failed = checks_failed + 1, clean_streak = 0, "
+                    "samples = MAX(samples - ?, 0), revoked_samples = MIN(revoked_samples + ?, ?), pending_samples = 0 "
+                    "WHERE peer_id = ?",
+                    (pending, pending, MAX_COUNTER, peer_id),
+                )
+            db.execute("DELETE FROM pending WHERE peer_id = ?", (peer_id,))
+        if not passed and pending:
+            logger.warning(f"Revoked {pending} pending samples of {peer_id}: a spot-check failed")
+        return pending
 
     def mark_verified(self, peer_id: str, up_to_samples: int) -> int:
-        """Mark ``peer_id``'s credited samples as verified up to ``up_to_samples`` (never above what it was credited,
-        never backwards). Returns the verified total; 0 for unknown or banned peers."""
+        """Mark ``peer_id``'s counted samples as verified up to ``up_to_samples`` (never above what it was credited,
+        never backwards), taking them out of the pending batches oldest first. Returns the verified total; 0 for
+        unknown or banned peers."""
         up_to = clamp_counter(up_to_samples)
         with self._transaction() as db:
-            db.execute(
-                "UPDATE contributions SET verified_samples = MAX(verified_samples, MIN(?, samples)) "
-                "WHERE peer_id = ? AND banned = 0",
-                (up_to, peer_id),
-            )
-            row = db.execute("SELECT verified_samples FROM contributions WHERE peer_id = ?", (peer_id,)).fetchone()
-        return int(row[0]) if row else 0
+            row = db.execute("SELECT verified_samples, samples FROM contributions WHERE peer_id = ? AND banned = 0",
+                             (peer_id,)).fetchone()
+            if row is None:
+                return 0
+            move = max(0, min(up_to, row["samples"]) - row["verified_samples"])
+            if move:
+                db.execute("UPDATE contributions SET verified_samples = verified_samples + ?, "
+                           "pending_samples = MAX(pending_samples - ?, 0) WHERE peer_id = ?", (move, move, peer_id))
+                left = move
+                for batch in db.execute("SELECT id, amount FROM pending WHERE peer_id = ? ORDER BY credited_at, id",
+                                        (peer_id,)).fetchall():
+                    if left <= 0:
+                        break
+                    taken = min(left, batch["amount"])
+                    left -= taken
+                    if taken == batch["amount"]:
+                        db.execute("DELETE FROM pending WHERE id = ?", (batch["id"],))
+                    else:
+                        db.execute("UPDATE pending SET amount = amount - ? WHERE id = ?", (taken, batch["id"]))
+            return int(row["verified_samples"]) + move
 
     def revoke(self, peer_id: str, reason: str, now: Optional[float] = None) -> None:
-        """Take all of ``peer_id``'s credit away and ban it with ``reason``; later reports earn nothing."""
+        """Take all of ``peer_id``'s credit away and ban it with ``reason``; later reports earn nothing, and the
+        receipts it signed for hosts stop counting for them."""
         now = time.time() if now is None else now
         reason = _text(reason, 256) or "revoked"
         with self._transaction() as db:
             self._touch_contribution(db, peer_id, Observation(peer_id), now, seen=False)
             db.execute(
-                "UPDATE contributions SET samples = 0, verified_samples = 0, expert_work = 0, banned = 1, "
-                "banned_reason = ? WHERE peer_id = ?",
-                (reason, peer_id),
+                "UPDATE contributions SET revoked_samples = MIN(revoked_samples + samples, ?), samples = 0, "
+                "verified_samples = 0, pending_samples = 0, expert_work = 0, work_receipted = 0, clean_streak = 0, "
+                "banned = 1, banned_reason = ? WHERE peer_id = ?",
+                (MAX_COUNTER, reason, peer_id),
             )
+            db.execute("DELETE FROM pending WHERE peer_id = ?", (peer_id,))
             db.execute(
                 "INSERT INTO bans (peer_id, reason, banned_at) VALUES (?, ?, ?) "
                 "ON CONFLICT (peer_id) DO UPDATE SET reason = excluded.reason, banned_at = excluded.banned_at",
                 (peer_id, reason, now),
             )
+            for (host_id,) in db.execute("SELECT DISTINCT host_id FROM receipts WHERE trainer_id = ?", (peer_id,)).fetchall():
+                self._update_expert_work(db, host_id)
         logger.warning(f"Revoked the credit of {peer_id} and banned it: {reason}")
 
     ban = revoke
 
     def unban(self, peer_id: str) -> None:
-        """Lift a ban; revoked credit stays revoked, new reports earn again."""
+        """Lift a ban; revoked credit stays revoked, new reports earn again (its receipts count again for hosts)."""
         with self._transaction() as db:
             db.execute("DELETE FROM bans WHERE peer_id = ?", (peer_id,))
             db.execute("UPDATE contributions SET banned = 0, banned_reason = '' WHERE peer_id = ?", (peer_id,))
+            for (host_id,) in db.execute("SELECT DISTINCT host_id FROM receipts WHERE trainer_id = ?", (peer_id,)).fetchall():
+                self._update_expert_work(db, host_id)
 
     # ---------------------------------------------------------------------------------------------- expert map
     def save_expert_map(self, experts: dict[str, list[str]], now: Optional[float] = None) -> bool:
@@ -516,8 +746,8 @@ class Store:
             (live_since,),
         )
 
-    _LEADERBOARD_SELECT = """SELECT peer_id, public_name, team, samples, verified_samples, expert_work, uptime,
-               checks_passed, checks_failed, banned_reason, {status} AS status
+    _LEADERBOARD_SELECT = """SELECT peer_id, public_name, team, samples, verified_samples, pending_samples,
+               expert_work, work_claimed, uptime, checks_passed, checks_failed, banned_reason, {status} AS status
         FROM contributions {where} ORDER BY banned, samples DESC, expert_work DESC, peer_id"""
 
     def leaderboard(
@@ -563,7 +793,9 @@ class Store:
         samples, verified = int(row["samples"]), int(row["verified_samples"])
         return dict(
             rank=rank, peer_id=row["peer_id"], public_name=row["public_name"], team=row["team"], samples=samples,
-            verified_samples=verified, verified=samples > 0 and verified >= samples, expert_work=int(row["expert_work"]),
+            verified_samples=verified, pending_samples=int(row["pending_samples"]),
+            verified=samples > 0 and verified >= samples, expert_work=int(row["expert_work"]),
+            work_claimed=int(row["work_claimed"]),
             uptime_seconds=round(float(row["uptime"]), 1), checks_passed=int(row["checks_passed"]),
             checks_failed=int(row["checks_failed"]), status=row["status"], banned_reason=row["banned_reason"],
         )
@@ -662,6 +894,8 @@ class Store:
             credit = self._read(
                 "SELECT COUNT(*) AS contributors, COALESCE(SUM(samples), 0) AS samples, "
                 "COALESCE(SUM(verified_samples), 0) AS verified, COALESCE(SUM(expert_work), 0) AS work, "
+                "COALESCE(SUM(pending_samples), 0) AS pending, COALESCE(SUM(work_claimed), 0) AS claimed, "
+                "COALESCE(SUM(lapsed_samples), 0) AS lapsed, COALESCE(SUM(revoked_samples), 0) AS revoked, "
                 "COALESCE(SUM(rejected_samples), 0) AS rejected FROM contributions"
             )[0]
             bans = self._read("SELECT COUNT(*) FROM bans")[0][0]
@@ -674,6 +908,8 @@ class Store:
         return dict(
             live_peers=sum(roles.values()), live_by_role=roles, contributors=credit["contributors"],
             samples=int(credit["samples"]), verified_samples=int(credit["verified"]), expert_work=int(credit["work"]),
+            pending_samples=int(credit["pending"]), work_claimed=int(credit["claimed"]),
+            lapsed_samples=int(credit["lapsed"]), revoked_samples=int(credit["revoked"]),
             rejected_samples=int(credit["rejected"]), bans=bans, loss=latest["loss"],
             samples_per_second=latest["sps"] or 0.0, live_trainers=latest["trainers"], step=latest["step"],
         )

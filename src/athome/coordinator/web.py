@@ -251,9 +251,16 @@ def prometheus_text(totals: dict[str, Any], grid: dict[str, Any], context: Dashb
     metric("athome_samples_credited_total", "counter", "Samples credited to trainers (self-reported, rate-capped).",
            [({}, totals["samples"])])
     metric("athome_samples_verified_total", "counter", "Samples whose credit was verified.", [({}, totals["verified_samples"])])
+    metric("athome_samples_pending", "gauge", "Counted samples waiting for a spot-check.", [({}, totals["pending_samples"])])
+    metric("athome_samples_lapsed_total", "counter", "Samples that lapsed: no check passed within the window.",
+           [({}, totals["lapsed_samples"])])
+    metric("athome_samples_revoked_total", "counter", "Samples revoked by failed checks and bans.",
+           [({}, totals["revoked_samples"])])
     metric("athome_samples_rejected_total", "counter", "Reported samples refused by the rate cap.",
            [({}, totals["rejected_samples"])])
-    metric("athome_expert_work_total", "counter", "Expert calls credited to hosts.", [({}, totals["expert_work"])])
+    metric("athome_expert_work_total", "gauge", "Expert calls credited to hosts (claims backed by receipts).",
+           [({}, totals["expert_work"])])
+    metric("athome_expert_work_claimed_total", "counter", "Expert calls hosts claim.", [({}, totals["work_claimed"])])
     metric("athome_bans", "gauge", "Banned peers.", [({}, totals["bans"])])
     if totals["loss"] is not None:
         metric("athome_loss", "gauge", "Mean of the reporting trainers' latest loss.", [({}, totals["loss"])])
@@ -431,8 +438,10 @@ def openapi_schema(run_name: str = "") -> dict[str, Any]:
         "info": {
             "title": f"athome coordinator{' for run ' + run_name if run_name else ''}",
             "version": "1",
-            "description": "Read-only API of a run's coordinator. Credit is self-reported and rate-capped until "
-                           "verified (`verified_samples`).",
+            "description": "Read-only API of a run's coordinator. Samples are self-reported and rate-capped; they "
+                           "count while pending a spot-check (`pending_samples`) or once verified "
+                           "(`verified_samples`). Expert work is the host's claim (`work_claimed`) as far as "
+                           "trainers' signed receipts back it (`expert_work`).",
         },
         "paths": {
             "/api/run": {"get": {"summary": "the run: config, totals, expert coverage, poller health",
@@ -465,7 +474,8 @@ def openapi_schema(run_name: str = "") -> dict[str, Any]:
             "LeaderboardRow": {"type": "object", "properties": {
                 "rank": {"type": "integer"}, "peer_id": {"type": "string"}, "public_name": {"type": "string"},
                 "team": {"type": "string"}, "samples": {"type": "integer"}, "verified_samples": {"type": "integer"},
-                "verified": {"type": "boolean"}, "expert_work": {"type": "integer"},
+                "pending_samples": {"type": "integer"}, "verified": {"type": "boolean"},
+                "expert_work": {"type": "integer"}, "work_claimed": {"type": "integer"},
                 "uptime_seconds": {"type": "number"}, "checks_passed": {"type": "integer"},
                 "checks_failed": {"type": "integer"}, "status": {"type": "string", "enum": ["live", "offline", "banned"]},
                 "banned_reason": {"type": "string"}}},

@@ -91,6 +91,8 @@ def run_record_keys(run_name: str) -> dict[str, type[Record]]:
         f"{prefix}.commitments": CommitmentRecord,
         f"{prefix}.accusations": AccusationRecord,
         f"{prefix}.bans": BanRecord,
+        f"{prefix}.receipts": ReceiptRecord,
+        f"{prefix}.members": MemberRecord,
     }
 
 
@@ -174,3 +176,37 @@ class BanRecord(Record):
     """The run's bans. Only the record the *coordinator* signed counts (its subkey names the run's peer ID)."""
 
     bans: list[BanEntry] = Field(max_length=MAX_BANS)
+
+
+# ------------------------------------------------------------------------------------------------- credit and admission
+MAX_RECEIPT_HOSTS = 512
+
+
+class HostReceipt(Record):
+    """What one trainer signs for one host: cumulative expert calls and token rows the host answered for it."""
+
+    forward: int = Field(0, ge=0, le=2**53)
+    backward: int = Field(0, ge=0, le=2**53)
+    samples: int = Field(0, ge=0, le=2**53, description="token rows sent in the calls that were answered")
+
+
+class ReceiptRecord(Record):
+    """A trainer's signed receipts of the expert work each host did for it since the trainer started (``session``).
+
+    Only the trainer can write it (owner subkey); the coordinator credits a host's expert work as the lesser of its
+    own claim and the sum of these receipts from trainers that are not banned.
+    """
+
+    session: int = Field(ge=0, lt=2**63, description="random per trainer start: counters restart with it")
+    time: Finite
+    hosts: dict[PeerIdText, HostReceipt] = Field(max_length=MAX_RECEIPT_HOSTS)
+
+
+class MemberRecord(Record):
+    """An invite-only run's member: the invitation the coordinator signed for this peer (``peer invite``).
+
+    Hosts and averagers admit a caller whose record holds a token that verifies for its peer ID
+    (:mod:`athome.dht.auth`); the record being signed by its owner proves the owner presented the token.
+    """
+
+    token: str = Field(min_length=16, max_length=512)

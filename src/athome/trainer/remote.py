@@ -32,6 +32,7 @@ from hivemind.utils import MSGPackSerializer
 from torch.autograd.function import once_differentiable
 
 from athome.dht import get_records
+from athome.dht.receipts import ReceiptBook
 from athome.dht.schemas import ServerRecord
 from athome.peer.server import DirectExpertServicer
 
@@ -69,6 +70,7 @@ class ExpertRegistry:
     servers_key: str
     refresh_period: float = 5.0
     banned: set = field(default_factory=set)
+    receipts: Optional[ReceiptBook] = None  # set by a trainer: every dispatcher counts answered calls per host in it
     _replicas: Dict[str, List[Tuple[str, ServerRecord]]] = field(default_factory=dict)
     _stats: Dict[str, ReplicaStats] = field(default_factory=dict)
     _refreshed_at: float = float("-inf")
@@ -204,6 +206,8 @@ class RemoteDispatcher:
         for (peer, indices), host_result in zip(by_host.items(), RemoteExpertWorker.run_coroutine(gather())):
             for position, index in enumerate(indices):
                 results[index] = host_result if isinstance(host_result, BaseException) else host_result[position]
+                if self.registry.receipts is not None and not isinstance(results[index], BaseException):
+                    self.registry.receipts.count(peer, forward, len(calls[index].tokens))  # signed for the host's credit
         return results
 
     async def _timed(self, peer_id: str, coroutine) -> List:

@@ -36,6 +36,7 @@ from athome.dht import (
     start_dht,
     store_record,
 )
+from athome.dht.receipts import ReceiptBook
 from athome.dht.schemas import MetricsRecord, PeerRecord, run_key
 from athome.lifecycle import PeriodicThread, die, shutdown_requested
 from athome.model.lm import MoETransformerLM
@@ -73,6 +74,7 @@ class Trainer:
         self.show_progress = not getattr(args, "no_progress", False)
 
         self.registry = ExpertRegistry(dht, run_key(config.name, "servers"))
+        self.registry.receipts = ReceiptBook()  # signed receipts of each host's work: its credit needs them
         self.registry.refresh(force=True)
         p2p = RemoteExpertWorker.run_coroutine(dht.replicate_p2p())
         model_config = config.model
@@ -155,6 +157,7 @@ class Trainer:
             public_name=self.public_name, time=time.time(),
         )
         store_record(self.dht, run_key(self.config.name, "metrics"), record, ttl=self.config.expert_ttl)
+        self.registry.receipts.publish(self.dht, self.config.name, ttl=self.config.expert_ttl)
         store_record(
             self.dht, run_key(self.config.name, "peers"),
             PeerRecord(role="trainer", public_name=self.public_name, team=self.team, started_at=self.started_at),
