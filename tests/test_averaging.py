@@ -21,10 +21,12 @@ from hivemind.averaging.partition import BannedException
 from hivemind.compression import CompressionInfo, Uniform8BitQuantization
 from hivemind.compression import serialization as hivemind_serialization
 
+from athome.averaging import averager as athome_averager_module
 from athome.averaging import (
     AdaptiveTimeouts,
     ExpertReplicaAverager,
     PartialRoundError,
+    RobustAllReduceRunner,
     RobustAverager,
     RobustGradientAverager,
     RobustTensorPartReducer,
@@ -347,7 +349,7 @@ def test_centered_clip_bounds_an_attacker_and_names_it(make_averagers, dhts, att
 
 
 @pytest.mark.timeout(120)
-def test_nan_sender_is_excluded_and_its_own_round_is_not_applied(make_averagers, dhts):
+def test_nan_sender_is_excluded_and_repairs_from_a_complete_member(make_averagers, dhts):
     sets = _random_sets(4, seed=14, shapes=((400,),))
     sets[3][0][17] = float("nan")  # in part 0 (elements 0..127 with 512-byte parts); its other parts are finite
     honest_mean = torch.stack([s[0] for s in sets[:3]]).mean(0)
@@ -360,9 +362,13 @@ def test_nan_sender_is_excluded_and_its_own_round_is_not_applied(make_averagers,
         # the reducer of part 0 dropped the NaN sender; the other reducers used its finite parts
         assert torch.allclose(averaged[:128], honest_mean[:128], atol=1e-5)
         assert torch.allclose(averaged[128:], everyone_mean[128:], atol=1e-5)
-    assert isinstance(results[3], PartialRoundError), results[3]
-    assert torch.equal(torch.isnan(_tensors(averagers[3])[0]), torch.isnan(sets[3][0]))
-    assert averagers[3].last_round.status == "partial"
+    # the NaN peer got no aggregate from part 0's reducer: instead of applying a partial result it copied the
+    # outcome of a member that completed the round, so all four end the round with the same tensors
+    assert isinstance(results[3], dict), results[3]
+    report = averagers[3].last_round
+    assert report.status == "ok" and report.repaired_from in {str(d.peer_id) for d in dhts[:3]}
+    source = next(a for a, d in zip(averagers, dhts) if str(d.peer_id) == report.repaired_from)
+    assert torch.equal(_tensors(averagers[3])[0], _tensors(source)[0])
     nan_peer = str(dhts[3].peer_id)
     assert any(
         a.last_round.evidence.get(nan_peer) is not None and a.last_round.evidence[nan_peer].rejected
@@ -405,6 +411,9 @@ def test_dead_peer_mid_round_does_not_hang_and_partial_round_is_not_applied(make
             report = averager.last_round
             assert report.status == "partial" and 0 < report.unreduced_fraction < 1
             assert str(victim.peer_id) in report.failed_reducers
+            # nobody completed the round: each survivor asked the others, and all of them said so
+            assert report.repaired_from is None
+            assert sum(reason == "CANCELLED" for reason in report.repair_failures.values()) == 2, report
 
         # the survivors then finish a complete round without the victim
         results = _step_all(averagers[:3])
@@ -415,6 +424,89 @@ def test_dead_peer_mid_round_does_not_hang_and_partial_round_is_not_applied(make
     finally:
         os.kill(victim.pid, signal.SIGKILL)
         victim.join(5)
+
+
+class _ServesOneSenderThenDies(RobustAllReduceRunner):
+    """The victim's runner: its reducer streams results to one sender only (the first other member), then its
+    process kills (or freezes) itself. Without an agreement step that sender would apply the round and the others
+    would not."""
+
+    signal_number = signal.SIGKILL
+
+    async def _accumulate_parts_streaming(self, stream, sender_index):
+        lucky = min(i for i, peer in enumerate(self.sender_peer_ids) if peer != self.peer_id)
+        async for message in super()._accumulate_parts_streaming(stream, sender_index):
+            if sender_index == lucky:
+                yield message
+        if sender_index == lucky:
+            await asyncio.sleep(1.0)  # let p2pd flush the last reply before dying
+            os.kill(os.getpid(), self.signal_number)
+        await asyncio.Event().wait()  # the other senders never hear from this reducer
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGSTOP"])
+def test_survivors_end_the_round_the_same_way_when_a_reducer_dies_mid_stream(dhts, monkeypatch, how):
+    sets = _random_sets(4, seed=19, shapes=((600,), (7, 9)))
+    prefix = f"test_{uuid.uuid4().hex[:12]}"
+    kwargs = dict(
+        AVERAGER_KWARGS, target_group_size=4, min_chunk_timeout=3.0, reducer="mean", prefix=prefix, start=True
+    )
+    monkeypatch.setattr(_ServesOneSenderThenDies, "signal_number", getattr(signal, how))
+    # the patched runner is inherited only by the victim's averager process (forked in its constructor)
+    monkeypatch.setattr(athome_averager_module, "RobustAllReduceRunner", _ServesOneSenderThenDies)
+    victim = RobustAverager([t.clone() for t in sets[3]], dhts[3], **kwargs)
+    monkeypatch.undo()
+    survivors = [RobustAverager([t.clone() for t in s], dht, **kwargs) for s, dht in zip(sets[:3], dhts[:3])]
+    try:
+        controls = [
+            a.step(wait=False, require_trigger=True, allow_retries=False, timeout=STEP_TIMEOUT)
+            for a in survivors + [victim]
+        ]
+        deadline = time.monotonic() + 30
+        while not all(c.stage == AveragingStage.AWAITING_TRIGGER for c in controls):
+            assert time.monotonic() < deadline, [c.stage for c in controls]
+            time.sleep(0.05)
+        started = time.monotonic()
+        for control in controls:
+            control.allow_allreduce()
+        outcomes = []
+        for control in controls[:3]:
+            try:
+                outcomes.append(control.result(timeout=90))
+            except BaseException as e:  # noqa: B902
+                outcomes.append(e)
+        elapsed = time.monotonic() - started
+        # bounded: the all-reduce (victim's part times out after the reducer timeout) plus the repair window
+        assert elapsed < 45, f"survivors took {elapsed:.1f}s"
+        assert not victim.is_alive() or how == "SIGSTOP"
+
+        assert all(isinstance(o, dict) for o in outcomes), outcomes
+        deadline = time.monotonic() + 5
+        while not all(a.last_round is not None for a in survivors) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        reports = [a.last_round for a in survivors]
+        assert all(r.status == "ok" and r.group_size == 4 for r in reports), reports
+        repaired = [r for r in reports if r.repaired_from is not None]
+        complete = [a for a, r in zip(survivors, reports) if r.repaired_from is None]
+        assert len(complete) == 1 and len(repaired) == 2, reports
+        assert all(r.repaired_from == str(complete[0].peer_id) for r in repaired)
+        assert all(str(victim.peer_id) in r.failed_reducers for r in repaired)
+        # every survivor holds the same averaged tensors, bit for bit, and they are not the inputs
+        final = [_flat(_tensors(a)) for a in survivors]
+        assert all(torch.equal(f, final[0]) for f in final[1:])
+        assert not torch.equal(final[0], _flat(sets[0]))
+        inputs = torch.stack([_flat(s) for s in sets])
+        assert bool((final[0] >= inputs.min(0).values - 1e-5).all() and (final[0] <= inputs.max(0).values + 1e-5).all())
+    finally:
+        if victim.pid is not None:
+            try:
+                os.kill(victim.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            victim.join(5)
+        for averager in survivors:
+            averager.shutdown()
 
 
 def test_adaptive_timeouts_follow_measured_throughput():

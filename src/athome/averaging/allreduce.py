@@ -65,6 +65,12 @@ class RobustAllReduceRunner(AllReduceRunner):
         self.bytes_received = 0
         self.failed_reducers: Dict[PeerID, str] = {}
         self._reply_streams = 0  # senders whose results this peer's reducer is still streaming back
+        # element counts of the parts each reducer handles, in vector order (a reducer's parts are contiguous), and
+        # for failed reducers how many of their parts had arrived: received_mask() for consistency.py
+        self._part_sizes_by_peer = [
+            [part.numel() for part, _ in parts] for parts in self.tensor_part_container._input_parts_by_peer
+        ]
+        self._parts_received_before_failure: Dict[int, int] = {}
         self._replies_done = asyncio.Event()
         self._replies_done.set()
 
@@ -128,6 +134,9 @@ class RobustAllReduceRunner(AllReduceRunner):
                     )
         except BaseException as e:
             self.failed_reducers[peer_id] = repr(e) if not isinstance(e, asyncio.CancelledError) else "cancelled"
+            self._parts_received_before_failure.setdefault(
+                peer_index, self.tensor_part_container._outputs_registered_by_peer[peer_index]
+            )
             if isinstance(e, Exception):
                 logger.debug(f"Caught {repr(e)} when communicating to {peer_id}", exc_info=True)
                 if peer_id == self.peer_id:
@@ -136,6 +145,16 @@ class RobustAllReduceRunner(AllReduceRunner):
                     await self.tensor_part_reducer.finished.wait()
             self.tensor_part_container.register_failed_reducer(peer_index)
             raise
+
+    def received_mask(self) -> torch.Tensor:
+        """Bool mask over the flattened vector: True where this peer received the element's aggregate."""
+        mask = torch.ones(sum(map(sum, self._part_sizes_by_peer)), dtype=torch.bool)
+        start = 0
+        for peer_index, sizes in enumerate(self._part_sizes_by_peer):
+            received = self._parts_received_before_failure.get(peer_index, len(sizes))
+            mask[start + sum(sizes[:received]) : start + sum(sizes)] = False
+            start += sum(sizes)
+        return mask
 
     async def _generate_input_for_peer(self, peer_index: int) -> AsyncIterator[averaging_pb2.AveragingData]:
         async for message in super()._generate_input_for_peer(peer_index):

@@ -44,7 +44,7 @@ import time
 import weakref
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Literal, Optional, Sequence, Tuple, Union
+from typing import Any, AsyncIterator, Callable, Dict, List, Literal, Optional, Sequence, Tuple, Union
 
 import torch
 from hivemind.averaging import DecentralizedAverager
@@ -55,11 +55,14 @@ from hivemind.averaging.matchmaking import MatchmakingException
 from hivemind.compression import CompressionBase, CompressionInfo
 from hivemind.compression import serialization as hivemind_serialization
 from hivemind.optim.grad_averager import GradientAverager
+from hivemind.p2p import P2PContext
+from hivemind.proto import averaging_pb2
 from hivemind.utils.asyncio import enter_asynchronously
 from hivemind.utils.timed_storage import get_dht_time
 
 from athome.averaging.allreduce import PartialRoundError, RobustAllReduceRunner, RoundTimeoutError
 from athome.averaging.compression import Quantile8BitCodec, Uniform8BitCodec, get_codec
+from athome.averaging.consistency import RoundOutcomes, agreement_tolerance, fetch_round_result
 from athome.averaging.reducer import ReducerMethod, ReducerSettings, SenderEvidence
 from athome.averaging.timeouts import AdaptiveTimeouts, RoundTimeouts
 
@@ -88,6 +91,8 @@ class RoundReport:
     excluded_senders: Tuple[str, ...] = ()  # senders this peer's reducer dropped (silent or rejected input)
     evidence: Dict[str, SenderEvidence] = field(default_factory=dict)
     timeouts: Optional[RoundTimeouts] = None
+    repaired_from: Optional[str] = None  # status "ok" after an incomplete all-reduce: the member we copied from
+    repair_failures: Dict[str, str] = field(default_factory=dict)  # member -> why it could not repair us
     throughput: float = 0.0  # this peer's throughput estimate after the round, bytes/s
     error: Optional[str] = None
 
@@ -179,6 +184,10 @@ class RobustAveragingMixin:
       kept as hivemind's outer limit; sender/reducer timeouts are always derived per round.
     """
 
+    # hivemind caches rpc handlers per class and a subclass inherits its parent's cache: collect ours separately
+    _rpc_handlers = None
+    _stub_type = None
+
     def __init__(
         self,
         *args,
@@ -214,6 +223,8 @@ class RobustAveragingMixin:
         self._torch_threads = torch_threads
         self._current_report: Optional[RoundReport] = None
         self._current_timeouts: Optional[RoundTimeouts] = None
+        self._round_outcomes = RoundOutcomes()
+        self._banned_peers: set = set()  # peer IDs (base58) banned by the run's coordinator: see ban_peers()
 
         super().__init__(*args, compression=codec, start=False, **kwargs)
 
@@ -257,6 +268,20 @@ class RobustAveragingMixin:
         if wait:
             self._round_log.wait_for_count(reports_before + 1, timeout=2.0)
         return result
+
+    def ban_peers(self, peer_ids: Sequence[str]) -> None:
+        """Ignore these peers (banned by the run's coordinator, ``athome.verification``) in every later round: their
+        parts get weight 0 (their streams are refused) and they are given no part of the vector to reduce. Call from
+        one thread (the pipe to the averager process is not thread-safe), e.g. the training loop."""
+        new = {str(peer) for peer in peer_ids} - self._banned_peers
+        if not new:
+            return
+        self._banned_peers |= new
+        if self.is_alive():  # before start, the averager process inherits the set
+            self._outer_pipe.send(("_ban_peers", [], dict(peer_ids=sorted(new))))
+
+    async def _ban_peers(self, peer_ids: Sequence[str]) -> None:
+        self._banned_peers.update(peer_ids)
 
     @property
     def last_round(self) -> Optional[RoundReport]:
@@ -307,15 +332,21 @@ class RobustAveragingMixin:
             user_gathered = dict(zip(group_info.peer_ids, map(self.serializer.loads, user_gathered_bytes)))
             modes = tuple(map(AveragingMode, mode_ids))
             download_bandwidths = [
-                thr if mode != AveragingMode.CLIENT else 0.0 for thr, mode in zip(bandwidths, modes)
-            ]
+                thr if mode != AveragingMode.CLIENT and str(peer) not in self._banned_peers else 0.0
+                for thr, mode, peer in zip(bandwidths, modes, group_info.peer_ids)
+            ]  # athome: a banned peer reduces nothing (it could return anything)
             peer_fractions = await asyncio.get_event_loop().run_in_executor(
                 None, load_balance_peers, self.total_size, download_bandwidths, min_vector_size
             )
             async with enter_asynchronously(self.get_tensors()) as local_tensors:
                 await self._run_allreduce_inplace_(local_tensors, group_info, peer_fractions=peer_fractions, **kwargs)
             report.status = "ok"
-            measured = self._adaptive_timeouts.record_success(report.bytes_sent, report.duration)
+            # a repaired round's duration includes a failed reducer's timeout: it says nothing about the link
+            measured = (
+                self._adaptive_timeouts.record_success(report.bytes_sent, report.duration)
+                if report.repaired_from is None
+                else None
+            )
             logger.debug(f"Averaged with {group_info.group_size} peers in {report.duration:.2f}s ({measured} B/s)")
             return user_gathered
         except PartialRoundError as e:
@@ -348,6 +379,10 @@ class RobustAveragingMixin:
         group_id = group_info.group_id if group_id is None else group_id
         report = self._current_report or RoundReport(group_id=group_id.hex(), peers=())
         limit = self._current_timeouts.allreduce if self._current_timeouts is not None else None
+        # registered before the all-reduce so that members who finish first can wait for our outcome
+        self._round_outcomes.expect(
+            group_id, group_info.peer_ids, time.monotonic() + (limit or 300.0) + self._repair_timeout()
+        )
 
         runner = RobustAllReduceRunner(
             reducer_factory=self.reducer_settings.build,
@@ -359,6 +394,9 @@ class RobustAveragingMixin:
             ordered_peer_ids=group_info.peer_ids,
             **kwargs,
         )
+        for peer_id in runner.sender_peer_ids:  # athome: a banned peer's parts get weight 0
+            if str(peer_id) in self._banned_peers and peer_id != self.peer_id:
+                await runner._ban_sender(peer_id)  # noqa: SLF001 (hivemind's way of excluding a sender)
         assert group_id in self._running_groups, f"Group id {group_id} was not registered in _register_allreduce_group"
         self._running_groups[group_id].set_result(runner)
         is_aux = runner.modes[group_info.peer_ids.index(self.peer_id)] == AveragingMode.AUX
@@ -378,30 +416,113 @@ class RobustAveragingMixin:
             return deltas
 
         started = time.perf_counter()
+        failure: Optional[AllreduceException] = None
         try:
             deltas = await asyncio.wait_for(_collect_deltas(), timeout=limit)
+            container = runner.tensor_part_container
+            if container.failed_size > 0:
+                failed = ", ".join(f"{peer}: {reason}" for peer, reason in runner.failed_reducers.items())
+                failure = PartialRoundError(
+                    f"All-reduce with {len(group_info.peer_ids)} peers reduced only "
+                    f"{100 * (1 - container.failed_size / container.total_size):.1f}% of the vector "
+                    f"(failed reducers: {failed or 'unknown'})"
+                )
         except asyncio.TimeoutError:
-            raise RoundTimeoutError(
-                f"All-reduce with {len(group_info.peer_ids)} peers did not finish in {limit:.1f}s; "
-                f"tensors left unchanged"
-            ) from None
+            deltas, failure = None, RoundTimeoutError(
+                f"All-reduce with {len(group_info.peer_ids)} peers did not finish in {limit:.1f}s"
+            )
+        except AllreduceException as e:
+            deltas, failure = None, e
+        except BaseException:
+            self._round_outcomes.publish(group_id, None)  # cancelled: nothing to repair, don't keep askers waiting
+            raise
         finally:
             self._fill_report(report, runner, time.perf_counter() - started)
 
-        container = runner.tensor_part_container
-        if container.failed_size > 0:
-            failed = ", ".join(f"{peer}: {reason}" for peer, reason in runner.failed_reducers.items())
-            raise PartialRoundError(
-                f"All-reduce with {len(group_info.peer_ids)} peers reduced only "
-                f"{100 * (1 - container.failed_size / container.total_size):.1f}% of the vector "
-                f"(failed reducers: {failed or 'unknown'}); tensors left unchanged"
-            )
-        if not is_aux:
-            # atomic: no await between the first and the last update
+        if is_aux:
+            self._round_outcomes.publish(group_id, None)
+            if failure is not None:
+                raise failure
+            return
+        if failure is None:
+            # atomic: no await between the first and the last update. The delta buffers become the published
+            # outcome (what we now hold), so that members whose round was incomplete can copy it
+            outcome = []
             for tensor, delta in zip(tensors, deltas):
-                tensor.add_(delta.to(tensor.dtype), alpha=self._averaging_alpha)
-            self.last_updated = get_dht_time()
-            self._state_updated.set()
+                averaged = delta.to(tensor.dtype)
+                if self._averaging_alpha != 1:
+                    averaged.mul_(self._averaging_alpha)
+                averaged.add_(tensor)
+                tensor.copy_(averaged)
+                outcome.append(averaged)
+            self._round_outcomes.publish(group_id, outcome)
+            self._mark_updated()
+            return
+
+        self._round_outcomes.publish(group_id, None)
+        await self._repair_from_members(tensors, group_info, group_id, runner, deltas, failure, report)
+
+    async def _repair_from_members(
+        self,
+        tensors: Sequence[torch.Tensor],
+        group_info: GroupInfo,
+        group_id: bytes,
+        runner: RobustAllReduceRunner,
+        deltas: Optional[List[torch.Tensor]],
+        failure: AllreduceException,
+        report: RoundReport,
+    ) -> None:
+        """Our all-reduce was incomplete: copy the outcome of a member that completed it, or raise ``failure``
+        with the tensors unchanged if none did (see :mod:`.consistency` for the guarantee)."""
+        own = torch.cat([t.detach().reshape(-1).float() for t in tensors])
+        if deltas is not None:  # the aggregate we did receive, to cross-check the member's answer against
+            own.add_(torch.cat([d.reshape(-1).float() for d in deltas]), alpha=self._averaging_alpha)
+            received = runner.received_mask()
+        else:
+            received = torch.zeros(own.numel(), dtype=torch.bool)
+        banned = getattr(self, "_banned_peers", set())
+        members = [p for p in group_info.peer_ids if p != self.peer_id and str(p) not in banned]
+        timeout = self._repair_timeout()
+        flat, source, reasons = await fetch_round_result(
+            lambda peer: self.get_stub(self._p2p, peer, namespace=self.prefix),
+            group_id,
+            members,
+            own,
+            received,
+            agreement_tolerance(self.allreduce_kwargs["compression"], own[received]),
+            timeout,
+        )
+        report.repair_failures = reasons
+        if flat is None:
+            why = "; ".join(f"{peer}: {reason}" for peer, reason in reasons.items()) or "no other member"
+            raise type(failure)(
+                f"{failure}; no member completed the round either ({why}); tensors left unchanged"
+            ) from failure
+        offset = 0
+        for tensor in tensors:  # atomic, as above
+            tensor.copy_(flat[offset : offset + tensor.numel()].view_as(tensor))
+            offset += tensor.numel()
+        report.repaired_from = str(source)
+        logger.info(f"{failure}; repaired from {source}, which completed the round")
+        self._mark_updated()
+
+    def _repair_timeout(self) -> float:
+        """How long an incomplete member waits for the others' outcomes: the round's reducer timeout (derived from
+        the measured throughput), i.e. as long as it would wait for one more part."""
+        if self._current_timeouts is not None:
+            return self._current_timeouts.reducer
+        return 2 * self._adaptive_timeouts.min_chunk_timeout
+
+    def _mark_updated(self) -> None:
+        self.last_updated = get_dht_time()
+        self._state_updated.set()
+
+    async def rpc_round_result(
+        self, request: averaging_pb2.AveragingData, context: P2PContext
+    ) -> AsyncIterator[averaging_pb2.AveragingData]:
+        """A group member whose all-reduce was incomplete asks for our outcome of that round (:mod:`.consistency`)."""
+        async for message in self._round_outcomes.serve(request.group_id, context.remote_id):
+            yield message
 
     def _fill_report(self, report: RoundReport, runner: RobustAllReduceRunner, duration: float) -> None:
         container = runner.tensor_part_container
