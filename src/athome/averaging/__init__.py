@@ -5,6 +5,7 @@
 - :mod:`.allreduce`: the all-reduce runner using them, plus the round errors;
 - :mod:`.timeouts`: time limits derived from measured throughput;
 - :mod:`.averager`: ``RobustAverager`` and ``RobustGradientAverager`` (all-or-nothing rounds, round reports);
+- :mod:`.consistency`: survivors of a round end it the same way (incomplete members repair from complete ones);
 - :mod:`.replica`: ``ExpertReplicaAverager``, periodic averaging of an expert's replicas.
 """
 from athome.averaging.allreduce import PartialRoundError, RobustAllReduceRunner, RoundTimeoutError

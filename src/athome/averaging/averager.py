@@ -27,12 +27,16 @@ What a round guarantees (a "round" = one all-reduce in one group):
    group, successful or not, produces a :class:`RoundReport` (``last_round``, ``round_history()``, ``on_round``).
 4. No NaN/Inf is ever averaged or applied: reducers reject non-finite parts (the sender is treated as failed) and
    receivers reject non-finite results (the reducer is treated as failed, hence a partial round).
+5. Survivors end a round the same way (:mod:`.consistency`): a member whose all-reduce was incomplete (a reducer
+   died mid-stream, its own input was rejected, its limit expired) copies the outcome of a member that completed
+   the round (``RoundReport.repaired_from``; cross-checked against the parts it did receive) within
+   ``repair_timeout`` = the round's reducer timeout; if no member completed, every survivor keeps its tensors and
+   raises as in 1. Precisely: among members that stay alive and can exchange messages within that timeout, either
+   all hold the group's aggregate or all hold their tensors from before the round.
 
-Not guaranteed: that all group members end with the same outcome or bit-identical values. A sender that failed
-mid-round is dropped by the reducers and the survivors may complete (each part then averages the senders that
-delivered it); the failed peer itself sees an incomplete round. With a lossy codec each member adds the (compressed)
-delta to its own local copy, so members differ by up to twice the codec's error. Peers whose rounds failed keep
-their old values and catch up in later rounds (or via ``load_state_from_peers``).
+Not guaranteed: bit-identical values between members that each completed the round: each adds its own delta to its
+own copy (float rounding; with a lossy codec up to twice the codec's error). A sender that failed mid-round is
+dropped by the reducers (each part then averages the senders that delivered it).
 """
 from __future__ import annotations
 
