@@ -14,9 +14,19 @@ def _coordinator(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--config", default=None, help="run config TOML (default: the built-in demo run)")
     parser.add_argument("--data_dir", default="athome_coordinator", help="where metrics and credits are stored")
     parser.add_argument("--http_host", default="127.0.0.1", help="dashboard address (0.0.0.0 to show it publicly)")
+    parser.add_argument("--invite_only", action="store_true", help="admit only peers holding a `peer invite` token")
     parser.add_argument("--http_port", type=int, default=8080, help="dashboard port (0 = any free port)")
     add_network_flags(parser, default_port=31337)
     parser.set_defaults(handler="athome.coordinator.node:run_coordinator")
+
+
+def _invite(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("invite", help="organizer: issue a signed invitation to an invite-only run")
+    parser.add_argument("--expires_in", type=float, default=24 * 7, metavar="H", help="hours the invitation is valid")
+    parser.add_argument("--peer_id", default="", help="only this peer may use it (default: whoever holds it)")
+    parser.add_argument("--data_dir", default="athome_coordinator", help="the coordinator's --data_dir (finds its key)")
+    parser.add_argument("--identity_path", default=None, help="the coordinator's key (default: DATA_DIR/coordinator.key)")
+    parser.set_defaults(handler="athome.coordinator.invite:run_invite")
 
 
 def _status(sub: argparse._SubParsersAction) -> None:
@@ -96,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="peer", description="athome: train one mixture-of-experts model with volunteers")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_coordinator, _join, _train, _status, _leaderboard, _check, _demo):
+    for add in (_coordinator, _invite, _join, _train, _status, _leaderboard, _check, _demo):
         add(sub)
     return parser
 

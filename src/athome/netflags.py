@@ -26,6 +26,7 @@ def add_network_flags(parser: argparse.ArgumentParser, *, default_port: Optional
     group.add_argument("--use_auto_relay", action="store_true", help="look for libp2p relays if behind NAT")
     group.add_argument("--no_relay", action="store_true", help="disable libp2p circuit relays")
     group.add_argument("--client_mode", action="store_true", help="do not accept incoming connections")
+    group.add_argument("--invite", default=None, metavar="TOKEN", help="your invitation to an invite-only run (`peer invite`)")
 
 
 def dht_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -51,7 +52,14 @@ def dht_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         client_mode=args.client_mode,
         use_auto_relay=args.use_auto_relay,
         use_relay=not args.no_relay,
+        invite=getattr(args, "invite", None),
+        coordinator_id=_coordinator_id(args),
     )
+
+
+def _coordinator_id(args: argparse.Namespace) -> Optional[str]:
+    run = getattr(args, "run", None)
+    return run.rsplit("/p2p/", 1)[1] if run and "/p2p/" in run else None
 
 
 def _only_loopback(args: argparse.Namespace) -> bool:

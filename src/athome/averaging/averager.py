@@ -69,6 +69,7 @@ from athome.averaging.compression import Quantile8BitCodec, Uniform8BitCodec, ge
 from athome.averaging.consistency import RoundOutcomes, agreement_tolerance, fetch_round_result
 from athome.averaging.reducer import ReducerMethod, ReducerSettings, SenderEvidence
 from athome.averaging.timeouts import AdaptiveTimeouts, RoundTimeouts
+from athome.dht.auth import admit
 
 logger = logging.getLogger(__name__)
 
@@ -526,6 +527,28 @@ class RobustAveragingMixin:
     ) -> AsyncIterator[averaging_pb2.AveragingData]:
         """A group member whose all-reduce was incomplete asks for our outcome of that round (:mod:`.consistency`)."""
         async for message in self._round_outcomes.serve(request.group_id, context.remote_id):
+            yield message
+
+    # invite-only runs: only members may join our groups, send us parts or download our state (athome.dht.auth)
+    async def rpc_join_group(
+        self, request: averaging_pb2.JoinRequest, context: P2PContext
+    ) -> AsyncIterator[averaging_pb2.MessageFromLeader]:
+        await admit(context)
+        async for message in super().rpc_join_group(request, context):
+            yield message
+
+    async def rpc_aggregate_part(
+        self, stream: AsyncIterator[averaging_pb2.AveragingData], context: P2PContext
+    ) -> AsyncIterator[averaging_pb2.AveragingData]:
+        await admit(context)
+        async for message in super().rpc_aggregate_part(stream, context):
+            yield message
+
+    async def rpc_download_state(
+        self, request: averaging_pb2.DownloadRequest, context: P2PContext
+    ) -> AsyncIterator[averaging_pb2.DownloadData]:
+        await admit(context)
+        async for message in super().rpc_download_state(request, context):
             yield message
 
     def _fill_report(self, report: RoundReport, runner: RobustAllReduceRunner, duration: float) -> None:

@@ -48,7 +48,7 @@ def run_coordinator(args: argparse.Namespace) -> None:
 
     try:
         network = dht_kwargs(args)
-        dht = start_dht(identity, run_name=config.name, **network)
+        dht = start_dht(identity, run_name=config.name, invite_only=getattr(args, "invite_only", False), **network)
     except Exception as error:
         die(
             f"the DHT node failed to start: {error}\n"
@@ -79,7 +79,12 @@ def run_coordinator(args: argparse.Namespace) -> None:
     maddrs = [str(m) for m in dht.get_visible_maddrs()]
     address = pick_public_maddr(maddrs)
     emit(f"run address: {address}")
-    emit(f"volunteers join with: peer join --run {address} --experts auto")
+    if getattr(args, "invite_only", False):
+        key = args.identity_path or Path(args.data_dir) / "coordinator.key"
+        emit(f"invite-only: issue each volunteer a token with: peer invite --identity_path {key} [--peer_id ID]")
+        emit(f"volunteers join with: peer join --run {address} --experts auto --invite TOKEN")
+    else:
+        emit(f"volunteers join with: peer join --run {address} --experts auto")
     if service is not None:
         emit(f"dashboard: {service.url}")
     try:

@@ -70,30 +70,55 @@ def start_dht(
     use_relay: bool = True,
     run_name: Optional[str] = None,
     wait_timeout: float = 60,
+    invite: Optional[str] = None,
+    coordinator_id: Optional[str] = None,
+    invite_only: bool = False,
 ) -> hivemind.DHT:
     """Start this peer's DHT node with its identity and athome's record validator.
 
     The identity-collision check of hivemind 1.1.12 (``check_if_identity_free``) assumes RSA keys and fails on
     Ed25519 ones, so it is off: a collision is impossible unless the same key file is copied to two machines.
+
+    Invite-only runs (:mod:`athome.dht.auth`): ``invite_only=True`` makes this node the coordinator of one (it
+    refuses DHT requests without a valid invitation); ``invite`` (with the run's ``coordinator_id``) joins one.
+    An invitation that cannot admit this peer raises :class:`~athome.dht.auth.InviteError` before anything starts;
+    a node that refuses us raises :class:`~athome.dht.auth.NotAdmitted` with its reason and the fix.
     """
+    from athome.dht.auth import InviteAuthorizer, InviteError, NotAdmitted, check_invite, diagnose_refusal
+
     protected = {CONFIG_KEY: RunConfigRecord}
     if run_name is not None:
         protected.update(run_record_keys(run_name))
     validator = AthomeRecordValidator(_raw_private_key(identity), protected)
-    dht = hivemind.DHT(
-        initial_peers=list(initial_peers),
-        start=True,
-        record_validators=[validator],
-        client_mode=client_mode,
-        host_maddrs=list(host_maddrs),
-        announce_maddrs=list(announce_maddrs) or None,
-        identity_path=str(identity.path),
-        check_if_identity_free=False,
-        use_auto_relay=use_auto_relay,
-        use_relay=use_relay,
-        await_ready=True,
-        startup_timeout=wait_timeout,
-    )
+    authorizer = None
+    if invite_only:
+        authorizer = InviteAuthorizer(_raw_private_key(identity), identity.peer_id, None)
+    elif invite:
+        if coordinator_id is None:
+            raise InviteError("--invite needs the run's address (--run) to check the invitation against")
+        check_invite(invite, coordinator_id, identity.peer_id)
+        authorizer = InviteAuthorizer(_raw_private_key(identity), coordinator_id, invite)
+    try:
+        dht = hivemind.DHT(
+            initial_peers=list(initial_peers),
+            start=True,
+            record_validators=[validator],
+            client_mode=client_mode,
+            host_maddrs=list(host_maddrs),
+            announce_maddrs=list(announce_maddrs) or None,
+            identity_path=str(identity.path),
+            check_if_identity_free=False,
+            use_auto_relay=use_auto_relay,
+            use_relay=use_relay,
+            await_ready=True,
+            startup_timeout=wait_timeout,
+            authorizer=authorizer,
+        )
+    except Exception as error:
+        reason = diagnose_refusal(list(initial_peers), authorizer) if initial_peers else None
+        if reason:
+            raise NotAdmitted(reason) from error
+        raise
     if dht.peer_id.to_base58() != identity.peer_id:
         dht.shutdown()
         raise IdentityError(f"p2pd started as {dht.peer_id} instead of {identity.peer_id}; is {identity.path} valid?")

@@ -29,6 +29,7 @@ from athome.dht import (
     start_dht,
     store_record,
 )
+from athome.dht.auth import start_membership
 from athome.dht.identity import DEFAULT_IDENTITY_DIR
 from athome.dht.schemas import PeerRecord, ServerRecord, run_key
 from athome.lifecycle import PeriodicThread, die, emit, shutdown_requested
@@ -159,6 +160,7 @@ def run_join(args: argparse.Namespace) -> None:
         dht.shutdown()
         die(str(error))
     protect_run_keys(dht, identity, config.name)
+    start_membership(dht, identity, config.name, address.coordinator_id, args.invite, config.expert_ttl)
     logger.info(f"Joined run '{config.name}' as {identity.peer_id}")
 
     device = resolve_device(args.device)

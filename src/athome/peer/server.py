@@ -38,6 +38,7 @@ from hivemind.p2p.p2p_daemon import DEFAULT_MAX_MSG_SIZE
 from hivemind.utils import get_dht_time
 
 from athome.dht import store_record, withdraw_record
+from athome.dht.auth import admit
 from athome.dht.schemas import ServerRecord
 
 logger = logging.getLogger(__name__)
@@ -90,6 +91,7 @@ class ValidatingConnectionHandler(ConnectionHandler):
         return _backend_of(self.module_backends, uid)
 
     async def rpc_info(self, request: runtime_pb2.ExpertUID, context: P2PContext) -> runtime_pb2.ExpertInfo:
+        await admit(context)  # invite-only runs: members only (athome.dht.auth)
         self._backend(request.uid)
         return await super().rpc_info(request, context)
 
@@ -105,6 +107,7 @@ class ValidatingConnectionHandler(ConnectionHandler):
         return backend
 
     async def rpc_forward(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        await admit(context)  # invite-only runs: members only (athome.dht.auth)
         inputs = [deserialize_torch_tensor(tensor) for tensor in request.tensors]
         backend = self._check_forward(request.uid, inputs)
         return runtime_pb2.ExpertResponse(
@@ -114,6 +117,7 @@ class ValidatingConnectionHandler(ConnectionHandler):
     async def rpc_forward_stream(
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        await admit(context)  # invite-only runs: members only (athome.dht.auth)
         uid, inputs = await self._gather_inputs(requests, context)
         backend = self._check_forward(uid, inputs)
         outputs = await self._process_inputs(inputs, backend.forward_pool, backend.outputs_schema)
@@ -122,6 +126,7 @@ class ValidatingConnectionHandler(ConnectionHandler):
                 yield runtime_pb2.ExpertResponse(tensors=[part])
 
     async def rpc_backward(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        await admit(context)  # invite-only runs: members only (athome.dht.auth)
         inputs_and_grads = [deserialize_torch_tensor(tensor) for tensor in request.tensors]
         backend = self._check_backward(request.uid, inputs_and_grads)
         return runtime_pb2.ExpertResponse(
@@ -131,6 +136,7 @@ class ValidatingConnectionHandler(ConnectionHandler):
     async def rpc_backward_stream(
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        await admit(context)  # invite-only runs: members only (athome.dht.auth)
         uid, inputs_and_grads = await self._gather_inputs(requests, context)
         backend = self._check_backward(uid, inputs_and_grads)
         outputs = await self._process_inputs(inputs_and_grads, backend.backward_pool, backend.grad_inputs_schema)
@@ -187,9 +193,11 @@ class DirectExpertServicer(ServicerBase):
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="athome-direct")
 
     async def rpc_forward(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        await admit(context)  # invite-only runs: members only (athome.dht.auth)
         return await asyncio.get_running_loop().run_in_executor(self._executor, self._serve, request, True)
 
     async def rpc_backward(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        await admit(context)  # invite-only runs: members only (athome.dht.auth)
         return await asyncio.get_running_loop().run_in_executor(self._executor, self._serve, request, False)
 
     def shutdown(self) -> None:
@@ -251,6 +259,7 @@ class ExpertStateServicer(ServicerBase):
     async def rpc_expert_state(
         self, request: runtime_pb2.ExpertUID, context: P2PContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        await admit(context)  # invite-only runs: members only (athome.dht.auth)
         state = self.get_state(request.uid)
         if state is None:
             raise BadRequest(f"this host does not serve expert {request.uid!r}")

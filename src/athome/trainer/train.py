@@ -36,6 +36,7 @@ from athome.dht import (
     start_dht,
     store_record,
 )
+from athome.dht.auth import start_membership
 from athome.dht.receipts import ReceiptBook
 from athome.dht.schemas import MetricsRecord, PeerRecord, run_key
 from athome.lifecycle import PeriodicThread, die, shutdown_requested
@@ -261,6 +262,7 @@ def run_train(args: argparse.Namespace) -> None:
     try:
         config = fetch_run_config(dht, address.coordinator_id)
         protect_run_keys(dht, identity, config.name)
+        start_membership(dht, identity, config.name, address.coordinator_id, args.invite, config.expert_ttl)
         trainer = Trainer(dht, identity, config, args)
         trainer.run(stop)
     except (RunConfigError, CorpusMismatch) as error:
