@@ -19,6 +19,12 @@ default reducer (centered_clip) and no compression, at N=4 (or the first N given
     python bench/allreduce.py                     # 10M floats, N in 2,4,8, 1 timed rep: ~3-5 min on 2 cores
     python bench/allreduce.py --peers 4 --reps 5   # tighter numbers for one N
     python bench/allreduce.py --sizes 1000000 --peers 2,4 --variants mean
+    sudo python bench/allreduce.py --link_mbit 100 --peers 4   # every peer behind its own 100 Mbit/s link
+
+With ``--link_mbit M`` (root; :mod:`athome.testing.netlab`), every peer runs in its own network namespace whose
+uplink is shaped with tc tbf to M Mbit/s in each direction, and each variant's time is also divided by the time the
+link allows, ``2(N-1)/N * S / (M/8 MB/s)`` (S = vector bytes as sent): column ``/link``, and a line
+``allreduce_link N=4 athome/link: X.XX, gloo/link: Y.YY`` before the last line.
 """
 from __future__ import annotations
 
@@ -63,7 +69,27 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _worker(rank, n, size, reps, port, tag, variants, maddr_queue, barrier, results) -> None:
+def _enter_netns(netns: str) -> None:
+    """Move this (single-threaded, just forked) process into a network namespace; its threads and children follow."""
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    fd = os.open(f"/var/run/netns/{netns}", os.O_RDONLY)
+    try:
+        if libc.setns(fd, 0x40000000) != 0:  # CLONE_NEWNET
+            raise OSError(ctypes.get_errno(), f"setns({netns}) failed")
+    finally:
+        os.close(fd)
+
+
+def _worker(rank, n, size, reps, port, tag, variants, maddr_queue, barrier, results, place=None) -> None:
+    # place: None (127.0.0.1) or (netns, ip, device, gloo master ip) inside a NetLab
+    host_ip, master_ip = "127.0.0.1", "127.0.0.1"
+    if place is not None:
+        netns, host_ip, device, master_ip = place
+        _enter_netns(netns)
+        os.environ["GLOO_SOCKET_IFNAME"] = device
+
     import torch
     import torch.distributed as dist
 
@@ -71,7 +97,7 @@ def _worker(rank, n, size, reps, port, tag, variants, maddr_queue, barrier, resu
     vector = torch.randn(size, generator=torch.Generator().manual_seed(rank))
 
     # --- gloo
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=n)
+    dist.init_process_group("gloo", init_method=f"tcp://{master_ip}:{port}", rank=rank, world_size=n)
     buffer = vector.clone()
     dist.all_reduce(buffer)  # warm-up (connections)
     times = []
@@ -94,11 +120,11 @@ def _worker(rank, n, size, reps, port, tag, variants, maddr_queue, barrier, resu
     from athome.averaging import RobustAverager, get_codec
 
     if rank == 0:
-        dht = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+        dht = hivemind.DHT(start=True, host_maddrs=[f"/ip4/{host_ip}/tcp/0"])
         for _ in range(n - 1):
             maddr_queue.put([str(a) for a in dht.get_visible_maddrs()])
     else:
-        dht = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=maddr_queue.get())
+        dht = hivemind.DHT(start=True, host_maddrs=[f"/ip4/{host_ip}/tcp/0"], initial_peers=maddr_queue.get())
     barrier.wait()
 
     common = dict(
@@ -148,13 +174,17 @@ def _worker(rank, n, size, reps, port, tag, variants, maddr_queue, barrier, resu
     dht.shutdown()
 
 
-def run_group(n: int, size: int, reps: int, variants=VARIANTS) -> list[Measurement]:
+def run_group(n: int, size: int, reps: int, variants=VARIANTS, places=None) -> list[Measurement]:
     ctx = mp.get_context("fork")
     tag = uuid.uuid4().hex[:8]  # fresh averaging prefixes for every run
     maddr_queue, results, barrier = ctx.Queue(), ctx.Queue(), ctx.Barrier(n, timeout=300)
     port = _free_port()
+    places = places or [None] * n
     workers = [
-        ctx.Process(target=_worker, args=(rank, n, size, reps, port, tag, variants, maddr_queue, barrier, results))
+        ctx.Process(
+            target=_worker,
+            args=(rank, n, size, reps, port, tag, variants, maddr_queue, barrier, results, places[rank]),
+        )
         for rank in range(n)
     ]
     for worker in workers:
@@ -223,6 +253,10 @@ def main() -> None:
         default=DEFAULT_VARIANTS,
         help=f"'all' or comma-separated substrings of variant labels (default: {DEFAULT_VARIANTS!r})",
     )
+    parser.add_argument(
+        "--link_mbit", type=float, default=None,
+        help="put every peer in its own network namespace behind a tc-tbf link of this many Mbit/s (needs root)",
+    )
     args = parser.parse_args()
     variants = tuple(
         v for v in VARIANTS if args.variants == "all" or any(key in v[0] for key in args.variants.split(","))
@@ -230,12 +264,27 @@ def main() -> None:
     sizes = [int(s) for s in args.sizes.split(",")]
     peers = [int(p) for p in args.peers.split(",")]
 
-    print(f"# {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; every peer is a process on 127.0.0.1")
+    where = "a process on 127.0.0.1"
+    if args.link_mbit:
+        where = f"a process in its own network namespace behind a {args.link_mbit:g} Mbit/s tbf link"
+    print(f"# {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; every peer is {where}")
     started = time.perf_counter()
-    summary = None
+    summary = link_summary = None
+    bytes_per_value = {"none": 4, "fp16": 2, "uint8": 1}
+    codec_of = {label: compression for label, _, _, compression in variants}
     for size in sizes:
         for n in peers:
-            measurements = run_group(n, size, args.reps, variants)
+            if args.link_mbit:
+                from athome.testing.netlab import NetLab
+
+                with NetLab() as lab:
+                    hosts = [lab.public_host(f"p{rank}") for rank in range(n)]
+                    for host in hosts:
+                        lab.shape(lab.uplink(host), rate_mbit=args.link_mbit)
+                    places = [(h.netns, h.ip, lab.uplink(h).dev_b, hosts[0].ip) for h in hosts]
+                    measurements = run_group(n, size, args.reps, variants, places)
+            else:
+                measurements = run_group(n, size, args.reps, variants)
             by_label = {m.label: m for m in measurements}
             gloo = by_label.get("gloo")
             baselines = [m for m in measurements if m.label.startswith("hivemind")]
@@ -245,21 +294,32 @@ def main() -> None:
                 else None
             )
             print(f"\n## N={n}, {size:,} fp32 ({size * 4 / 2**20:.1f} MiB), median of {args.reps} rep(s)")
-            print(f"{'variant':<28} {'seconds':>8} {'/gloo':>8} {'/hivemind':>10} {'bytes/optimal':>14}")
+            link_column = f" {'/link':>8}" if args.link_mbit else ""
+            print(f"{'variant':<28} {'seconds':>8} {'/gloo':>8} {'/hivemind':>10} {'bytes/optimal':>14}{link_column}")
+
+            def vs_link(m: Measurement) -> float:  # seconds / the time the link allows for this vector as sent
+                sent = size * bytes_per_value.get(codec_of.get(m.label, "none"), 4)
+                return m.seconds / (2 * (n - 1) / n * sent / (args.link_mbit * 1e6 / 8))
+
             for m in measurements:
                 vs_gloo = m.seconds / gloo.seconds if gloo else float("nan")
                 vs_hm = m.seconds / hivemind_m.seconds if hivemind_m else float("nan")
-                print(f"{m.label:<28} {m.seconds:>8.3f} {vs_gloo:>8.2f} {vs_hm:>10.2f} {m.bytes_ratio:>14.3f}")
+                link = f" {vs_link(m):>8.2f}" if args.link_mbit else ""
+                print(f"{m.label:<28} {m.seconds:>8.3f} {vs_gloo:>8.2f} {vs_hm:>10.2f} {m.bytes_ratio:>14.3f}{link}")
             if hivemind_m:
                 print(f"# /hivemind baseline: mean of {len(baselines)} stock runs, {hivemind_m.seconds:.3f}s")
             athome = by_label.get(SUMMARY_VARIANT)
             if athome and gloo and hivemind_m and (summary is None or n == 4):
                 summary = (n, athome.seconds / gloo.seconds, athome.seconds / hivemind_m.seconds, athome.bytes_ratio)
+                if args.link_mbit:
+                    link_summary = (n, vs_link(athome), vs_link(gloo))
             sys.stdout.flush()
     print(f"\n# total {time.perf_counter() - started:.0f}s; summary variant: {SUMMARY_VARIANT}")
     if summary is None:
         print("allreduce: no complete measurement")
         sys.exit(1)
+    if link_summary is not None:
+        print(f"allreduce_link N={link_summary[0]} athome/link: {link_summary[1]:.2f}, gloo/link: {link_summary[2]:.2f}")
     n, vs_gloo, vs_hivemind, bytes_ratio = summary
     print(
         f"allreduce N={n} athome/gloo: {vs_gloo:.2f}, athome/hivemind: {vs_hivemind:.2f}, "

@@ -522,6 +522,29 @@ def test_adaptive_timeouts_follow_measured_throughput():
 
 
 @pytest.mark.timeout(120)
+def test_round_limits_come_from_the_throughput_measured_in_earlier_rounds(make_averagers):
+    """Real peers: after a round of 4 MB, the next round's limits are the ones the measured throughput implies."""
+    size, margin = 1_000_000, 50.0  # a generous margin: the limits must not expire on a loaded box
+    sets = _random_sets(2, seed=20, shapes=((size,),))
+    averagers = make_averagers(
+        sets, part_size_bytes=2**19, timeout_margin=margin, initial_throughput=1e3,
+        min_allreduce_timeout=0.01, min_chunk_timeout=0.01,
+    )
+    for round_index in range(2):
+        results = _step_all(averagers, allow_retries=False)
+        assert all(isinstance(r, dict) for r in results), (round_index, results)
+    for averager in averagers:
+        first, second = averager.round_history()[-2:]
+        # round 1 ran under the (absurdly low) prior: huge limits; its throughput was then measured
+        to_send = 2 * (2 - 1) / 2 * first.vector_bytes
+        assert first.timeouts.allreduce == pytest.approx(margin * to_send / 1e3)
+        assert first.throughput == pytest.approx(first.bytes_sent / first.duration, rel=1e-6)
+        assert second.timeouts.allreduce == pytest.approx(margin * to_send / first.throughput)
+        assert second.timeouts.allreduce < first.timeouts.allreduce / 100
+        assert second.timeouts.sender == pytest.approx(margin * 2 * 2**19 / first.throughput)
+
+
+@pytest.mark.timeout(120)
 def test_round_that_runs_out_of_time_is_not_applied(make_averagers):
     sets = _random_sets(4, seed=18, shapes=((200_000,),))
     # an absurd throughput prior makes the derived limit ~0: every peer's all-reduce times out mid-way
