@@ -53,7 +53,23 @@ def shutdown_requested() -> threading.Event:
 
     signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGTERM, handler)
+    global _interrupt_handler
+    _interrupt_handler = handler
     return event
+
+
+_interrupt_handler = None  # the handler shutdown_requested() installed, for restore_interrupt_handler()
+
+
+def restore_interrupt_handler() -> None:
+    """Make Ctrl+C work again after hivemind switched it off; call it after starting averagers.
+
+    ``DecentralizedAverager.run_in_background`` (and so ``hivemind.Optimizer``) sets SIGINT to SIG_IGN in the
+    *calling* process, so Ctrl+C did nothing in `peer join` and `peer train`. A no-op outside the main thread or
+    before :func:`shutdown_requested`.
+    """
+    if _interrupt_handler is not None and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, _interrupt_handler)
 
 
 def _children_of(pid: int) -> list[int]:
@@ -79,6 +95,9 @@ def _die_with_children(signum: int) -> None:
     os.kill(os.getpid(), signum)
 
 
+PARENT_PID_ENV = "ATHOME_PARENT_PID"  # set by a launcher that wants its `peer` subprocesses to die with it
+
+
 def guard_against_orphans() -> None:
     """Make every process this one forks die (taking its own children along) if its parent is killed hard.
 
@@ -92,6 +111,13 @@ def guard_against_orphans() -> None:
 
     libc = ctypes.CDLL(None, use_errno=True)
     pr_set_pdeathsig = 1
+    launcher = os.environ.pop(PARENT_PID_ENV, None)
+    if launcher is not None:
+        # started by another athome process (`peer demo`, a test harness) that may itself be SIGKILLed: a
+        # subprocess it spawned is not covered by the fork hook below, so ask for SIGTERM on its death too
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != int(launcher):  # it died before prctl
+            os._exit(1)
     parent = [os.getpid()]
 
     def before_fork() -> None:
