@@ -16,6 +16,8 @@ def _coordinator(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--http_host", default="127.0.0.1", help="dashboard address (0.0.0.0 to show it publicly)")
     parser.add_argument("--invite_only", action="store_true", help="admit only peers holding a `peer invite` token")
     parser.add_argument("--http_port", type=int, default=8080, help="dashboard port (0 = any free port)")
+    parser.add_argument("--check_rate", type=float, default=None,
+                        help="share of trusted trainers' steps the coordinator recomputes (default: the run config's)")
     add_network_flags(parser, default_port=31337)
     parser.set_defaults(handler="athome.coordinator.node:run_coordinator")
 
@@ -58,6 +60,8 @@ def _join(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--team", default="", help="your team on the leaderboard")
     parser.add_argument("--checkpoint_dir", default=None, help="where expert checkpoints go (default ~/.athome/<run>)")
     parser.add_argument("--train", action="store_true", help="also run a trainer in this process")
+    parser.add_argument("--attack", default=None,
+                        help="testing only (needs ATHOME_ALLOW_ATTACKS=1): make this peer malicious, e.g. sign_flip")
     add_network_flags(parser)
     parser.set_defaults(handler="athome.peer.join:run_join")
 
@@ -74,6 +78,8 @@ def _train(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--team", default="", help="your team on the leaderboard")
     parser.add_argument("--log_file", default=None, help="append one JSON line per step here")
     parser.add_argument("--no_progress", action="store_true", help="log lines instead of a live progress bar")
+    parser.add_argument("--attack", default=None,
+                        help="testing only (needs ATHOME_ALLOW_ATTACKS=1): make this peer malicious, e.g. sign_flip")
     add_network_flags(parser)
     parser.set_defaults(handler="athome.trainer.train:run_train")
 
@@ -87,6 +93,13 @@ def _demo(sub: argparse._SubParsersAction) -> None:
     budget.add_argument("--minutes", type=float, default=None, help="wall-clock budget (default 2)")
     parser.add_argument("--out", default="demo_out", help="where logs and loss.png go")
     parser.add_argument("--http_port", type=int, default=0, help="dashboard port (0 = any free port)")
+    parser.add_argument("--attack", default=None,
+                        help="testing only (ATHOME_ALLOW_ATTACKS=1): add one malicious peer, e.g. sign_flip")
+    parser.add_argument("--attacker", default=None, choices=["trainer", "host"],
+                        help="which peer --attack adds (default: from the attack's kind)")
+    parser.add_argument("--check_rate", type=float, default=None,
+                        help="the coordinator's check rate for trusted trainers (default: 0.5 with --attack, else the "
+                             "run config's)")
     parser.set_defaults(handler="athome.demo:run_demo")
 
 

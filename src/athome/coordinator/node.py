@@ -43,6 +43,11 @@ def run_coordinator(args: argparse.Namespace) -> None:
     if args.config is None:
         logger.info(f"Using the built-in run config '{config.name}' (pass --config run.toml to change it)")
     config = pin_corpus(config)
+    if getattr(args, "check_rate", None) is not None:
+        if not 0 <= args.check_rate <= 1:
+            die(f"--check_rate must be between 0 and 1, got {args.check_rate}")
+        config = config.model_copy(update=dict(
+            verification=config.verification.model_copy(update=dict(check_rate=args.check_rate))))
     identity = Identity.load_or_create(args.identity_path or Path(args.data_dir) / "coordinator.key")
     stop = shutdown_requested()
 
@@ -66,6 +71,18 @@ def run_coordinator(args: argparse.Namespace) -> None:
         logger.error(f"The dashboard failed to start ({error}); the run goes on without it")
         service = None
     dashboard_url = service.url if service is not None else ""
+
+    verification = None
+    try:  # the validator and ban desk (athome.verification); the run goes on without them, unverified
+        from athome.verification.integration import CoordinatorVerification
+
+        verification = CoordinatorVerification(dht, config, store=service.store if service is not None else None)
+        verification.start()
+        logger.info(f"Verifying trainers: newcomers on every step, trusted ones at check_rate "
+                    f"{config.verification.check_rate:g} (override with --check_rate)")
+    except Exception as error:
+        logger.error(f"Verification failed to start ({error!r}); trainers' steps are NOT checked in this run")
+        verification = None
 
     def publish() -> None:
         if not publish_run_config(dht, identity, config, ttl=ttl * 2):
@@ -91,6 +108,8 @@ def run_coordinator(args: argparse.Namespace) -> None:
         stop.wait()
     finally:
         publisher.stop()
+        if verification is not None:
+            verification.stop()
         if service is not None:
             service.stop()
         dht.shutdown()

@@ -106,6 +106,18 @@ class AttackSpec:
         return self.kind in HOST_KINDS
 
 
+def check_attack_flag(spec: str, role: str) -> AttackSpec:
+    """Validate a ``--attack`` flag of ``peer train`` (role "trainer") or ``peer join`` (role "host") before
+    anything starts. Raises ValueError (unknown kind, wrong role) or :class:`AttacksDisabled` with the fix."""
+    parsed = AttackSpec.parse(spec)
+    if parsed.on_host != (role == "host"):
+        command, kinds = ("peer join", HOST_KINDS) if parsed.on_host else ("peer train", TRAINER_KINDS)
+        raise ValueError(f"{parsed.kind} is an attack of {command} --attack; a {role} takes one of: "
+                         f"{', '.join(HOST_KINDS if role == 'host' else TRAINER_KINDS)}")
+    require_attacks_allowed(parsed.kind)
+    return parsed
+
+
 class TrainerAttack(DispatchTamper):
     """A malicious trainer's behaviour, driven by the trainer's verification hooks each step:
     :meth:`begin_step`, :meth:`losses`, :meth:`params_context`, :meth:`corrupt_grads`, :meth:`claimed_loss`,

@@ -99,7 +99,7 @@ class TrainerVerification:
         self._pending: "queue.Queue" = queue.Queue()
         self._published_version = -1
         self._publisher = threading.Thread(target=self._publish_loop, name="commitment publisher", daemon=True)
-        self._ban_thread = PeriodicThread(self.bans.poll, period=10.0, name="ban watcher")
+        self._ban_thread = PeriodicThread(self.bans.poll, period=5.0, name="ban watcher")
         self._p2p = None
 
     def wrap(self, dispatcher, layer: int) -> RecordingDispatcher:
