@@ -5,6 +5,7 @@ import argparse
 import csv
 import io
 import json
+import logging
 import math
 import re
 import shutil
@@ -435,20 +436,25 @@ def test_dashboard_page_is_self_contained(server: WebServer):
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="headless chromium is not installed (apt-get install chromium)")
-def test_headless_chromium_renders_the_leaderboard(server: WebServer, tmp_path: Path):
+def render_in_chromium(url: str, tmp_path: Path) -> tuple[str, str, Path]:
+    """Load ``url`` in headless Chromium: (whole DOM after the scripts ran, the leaderboard table, a screenshot)."""
     flags = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1400,1100",
              "--virtual-time-budget=4000", f"--user-data-dir={tmp_path / 'profile'}"]
-    dom = subprocess.run([*flags, "--dump-dom", server.url], capture_output=True, text=True, timeout=60).stdout
+    dom = subprocess.run([*flags, "--dump-dom", url], capture_output=True, text=True, timeout=60).stdout
     assert 'data-loaded="true"' in dom
-    body = dom[dom.index('<table id="leaderboard">'):]
-    body = body[: body.index("</table>")]
+    table = dom[dom.index('<table id="leaderboard">'):]
+    screenshot = tmp_path / "dashboard.png"
+    subprocess.run([*flags, f"--screenshot={screenshot}", url], capture_output=True, timeout=60)
+    assert screenshot.stat().st_size > 10_000
+    return dom, table[: table.index("</table>")], screenshot
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="headless chromium is not installed (apt-get install chromium)")
+def test_headless_chromium_renders_the_leaderboard(server: WebServer, tmp_path: Path):
+    dom, body, _ = render_in_chromium(server.url, tmp_path)
     names = re.findall(r'<td class="name">([^<]*)</td>', body)
     assert names[:2] == ["alice", '=HYPERLINK("x")'] and "failed spot-checks" in body
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in dom and "<script>alert(1)" not in dom  # names are text, not HTML
-    screenshot = tmp_path / "dashboard.png"
-    subprocess.run([*flags, f"--screenshot={screenshot}", server.url], capture_output=True, timeout=60)
-    assert screenshot.stat().st_size > 10_000
 
 
 # ------------------------------------------------------------------------------------------------ service & CLI
@@ -505,8 +511,12 @@ def test_observations_merge_the_three_record_kinds():
     assert experts["ffn.0.0"] == [BOB] and experts["ffn.1.3"] == [] and len(experts) == 8
 
 
-def test_service_picks_up_real_dht_records_and_leaderboard_cli_prints_the_same_ranks(tmp_path: Path, capsys):
+def test_live_swarm_records_reach_the_dashboard_in_chromium_and_the_leaderboard_cli(tmp_path: Path, capsys):
+    """Real DHT peers publish signed records (a trainer: presence, metrics, receipts; a host: its declaration with
+    its work claim); the service polls them; headless Chromium renders the dashboard; ``peer leaderboard`` prints
+    the same ranks."""
     from athome.dht import Identity, start_dht, store_record
+    from athome.dht.receipts import ReceiptBook
     from athome.dht.schemas import run_key
 
     coordinator = start_dht(Identity.load_or_create(tmp_path / "coordinator.key"),
@@ -522,19 +532,38 @@ def test_service_picks_up_real_dht_records_and_leaderboard_cli_prints_the_same_r
                             PeerRecord(role="trainer", public_name="vol", team="blue", started_at=now), 30)
         assert store_record(volunteer, run_key("demo", "metrics"),
                             MetricsRecord(step=2, loss=4.0, samples=32, samples_per_second=8.0, time=now), 30)
-        assert store_record(coordinator, run_key("demo", "servers"), ServerRecord(experts=["ffn.0.0"], public_name="host"), 30)
+        host_record = ServerRecord(experts=["ffn.0.0"], public_name="host", expert_calls=500, reported_at=now)
+        assert store_record(coordinator, run_key("demo", "servers"), host_record, 30)  # the host claims 500 calls
+        host_id = coordinator.peer_id.to_base58()
+        receipts = ReceiptBook()
+        for _ in range(150):  # the trainer signs for 300 of them
+            receipts.count(host_id, True, rows=8)
+            receipts.count(host_id, False, rows=8)
+        assert receipts.publish(volunteer, "demo", ttl=30)
         volunteer_id = volunteer.peer_id.to_base58()
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             board = json.loads(get(service.url + "api/leaderboard")[2])
             experts = json.loads(get(service.url + "api/experts")[2])
-            if any(row["peer_id"] == volunteer_id and row["samples"] == 32 for row in board["rows"]) and experts["served"]:
+            rows = {row["peer_id"]: row for row in board["rows"]}
+            if (rows.get(volunteer_id, {}).get("samples") == 32 and rows.get(host_id, {}).get("expert_work") == 300
+                    and experts["served"]):
                 break
             time.sleep(0.2)
         else:
             pytest.fail(f"the service did not pick up the records: {board} {experts}")
         assert board["rows"][0]["public_name"] == "vol" and board["rows"][0]["team"] == "blue"
-        assert experts["layers"][0]["experts"][0]["peers"] == [coordinator.peer_id.to_base58()]
+        assert (rows[volunteer_id]["pending_samples"], rows[volunteer_id]["verified_samples"]) == (32, 0)
+        assert (rows[host_id]["public_name"], rows[host_id]["work_claimed"]) == ("host", 500)
+        assert experts["layers"][0]["experts"][0]["peers"] == [host_id]
+
+        if CHROMIUM is not None:
+            dom, table, screenshot = render_in_chromium(service.url, tmp_path)
+            cells = [re.findall(r"<td[^>]*>(.*?)</td>", row) for row in re.findall(r"<tr>(.*?)</tr>", table)]
+            by_name = {re.sub(r"<[^>]+>", "", row[1]): [re.sub(r"<[^>]+>", "", c) for c in row] for row in cells if len(row) > 5}
+            assert by_name["vol"][:6] == ["1", "vol", "blue", "32", "0", "32"]  # rank, name, team, samples, verified, pending
+            assert by_name["host"][6].startswith("300") and "of 500 claimed" in by_name["host"][6]
+            logging.getLogger(__name__).info(f"dashboard screenshot of the live swarm: {screenshot}")
 
         args = argparse.Namespace(run=None, dashboard=service.url, json=True, limit=10, offset=0)
         run_leaderboard(args)
