@@ -19,6 +19,7 @@ import asyncio
 import functools
 import logging
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -46,6 +47,24 @@ logger = logging.getLogger(__name__)
 
 class BadRequest(ValueError):
     """A request that does not fit the expert; its message is sent back to the caller."""
+
+
+class HostBusy(RuntimeError):
+    """The host's queue is full; the caller should back off or use another replica."""
+
+
+def decode_tensors(uid: str, serialized: Sequence[runtime_pb2.Tensor], what: str) -> List[torch.Tensor]:
+    """Deserialize a request's tensors; a truncated or corrupt one is a BadRequest naming it, not a crash."""
+    tensors = []
+    for index, proto in enumerate(serialized):
+        try:
+            tensors.append(deserialize_torch_tensor(proto))
+        except Exception as error:
+            raise BadRequest(
+                f"{uid}: {what} tensor {index} could not be decoded ({type(error).__name__}: {error}); "
+                f"the message is truncated or corrupt"
+            ) from None
+    return tensors
 
 
 def check_tensors(
@@ -108,11 +127,47 @@ class ValidatingConnectionHandler(ConnectionHandler):
 
     async def rpc_forward(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         await admit(context)  # invite-only runs: members only (athome.dht.auth)
-        inputs = [deserialize_torch_tensor(tensor) for tensor in request.tensors]
+        inputs = decode_tensors(request.uid, request.tensors, "forward")
         backend = self._check_forward(request.uid, inputs)
         return runtime_pb2.ExpertResponse(
             tensors=await self._process_inputs(inputs, backend.forward_pool, backend.outputs_schema)
         )
+
+    async def _gather_inputs(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> Tuple[str, List[torch.Tensor]]:
+        """hivemind's, but a stream may not outgrow the largest valid request (it is held in memory whole) and a
+        corrupt tensor is a BadRequest."""
+        from hivemind.utils.streaming import combine_from_streaming
+
+        uid, limit, received, tensors, parts = None, None, 0, [], []
+        async for request in requests:
+            if uid is None:
+                uid = request.uid
+                backend = self._backend(uid)
+                row_bytes = sum(
+                    torch.Size(d.shape[1:]).numel() * torch.empty((), dtype=d.dtype).element_size()
+                    for d in nested_flatten(backend.backward_schema)
+                )
+                limit = self.max_batch_size * row_bytes + 2**20
+            elif request.uid != uid:
+                raise BadRequest(f"one stream names two experts ({uid!r}, {request.uid!r})")
+            for part in request.tensors:
+                received += len(part.buffer)
+                if received > limit:
+                    raise BadRequest(
+                        f"{uid}: streamed request exceeds {limit} bytes, more than max_batch_size "
+                        f"{self.max_batch_size} rows; split it"
+                    )
+                if part.dtype and parts:
+                    tensors.append(combine_from_streaming(parts))
+                    parts = []
+                parts.append(part)
+        if parts:
+            tensors.append(combine_from_streaming(parts))
+        if uid is None:
+            raise BadRequest("empty request stream")
+        return uid, decode_tensors(uid, tensors, "streamed")
 
     async def rpc_forward_stream(
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
@@ -127,7 +182,7 @@ class ValidatingConnectionHandler(ConnectionHandler):
 
     async def rpc_backward(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         await admit(context)  # invite-only runs: members only (athome.dht.auth)
-        inputs_and_grads = [deserialize_torch_tensor(tensor) for tensor in request.tensors]
+        inputs_and_grads = decode_tensors(request.uid, request.tensors, "backward")
         backend = self._check_backward(request.uid, inputs_and_grads)
         return runtime_pb2.ExpertResponse(
             tensors=await self._process_inputs(inputs_and_grads, backend.backward_pool, backend.grad_inputs_schema)
@@ -185,29 +240,57 @@ class DirectExpertServicer(ServicerBase):
     ``ExpertResponse`` has ``metadata`` msgpack ``{"counts": [...], "errors": [None or message, ...]}`` and the
     tensors of the experts that succeeded, in order, serialized with the requested compression (one of
     ``WIRE_COMPRESSIONS``; default none). One expert's bad input fails that expert alone. Requests are computed one at a time, on one thread, so the
-    event loop stays free to read the next request meanwhile.
+    event loop stays free to read the next request meanwhile; past ``max_queue_seconds`` of queued work a request
+    is refused with :class:`HostBusy` (backpressure).
     """
 
-    def __init__(self, backends: Dict[str, ModuleBackend], locks: Dict[str, threading.Lock], max_batch_size: int):
+    def __init__(self, backends: Dict[str, ModuleBackend], locks: Dict[str, threading.Lock], max_batch_size: int,
+                 max_queue_seconds: float = 5.0):
         self.backends, self.locks, self.max_batch_size = backends, locks, max_batch_size
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="athome-direct")
+        self.max_queue_seconds = max_queue_seconds
+        self._queued = 0  # requests admitted and not answered yet (changed on the event loop only)
+        self._service_seconds = 0.01  # EWMA of one request's compute time
+
+    async def _queue(self, request: runtime_pb2.ExpertRequest, forward: bool) -> runtime_pb2.ExpertResponse:
+        """Backpressure: refuse at once when the queue already holds more than ``max_queue_seconds`` of work.
+
+        Without it, requests wait behind each other until their callers time out, and the host then computes
+        answers nobody reads; a fast refusal makes the trainer cool this host down and use another replica.
+        """
+        backlog = self._queued * self._service_seconds
+        if self._queued and backlog > self.max_queue_seconds:
+            raise HostBusy(
+                f"host busy: {self._queued} requests queued (~{backlog:.1f}s of work, limit {self.max_queue_seconds:.0f}s); "
+                f"retry later or use another replica"
+            )
+        self._queued += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, self._timed_serve, request, forward)
+        finally:
+            self._queued -= 1
+
+    def _timed_serve(self, request: runtime_pb2.ExpertRequest, forward: bool) -> runtime_pb2.ExpertResponse:
+        started = time.perf_counter()
+        try:
+            return self._serve(request, forward)
+        finally:
+            self._service_seconds = 0.8 * self._service_seconds + 0.2 * (time.perf_counter() - started)
+
 
     async def rpc_forward(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         await admit(context)  # invite-only runs: members only (athome.dht.auth)
-        return await asyncio.get_running_loop().run_in_executor(self._executor, self._serve, request, True)
+        return await self._queue(request, True)
 
     async def rpc_backward(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         await admit(context)  # invite-only runs: members only (athome.dht.auth)
-        return await asyncio.get_running_loop().run_in_executor(self._executor, self._serve, request, False)
+        return await self._queue(request, False)
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     def _serve(self, request: runtime_pb2.ExpertRequest, forward: bool) -> runtime_pb2.ExpertResponse:
-        meta = MSGPackSerializer.loads(request.metadata) if request.metadata else {}
-        uids: List[str] = list(meta.get("uids", [request.uid]))
-        counts: List[int] = list(meta.get("counts", [len(request.tensors)]))
-        compression = meta.get("compression", runtime_pb2.CompressionType.NONE)
+        uids, counts, compression = _parse_direct_metadata(request)
         if len(uids) != len(counts) or sum(counts) != len(request.tensors):
             raise BadRequest(f"request lists {sum(counts)} tensors for {len(uids)} experts, carries {len(request.tensors)}")
         if compression not in WIRE_COMPRESSIONS:
@@ -217,7 +300,8 @@ class DirectExpertServicer(ServicerBase):
         for uid, count in zip(uids, counts):
             serialized, start = request.tensors[start : start + count], start + count
             try:
-                outputs = self._compute(uid, [deserialize_torch_tensor(t) for t in serialized], forward)
+                what = "forward" if forward else "backward"
+                outputs = self._compute(uid, decode_tensors(uid, serialized, what), forward)
                 out_tensors += [serialize_torch_tensor(t, compression, allow_inplace=True) for t in outputs]
                 out_counts.append(len(outputs))
                 errors.append(None)
@@ -237,6 +321,24 @@ class DirectExpertServicer(ServicerBase):
         with self.locks[uid]:
             outputs = backend.forward(*tensors) if forward else backend.backward(*tensors)
         return [t.detach().cpu() for t in outputs]
+
+
+def _parse_direct_metadata(request: runtime_pb2.ExpertRequest) -> Tuple[List[str], List[int], int]:
+    """(uids, counts, compression) of a direct request; BadRequest with the expected form if malformed."""
+    form = "msgpack {'uids': [str, ...], 'counts': [int >= 0, ...], 'compression': int}"
+    try:
+        meta = MSGPackSerializer.loads(request.metadata) if request.metadata else {}
+    except Exception:
+        raise BadRequest(f"request metadata is not valid msgpack; expected {form}") from None
+    if not isinstance(meta, dict):
+        raise BadRequest(f"request metadata is a {type(meta).__name__}; expected {form}")
+    uids, counts = meta.get("uids", [request.uid]), meta.get("counts", [len(request.tensors)])
+    compression = meta.get("compression", runtime_pb2.CompressionType.NONE)
+    if not (isinstance(uids, list) and all(isinstance(u, str) for u in uids)):
+        raise BadRequest(f"request metadata 'uids' must be a list of strings; expected {form}")
+    if not (isinstance(counts, list) and all(type(c) is int and c >= 0 for c in counts)):
+        raise BadRequest(f"request metadata 'counts' must be a list of non-negative ints; expected {form}")
+    return uids, counts, compression
 
 
 def _backend_of(backends: Dict[str, ModuleBackend], uid: str) -> ModuleBackend:
