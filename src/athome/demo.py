@@ -25,7 +25,7 @@ from rich.live import Live
 from rich.table import Table
 
 from athome.config import RunConfig
-from athome.lifecycle import die, emit, shutdown_requested, stderr_console
+from athome.lifecycle import PARENT_PID_ENV, die, emit, shutdown_requested, stderr_console
 
 logger = logging.getLogger(__name__)
 DEFAULT_TRAIN_MINUTES = 1.5
@@ -48,7 +48,7 @@ class Child:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "athome.cli", *self.argv],
             stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True,
-            env=dict(os.environ, PYTHONUNBUFFERED="1"),
+            env=dict(os.environ, PYTHONUNBUFFERED="1", **{PARENT_PID_ENV: str(os.getpid())}),  # die with the demo
         )
         threading.Thread(target=self._read_stdout, daemon=True, name=f"{self.name} stdout").start()
 

@@ -32,7 +32,7 @@ from athome.dht import (
 from athome.dht.auth import start_membership
 from athome.dht.identity import DEFAULT_IDENTITY_DIR
 from athome.dht.schemas import PeerRecord, ServerRecord, run_key
-from athome.lifecycle import PeriodicThread, die, emit, shutdown_requested
+from athome.lifecycle import PeriodicThread, die, emit, restore_interrupt_handler, shutdown_requested
 from athome.model.expert import build_expert, expert_input_schema
 from athome.devices import resolve_device, resolve_precision
 from athome.netflags import dht_kwargs
@@ -211,6 +211,7 @@ def run_join(args: argparse.Namespace) -> None:
     saver = CheckpointSaver(backends, checkpoint_dir, every_updates=100, every_seconds=60)
     saver.start()
     replica_averagers = start_replica_averaging(dht, config, backends, live_hosts)
+    restore_interrupt_handler()  # hivemind's averagers switch Ctrl+C off in this process
     if declarer.declared.wait(timeout=60):
         emit(f"serving experts: {','.join(backends)}")
     else:

@@ -39,7 +39,7 @@ from athome.dht import (
 from athome.dht.auth import start_membership
 from athome.dht.receipts import ReceiptBook
 from athome.dht.schemas import MetricsRecord, PeerRecord, run_key
-from athome.lifecycle import PeriodicThread, die, shutdown_requested
+from athome.lifecycle import PeriodicThread, die, restore_interrupt_handler, shutdown_requested
 from athome.model.lm import MoETransformerLM
 from athome.netflags import dht_kwargs
 from athome.trainer.data import batch_seed, load_corpus
@@ -115,6 +115,7 @@ class Trainer:
             ),
             verbose=False,
         )
+        restore_interrupt_handler()  # hivemind's averagers switch Ctrl+C off in this process
         self.step = 0
         self.samples = 0
         self.loss_ewma: Optional[float] = None
