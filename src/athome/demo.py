@@ -248,15 +248,10 @@ def run_demo(args: argparse.Namespace) -> None:
 
 
 def print_leaderboard(rows: list) -> None:
-    from rich.console import Console
+    from athome.coordinator.leaderboard import print_leaderboard as print_page
 
-    table = Table(title="leaderboard")
-    keys = [k for k in ("rank", "public_name", "team", "samples", "expert_work", "status") if rows and k in rows[0]]
-    for key in keys:
-        table.add_column(key)
-    for row in rows[:20]:
-        table.add_row(*(str(row.get(k, "")) for k in keys))
-    Console().print(table)
+    # the very table `peer leaderboard` prints, so the demo and the CLI show the same ranks the same way
+    print_page(dict(rows=rows[:20], total=len(rows), offset=0))
 
 
 def shutdown(children: List[Child], grace: float = 15.0) -> None:
