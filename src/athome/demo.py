@@ -42,11 +42,12 @@ class Child:
     process: Optional[subprocess.Popen] = None
     lines: List[str] = field(default_factory=list)
     got_line: threading.Event = field(default_factory=threading.Event)
+    prefix: List[str] = field(default_factory=list)  # e.g. ["ip", "netns", "exec", NS]: run inside a namespace
 
     def start(self) -> None:
         log = self.log_path.open("w")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "athome.cli", *self.argv],
+            [*self.prefix, sys.executable, "-m", "athome.cli", *self.argv],
             stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True,
             env=dict(os.environ, PYTHONUNBUFFERED="1", **{PARENT_PID_ENV: str(os.getpid())}),  # die with the demo
         )
