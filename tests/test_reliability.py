@@ -104,3 +104,26 @@ def test_delay_relay_adds_latency_and_keeps_bytes():
     rtt, intact = asyncio.run(scenario())
     assert rtt >= 0.1  # 50 ms each way
     assert intact
+
+
+def test_direct_servicer_refuses_past_its_queue_limit():
+    """Backpressure: with more than max_queue_seconds of work queued, a request is refused at once (HostBusy)."""
+    import asyncio
+    import time
+
+    from athome.peer.server import DirectExpertServicer, HostBusy
+
+    servicer = DirectExpertServicer({}, {}, max_batch_size=16, max_queue_seconds=0.5)
+    servicer._serve = lambda request, forward: time.sleep(0.3) or "answer"  # 0.3 s of work per request
+
+    async def burst():
+        return await asyncio.gather(*(servicer._queue(None, True) for _ in range(6)), return_exceptions=True)
+
+    servicer._service_seconds = 0.3
+    results = asyncio.run(burst())
+    answered = [r for r in results if r == "answer"]
+    refused = [r for r in results if isinstance(r, HostBusy)]
+    assert len(answered) + len(refused) == 6 and refused and len(answered) >= 2
+    assert "host busy" in str(refused[0]) and "another replica" in str(refused[0])
+    assert servicer._queued == 0
+    servicer.shutdown()

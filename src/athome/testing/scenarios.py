@@ -173,9 +173,9 @@ class Swarm:
         self.address: Optional[str] = None
         self.dashboard: Optional[str] = None
 
-    def spawn(self, name: str, *argv: str) -> Child:
-        """Start ``peer <argv>``; its stderr goes to ``<workdir>/<name>.log``."""
-        child = Child(name, list(argv), self.workdir / f"{name}.log")
+    def spawn(self, name: str, *argv: str, prefix: Sequence[str] = ()) -> Child:
+        """Start ``peer <argv>`` (after ``prefix``, e.g. ``ip netns exec NS``); stderr goes to ``<workdir>/<name>.log``."""
+        child = Child(name, list(argv), self.workdir / f"{name}.log", prefix=list(prefix))
         child.start()
         child.wait_line = lambda prefix, timeout=STARTUP: child.wait_for(prefix, timeout, self.never)
         self.children.append(child)
@@ -784,6 +784,18 @@ def _percentile(values: Sequence[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
+class _MessageCounter(logging.Handler):
+    """Counts log records containing ``text`` (the dispatcher logs each refused host request)."""
+
+    def __init__(self, text: str):
+        super().__init__(logging.DEBUG)
+        self.text, self.count = text, 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.text in record.getMessage():
+            self.count += 1
+
+
 class LoadClient:
     """One trainer's expert traffic: its own DHT node and p2p, registry and RemoteDispatcher, as `peer train` has.
 
@@ -846,6 +858,8 @@ def load_scenario(workdir: Optional[Path] = None, *, clients: int = 8, calls: in
     a small machine. One client runs alone first: its latency is the baseline of the ratio.
     """
     checks = Checks()
+    busy = _MessageCounter("host busy")
+    logging.getLogger("athome.trainer.remote").addHandler(busy)
     with swarm_in(workdir) as swarm:
         swarm.coordinator()
         host = swarm.host("host", "ffn.0.[0:4]")
@@ -884,12 +898,12 @@ def load_scenario(workdir: Optional[Path] = None, *, clients: int = 8, calls: in
         checks.require(all(len(c.latencies) == calls for c in fleet), "some clients did not finish their calls")
         growth = (peak[0] - baseline_rss) / 2**20
         checks.require(growth < 1024, f"host memory grew {growth:.0f} MiB under load")
-        busy = host.log_path.read_text().count("host busy")
+        logging.getLogger("athome.trainer.remote").removeHandler(busy)
     p50, p95, p99 = (_percentile(latencies, q) for q in (0.5, 0.95, 0.99))
     return checks.outcome(
         "load", f"{clients} clients x {calls} fwd+bwd of {tokens} tokens on 1 host: p50 {p50:.2f}s p95 {p95:.2f}s "
                 f"p99 {p99:.2f}s (alone p50 {_percentile(alone, 0.5):.2f}s, x{p50 / _percentile(alone, 0.5):.1f}); "
-                f"{failed} passes refused/failed and retried ({busy} busy refusals); host RSS +{growth:.0f} MiB "
+                f"{failed} passes refused/failed and retried ({busy.count} busy refusals); host RSS +{growth:.0f} MiB "
                 f"(peak {peak[0] / 2**20:.0f} MiB); {len(latencies) * tokens / wall:.0f} tokens/s",
     )
 
@@ -897,6 +911,78 @@ def load_scenario(workdir: Optional[Path] = None, *, clients: int = 8, calls: in
 # ---------------------------------------------------------------- 2. network
 
 
-def network_scenario(workdir: Optional[Path] = None) -> Outcome:
-    """Peers in network namespaces on a 100 ms RTT, 1% loss, 20 Mbit/s link (not built yet)."""
-    return Outcome("network", False, "not built yet", ["scenario not implemented"])
+def network_scenario(workdir: Optional[Path] = None, *, rtt_ms: float = 100, loss: float = 0.01,
+                     rate_mbit: float = 20, steps: int = 15) -> Outcome:
+    """Coordinator, host and two trainers, each in its own network namespace, every link 20 Mbit/s (tc tbf),
+    lossy (iptables statistic) and delayed (a :mod:`~athome.testing.delay_relay` in front of every peer).
+
+    Every peer listens on its own address and announces the relay's, so each connection crosses one relay (RTT +
+    ``rtt_ms``) and two shaped uplinks (each dropping ``loss / 2`` per direction: ``loss`` end to end).
+    Training must go on, the two trainers must average (their optimizer epoch advances together), and every
+    namespace must be gone afterwards.
+    """
+    from athome.testing import netlab
+
+    ok, why = netlab.available()
+    if not ok:
+        return Outcome("network", False, f"could not build namespaces: {why}", [why])
+    checks = Checks()
+    names = ["coord", "host", "trainer-a", "trainer-b"]
+    port = 4100
+    lab = netlab.NetLab()
+    prefix = lab.prefix
+    started = time.monotonic()
+    try:
+        with swarm_in(workdir) as swarm:
+            nodes = {name: lab.public_host(name) for name in names}
+            maps, announce = [], {}
+            for name, node in nodes.items():
+                link = lab.uplink(node)
+                lab.shape(link, rate_mbit=rate_mbit, loss=loss / 2)
+                maps.append(f"{link.ip_a}:{port + 1}={node.ip}:{port}")
+                announce[name] = ["--host_maddrs", f"/ip4/{node.ip}/tcp/{port}",
+                                  "--announce_maddrs", f"/ip4/{link.ip_a}/tcp/{port + 1}"]
+            relay = lab.internet.popen(
+                [sys.executable, "-m", "athome.testing.delay_relay", "--delay_ms", str(rtt_ms / 2),
+                 *[arg for m in maps for arg in ("--map", m)]],
+                stdout=subprocess.PIPE, text=True,
+            )
+            checks.require(relay.stdout.readline().strip() == "relaying", "the delay relay did not start")
+
+            def run_in(name: str) -> List[str]:
+                return nodes[name].exec_prefix
+
+            coordinator = swarm.spawn(
+                "coordinator", "coordinator", *announce["coord"], "--data_dir", str(swarm.workdir / "coord"),
+                "--identity_path", swarm.key("coordinator"), "--http_port", "0", prefix=run_in("coord"))
+            address = coordinator.wait_line("run address:")
+            host = swarm.spawn(
+                "host", "join", "--run", address, "--experts", ALL_EXPERTS, *announce["host"],
+                "--identity_path", swarm.key("host"), "--checkpoint_dir", str(swarm.checkpoints("host")),
+                prefix=run_in("host"))
+            host.wait_line("serving experts:", 2 * STARTUP)
+            swarm.address = address
+            for name in ("trainer-a", "trainer-b"):
+                swarm.spawn(name, "train", "--run", address, *announce[name], "--max_steps", "10000", "--no_progress",
+                            "--identity_path", swarm.key(name), "--log_file", str(swarm.log_of(name)),
+                            prefix=run_in(name))
+            rows = {name: swarm.wait_steps(name, steps, 4 * STARTUP) for name in ("trainer-a", "trainer-b")}
+            epochs = {name: max(r.get("epoch", 0) for r in rows[name]) for name in rows}
+            together = {name: max(r.get("trainers", 0) for r in rows[name]) for name in rows}
+            checks.require(min(epochs.values()) >= 1, f"the trainers' collaborative epoch never advanced: {epochs}")
+            checks.require(min(together.values()) >= 2, f"the trainers never saw each other: {together}")
+            timeouts = sum(swarm.workdir.joinpath(f"{name}.log").read_text().count("timed out") for name in rows)
+            rate = _mean([(r[-1]["step"] - r[0]["step"]) / max(r[-1]["time"] - r[0]["time"], 1e-6) for r in rows.values()])
+            first = _mean([r["loss"] for name in rows for r in rows[name][:5]])
+            last = _mean([r["loss"] for name in rows for r in rows[name][-5:]])
+            checks.require(last < first, f"the loss did not fall: {first:.3f} -> {last:.3f}")
+    finally:
+        lab.close()
+    leftover = [n for n in netlab._sh("ip", "netns", "list", check=False).stdout.split() if n.startswith(prefix)]
+    checks.require(not leftover, f"namespaces left behind: {leftover}")
+    return checks.outcome(
+        "network", f"{rtt_ms:.0f} ms RTT, {loss:.0%} loss, {rate_mbit:.0f} Mbit/s: 2 trainers x {steps} steps at "
+                   f"{rate:.2f} steps/s, loss {first:.2f} -> {last:.2f}, epochs {sorted(epochs.values())} "
+                   f"(averaged together), {timeouts} expert timeouts; namespaces cleaned "
+                   f"{'yes' if not leftover else 'NO'} ({time.monotonic() - started:.0f}s)",
+    )
