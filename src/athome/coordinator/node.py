@@ -13,6 +13,7 @@ from pathlib import Path
 from athome.config import ConfigError, RunConfig, load_config
 from athome.coordinator.service import CoordinatorService
 from athome.dht import Identity, publish_run_config, start_dht, store_record
+from athome.dht.rejoin import rejoin, remember_peers
 from athome.dht.schemas import PeerRecord, run_key
 from athome.lifecycle import PeriodicThread, die, emit, shutdown_requested
 from athome.netflags import dht_kwargs, pick_public_maddr
@@ -61,6 +62,10 @@ def run_coordinator(args: argparse.Namespace) -> None:
         )
     started_at = time.time()
     ttl = config.expert_ttl
+    peer_book = Path(args.data_dir) / "peers.json"  # a restarted coordinator dials these to find the swarm again
+    rejoined = rejoin(dht, peer_book)
+    if rejoined:
+        logger.info(f"Rejoined the swarm through {rejoined} peers remembered in {peer_book} (delete it to start afresh)")
     serve_reachability(dht, network["host_maddrs"])  # answers `peer check --run`
 
     service = None
@@ -89,6 +94,7 @@ def run_coordinator(args: argparse.Namespace) -> None:
             logger.warning("Publishing the run config found no DHT node to store it; retrying")
         record = PeerRecord(role="coordinator", started_at=started_at, dashboard_url=dashboard_url)
         store_record(dht, run_key(config.name, "peers"), record, ttl)
+        remember_peers(dht, peer_book)
 
     publisher = PeriodicThread(publish, period=ttl / 3, name="config publisher")
     publisher.start()
