@@ -5,8 +5,10 @@ inside them, and removes them (with their veths and rules) even when it fails.
 """
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -47,3 +49,118 @@ def test_netlab_nat_blocks_inbound_and_cleans_up():
         names = [host.netns for host in lab.hosts.values()]
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert not any(name in listed for name in names), "namespaces left behind"
+
+
+class HomeNetwork:
+    """The issue's topology: a public namespace (coordinator, one expert host), a volunteer behind its own NAT,
+    and a trainer behind another NAT. Peers are real ``peer`` processes inside the namespaces."""
+
+    def __init__(self, lab: netlab.NetLab, log_dir):
+        self.lab, self.log_dir = lab, log_dir
+        self.public = lab.public_host("pub")
+        self.home = lab.nat_host("home")
+        self.trainer_home = lab.nat_host("trainer")
+        self.never = threading.Event()
+        self.coordinator = self.peer(self.public, "coordinator", "coordinator", "--port", "31337",
+                                     "--public_ip", self.public.ip, "--data_dir", str(log_dir / "coord"),
+                                     "--identity_path", str(log_dir / "coordinator.key"), "--http_port", "0")
+        self.address = self.coordinator.wait_for("run address:", 180, self.never)
+        assert self.address.startswith(f"/ip4/{self.public.ip}/tcp/31337/p2p/"), self.address
+
+    def peer(self, host: netlab.Host, name: str, *argv: str):
+        return host.peer(name, list(argv), self.log_dir)
+
+    def key(self, name: str) -> str:
+        return str(self.log_dir / f"{name}.key")
+
+    def status(self) -> dict:
+        result = self.public.run(sys.executable, "-m", "athome.cli", "status", "--run", self.address, "--json",
+                                 timeout=180)
+        return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture
+def home_network(tmp_path):
+    with netlab.NetLab() as lab:
+        yield HomeNetwork(lab, tmp_path)
+
+
+def _peer_id(key_path: str) -> str:
+    from athome.dht import Identity
+
+    return Identity.load_or_create(key_path).peer_id
+
+
+def _check(host: netlab.Host, address: str) -> subprocess.CompletedProcess:
+    return host.run(sys.executable, "-m", "athome.cli", "check", "--run", address, check=False, timeout=240)
+
+
+@needs_netns
+@pytest.mark.slow
+def test_volunteer_behind_nat_serves_through_the_relay_and_its_experts_train(home_network):
+    net = home_network
+    public_host = net.peer(net.public, "public_host", "join", "--run", net.address, "--experts", "ffn.0.[0:2],ffn.1.[0:2]",
+                           "--identity_path", net.key("public_host"), "--checkpoint_dir", str(net.log_dir / "ck1"))
+    # exactly what a volunteer types; its 8 experts include 4 that only it serves
+    volunteer = net.peer(net.home, "volunteer", "join", "--run", net.address, "--experts", "auto",
+                         "--num_experts", "8", "--identity_path", net.key("volunteer"),
+                         "--checkpoint_dir", str(net.log_dir / "ck2"))
+    public_host.wait_for("serving experts:", 240, net.never)
+    volunteer.wait_for("serving experts:", 300, net.never)
+    trainer = net.peer(net.trainer_home, "trainer", "train", "--run", net.address, "--max_steps", "6",
+                       "--batch_size", "4", "--no_progress", "--identity_path", net.key("trainer"))
+    assert trainer.process.wait(600) == 0, (net.log_dir / "trainer.log").read_text()[-3000:]
+    volunteer_log = (net.log_dir / "volunteer.log").read_text()
+    assert "serving through the run's relay" in volunteer_log.lower() or "Serving through the run's relay" in volunteer_log
+
+    peers = net.status()["peers"]
+    volunteer_info, public_info = peers[_peer_id(net.key("volunteer"))], peers[_peer_id(net.key("public_host"))]
+    assert volunteer_info["link"] == "relayed" and public_info["link"] == "direct"
+    # the volunteer's experts were trained by the NATed trainer, through the relay
+    deadline = time.monotonic() + 120
+    while net.status()["peers"][_peer_id(net.key("volunteer"))]["expert_calls"] == 0:
+        assert time.monotonic() < deadline, "the relayed volunteer never served a call"
+        time.sleep(10)
+
+
+@needs_netns
+def test_check_reports_a_natted_peer_unreachable_directly_and_reachable_through_the_relay(home_network):
+    net = home_network
+    natted = _check(net.home, net.address)
+    assert natted.returncode == 1, natted.stdout + natted.stderr[-2000:]
+    assert "the run cannot dial this peer directly" in natted.stdout
+    assert "reaches this peer through its relay" in natted.stdout
+    # the fix names this machine's LAN address and the public address the run saw (the home router's)
+    assert f"forward TCP port 31337 to {net.home.ip}:31337" in natted.stdout
+    assert f"peer join --run {net.address} --port 31337 --public_ip {net.home.router.ip}" in natted.stdout
+    # (a directly reachable peer's check: tests/test_foundation.py, on loopback)
+
+
+def test_circuit_address_is_what_p2pd_parses():
+    from hivemind.p2p import PeerID
+
+    from athome.peer.reachability import circuit_maddr
+
+    relay_id = "12D3KooWSCYDAYKd84veQqeajkS9zMdggrj2YYGeDGBsAD9ZLWxJ"
+    encoded = circuit_maddr(f"/ip4/10.77.1.2/tcp/31337/p2p/{relay_id}").to_bytes()
+    # libp2p's binary form: /ip4 (4), /tcp (6), /p2p (0xa503) + raw multihash, /p2p-circuit (0xa202)
+    multihash = PeerID.from_base58(relay_id).to_bytes()
+    assert encoded == bytes.fromhex("040a4d0102067a69") + b"\xa5\x03" + bytes([len(multihash)]) + multihash + b"\xa2\x02"
+    with pytest.raises(ValueError):
+        circuit_maddr("/ip4/10.77.1.2/tcp/31337")
+
+
+def test_registry_prefers_direct_replicas():
+    from athome.dht.schemas import ServerRecord
+    from athome.trainer.remote import ExpertRegistry
+
+    registry = ExpertRegistry(dht=None, servers_key="athome.demo.servers", relay="/ip4/10.77.1.2/tcp/1/p2p/RELAY")
+    direct, relayed = ServerRecord(experts=["ffn.0.0"]), ServerRecord(experts=["ffn.0.0", "ffn.0.1"], relayed=True)
+    registry._replicas = {"ffn.0.0": [("direct", direct), ("relayed", relayed)], "ffn.0.1": [("relayed", relayed)]}
+    registry._relayed = {"relayed"}
+    registry.stats("direct").latency = 10.0  # even a much slower direct replica wins
+    assert {registry.choose("ffn.0.0") for _ in range(50)} == {"direct"}
+    assert registry.choose("ffn.0.1") == "relayed"  # the only replica: used, through the relay
+    assert registry.relay_for("relayed") == "/ip4/10.77.1.2/tcp/1/p2p/RELAY" and registry.relay_for("direct") is None
+    registry.stats("direct").record_failure()  # a direct replica in cool-down: the relayed one steps in
+    assert registry.choose("ffn.0.0") == "relayed"

@@ -23,8 +23,12 @@ def add_network_flags(parser: argparse.ArgumentParser, *, default_port: Optional
     group.add_argument("--public_ip", default=None, help="public IP to announce; the simple form of --announce_maddrs")
     group.add_argument("--initial_peers", nargs="+", default=(), metavar="MADDR", help="extra DHT peers to bootstrap from")
     group.add_argument("--identity_path", default=None, help="Ed25519 key file (default ~/.athome/identity.key)")
-    group.add_argument("--use_auto_relay", action="store_true", help="look for libp2p relays if behind NAT")
-    group.add_argument("--no_relay", action="store_true", help="disable libp2p circuit relays")
+    group.add_argument(
+        "--use_auto_relay", action="store_true",
+        help="be reachable through the run's relay (its coordinator) from behind NAT; `peer join` picks this itself "
+             "when the run cannot dial it",
+    )
+    group.add_argument("--no_relay", action="store_true", help="disable libp2p circuit relays (no relaying, either way)")
     group.add_argument("--client_mode", action="store_true", help="do not accept incoming connections")
     group.add_argument("--invite", default=None, metavar="TOKEN", help="your invitation to an invite-only run (`peer invite`)")
 
@@ -45,13 +49,18 @@ def dht_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         version = ipaddress.ip_address(args.public_ip).version
         announce = [f"/ip{version}/{args.public_ip}/tcp/{port or _port_of(host_maddrs)}"]
         logger.info(f"Announcing {announce[0]} (override with --announce_maddrs)")
+    run = getattr(args, "run", None)
+    relays = [run] if args.use_auto_relay and run and not args.no_relay else []  # the coordinator relays
+    if relays and not args.client_mode:
+        logger.info("Behind a relay, this peer's DHT node runs as a client: others cannot dial it directly")
     return dict(
         initial_peers=list(args.initial_peers),
         host_maddrs=host_maddrs,
         announce_maddrs=announce,
-        client_mode=args.client_mode,
-        use_auto_relay=args.use_auto_relay,
+        client_mode=args.client_mode or bool(relays),
+        use_auto_relay=args.use_auto_relay and not args.no_relay,
         use_relay=not args.no_relay,
+        relays=relays,
         invite=getattr(args, "invite", None),
         coordinator_id=_coordinator_id(args),
     )

@@ -54,7 +54,8 @@ def run_coordinator(args: argparse.Namespace) -> None:
 
     try:
         network = dht_kwargs(args)
-        dht = start_dht(identity, run_name=config.name, invite_only=getattr(args, "invite_only", False), **network)
+        dht = start_dht(identity, run_name=config.name, invite_only=getattr(args, "invite_only", False),
+                        relay_service=not args.no_relay, **network)  # relays for the run's peers behind NAT
     except Exception as error:
         die(
             f"the DHT node failed to start: {error}\n"
@@ -66,7 +67,9 @@ def run_coordinator(args: argparse.Namespace) -> None:
     rejoined = rejoin(dht, peer_book)
     if rejoined:
         logger.info(f"Rejoined the swarm through {rejoined} peers remembered in {peer_book} (delete it to start afresh)")
-    serve_reachability(dht, network["host_maddrs"])  # answers `peer check --run`
+    serve_reachability(dht, network["host_maddrs"], relay=not args.no_relay)  # answers `peer check --run`
+    if not args.no_relay:
+        logger.info("Relaying for the run's peers behind NAT (--no_relay to stop)")
 
     service = None
     try:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence, TypeVar
 
 import hivemind
-from hivemind.p2p import PeerID
+from hivemind.p2p import P2P, PeerID
 from hivemind.utils import get_dht_time
 from pydantic import ValidationError
 
@@ -23,6 +23,12 @@ from athome.dht.schemas import CONFIG_KEY, Record, RunConfigRecord, run_record_k
 
 logger = logging.getLogger(__name__)
 RecordT = TypeVar("RecordT", bound=Record)
+
+# A peer behind NAT reserves a slot with its trusted relays at once: private reachability, and p2pd's
+# -relayDiscovery=0 (static relays only). Without the latter, autorelay waits for 4 relay candidates or 3 minutes.
+# hivemind 1.1.12's P2P.create has no argument for it; its reachability table is where extra daemon flags go.
+BEHIND_RELAYS = "athome-behind-relays"
+P2P.FORCE_REACHABILITY_MAPPING.setdefault(BEHIND_RELAYS, {"forceReachabilityPrivate": 1, "relayDiscovery": 0})
 
 
 class RunAddressError(ValueError):
@@ -68,6 +74,8 @@ def start_dht(
     client_mode: bool = False,
     use_auto_relay: bool = False,
     use_relay: bool = True,
+    relays: Sequence[str] = (),
+    relay_service: bool = False,
     run_name: Optional[str] = None,
     wait_timeout: float = 60,
     invite: Optional[str] = None,
@@ -83,6 +91,9 @@ def start_dht(
     refuses DHT requests without a valid invitation); ``invite`` (with the run's ``coordinator_id``) joins one.
     An invitation that cannot admit this peer raises :class:`~athome.dht.auth.InviteError` before anything starts;
     a node that refuses us raises :class:`~athome.dht.auth.NotAdmitted` with its reason and the fix.
+
+    ``relays``: multiaddrs of relays to reserve a circuit-relay slot with (a peer behind NAT; implies auto relay).
+    ``relay_service``: this node is publicly reachable and relays for peers behind NAT (the coordinator).
     """
     from athome.dht.auth import InviteAuthorizer, InviteError, NotAdmitted, check_invite, diagnose_refusal
 
@@ -108,8 +119,9 @@ def start_dht(
             announce_maddrs=list(announce_maddrs) or None,
             identity_path=str(identity.path),
             check_if_identity_free=False,
-            use_auto_relay=use_auto_relay,
-            use_relay=use_relay,
+            use_auto_relay=use_auto_relay or bool(relays),
+            use_relay=use_relay or bool(relays),
+            **_relay_kwargs(relays, relay_service and use_relay),
             await_ready=True,
             startup_timeout=wait_timeout,
             authorizer=authorizer,
@@ -123,6 +135,13 @@ def start_dht(
         dht.shutdown()
         raise IdentityError(f"p2pd started as {dht.peer_id} instead of {identity.peer_id}; is {identity.path} valid?")
     return dht
+
+
+def _relay_kwargs(relays: Sequence[str], relay_service: bool) -> dict:
+    if relays:
+        return dict(trusted_relays=list(relays), force_reachability=BEHIND_RELAYS)
+    # go-libp2p runs its relay service only once AutoNAT says "public", which a handful of peers rarely confirm
+    return dict(force_reachability="public") if relay_service else {}
 
 
 def protect_run_keys(dht: hivemind.DHT, identity: Identity, run_name: str) -> None:

@@ -81,57 +81,71 @@ def check_port(port: int) -> CheckResult:
     return CheckResult("port", True, f"TCP port {port} is free")
 
 
-def check_reachability(args: argparse.Namespace) -> CheckResult:
-    """Join the run as a server would and ask the coordinator to dial this peer back from a fresh host."""
+def check_reachability(args: argparse.Namespace) -> list[CheckResult]:
+    """Join the run as a server would and ask the coordinator to dial this peer back from a fresh host, directly
+    and through the coordinator's relay (a peer behind NAT can still serve that way)."""
     import tempfile
     from pathlib import Path
 
     from athome.dht import Identity, RunAddress, RunAddressError, start_dht
     from athome.netflags import dht_kwargs
-    from athome.peer.reachability import check_reachable
+    from athome.peer.reachability import wait_reachable_via_relay
 
     try:
         address = RunAddress.parse(args.run)
     except RunAddressError as error:
-        return CheckResult("reach", False, str(error), "copy the run address exactly as `peer coordinator` printed it")
+        return [CheckResult("reach", False, str(error), "copy the run address exactly as `peer coordinator` printed it")]
     identity = Identity.load_or_create(Path(tempfile.mkdtemp(prefix="athome-check-")) / "identity.key")
     args.initial_peers = [address.maddr, *args.initial_peers]
-    args.client_mode = False
+    network = dict(dht_kwargs(args), client_mode=True)  # the dial-back needs no DHT server
+    if not args.no_relay:
+        network.update(relays=[address.maddr], use_auto_relay=True)  # also reserve a slot, as `peer join` would
     try:
-        dht = start_dht(identity, **dht_kwargs(args))
+        dht = start_dht(identity, **network)
     except Exception as error:
-        return CheckResult(
+        return [CheckResult(
             "reach", False, f"could not join the run at {address}: {str(error).splitlines()[-1]}",
             "check the address; is the coordinator up? can this machine open outgoing TCP connections?",
-        )
+        )]
     try:
-        answer = check_reachable(dht, address.coordinator_id)
-    except Exception as error:
-        answer = dict(reachable=False, maddr=None, error=f"the coordinator did not answer: {error!r}", maddrs=[])
+        answer = wait_reachable_via_relay(dht, address.coordinator_id, timeout=0 if args.no_relay else 30)
     finally:
         dht.shutdown()
-    if answer["reachable"]:
-        return CheckResult("reach", True, f"the run can dial this peer directly at {answer['maddr']}")
-    return CheckResult("reach", False, f"the run cannot dial this peer directly ({answer['error']})",
-                       reachability_fixes(args, answer.get("maddrs", [])))
+    if answer.get("reachable"):
+        return [CheckResult("reach", True, f"the run can dial this peer directly at {answer['maddr']}")]
+    direct = CheckResult("reach", False, f"the run cannot dial this peer directly ({answer.get('error')})",
+                         reachability_fixes(args, answer))
+    if args.no_relay:
+        return [direct]
+    if answer.get("relayed_reachable"):
+        relay = CheckResult("relay", True, "the run reaches this peer through its relay (the coordinator): "
+                                           "`peer join` serves through it by itself (slower than direct)")
+    else:
+        relay = CheckResult("relay", False, f"the run cannot reach this peer through its relay either "
+                                            f"({answer.get('relay_error')})",
+                            "until the steps above work, only train: peer train --run " f"{args.run} --client_mode")
+    return [direct, relay]
 
 
-def reachability_fixes(args: argparse.Namespace, maddrs: list) -> str:
-    """Numbered steps, with this machine's own address and port filled in."""
+def reachability_fixes(args: argparse.Namespace, answer: dict) -> str:
+    """Numbered steps, with this machine's LAN address, the public address the run saw, and a port filled in."""
     import ipaddress
 
     port = args.port or 31337
     local_ip = next(
-        (m.split("/")[2] for m in maddrs if m.startswith("/ip4/") and not ipaddress.ip_address(m.split("/")[2]).is_loopback),
+        (m.split("/")[2] for m in answer.get("maddrs", ())
+         if m.startswith("/ip4/") and not ipaddress.ip_address(m.split("/")[2]).is_loopback),
         "<this machine's LAN IP>",
     )
+    public_ip = args.public_ip or answer.get("observed_ip") or "<your public IP>"
     run = args.run
     return (
-        f"\n     a. forward TCP port {port} on your router to {local_ip}:{port}, then join with a fixed port and your "
-        f"public IP:\n        peer join --run {run} --port {port} --public_ip <your public IP> --experts auto"
-        f"\n     b. or, if you cannot open a port, join through a relay (slower; others reach you via a public peer):"
-        f"\n        peer join --run {run} --use_auto_relay --experts auto"
-        f"\n     c. or only train, which needs no incoming connections:\n        peer train --run {run} --client_mode"
+        f"\n     1) on your router, forward TCP port {port} to {local_ip}:{port} (this machine)"
+        f"\n     2) join with that port and the public address the run sees you at:"
+        f"\n        peer join --run {run} --port {port} --public_ip {public_ip} --experts auto"
+        f"\n     3) check it: peer check --run {run} --port {port} --public_ip {public_ip}"
+        f"\n     (cannot open a port? `peer join --run {run} --experts auto` serves through the run's relay when the "
+        f"relay check passes; or only train: peer train --run {run} --client_mode)"
     )
 
 
@@ -139,7 +153,7 @@ def run_check(args: argparse.Namespace) -> None:
     console = Console(soft_wrap=True)
     results = [check_torch(), check_gpu(), check_p2pd(), check_port(args.port or 0)]
     if args.run:
-        results.append(check_reachability(args))
+        results.extend(check_reachability(args))
     problems = 0
     for result in results:
         mark = "[green]ok[/]" if result.ok else "[red]problem[/]"

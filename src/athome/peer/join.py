@@ -45,6 +45,7 @@ from athome.peer.experts import (
     expand_pattern,
     expert_memory_bytes,
 )
+from athome.peer.reachability import CLIENT, RELAYED, choose_serving_mode
 from athome.peer.server import Declarer, ExpertServer, download_expert_state
 
 logger = logging.getLogger(__name__)
@@ -142,6 +143,17 @@ def start_replica_averaging(
     return averagers
 
 
+def train_only(dht, identity: Identity, config: RunConfig, args: argparse.Namespace, stop: threading.Event) -> None:
+    """A peer nobody can reach serves nothing; it still trains (client mode), until stopped."""
+    from athome.trainer.train import Trainer
+
+    emit("serving experts: none (unreachable: client mode, training only)")
+    try:
+        Trainer(dht, identity, config, args).run(stop)
+    finally:
+        dht.shutdown()
+
+
 def run_join(args: argparse.Namespace) -> None:
     try:
         address = RunAddress.parse(args.run)
@@ -159,9 +171,15 @@ def run_join(args: argparse.Namespace) -> None:
     except RunConfigError as error:
         dht.shutdown()
         die(str(error))
+    dht, serving, _ = choose_serving_mode(  # direct, through the run's relay, or (reachable by nobody) client
+        dht, args, address.coordinator_id,
+        lambda **changes: start_dht(identity, run_name=config.name, **{**dht_kwargs(args), **changes}),
+    )
     protect_run_keys(dht, identity, config.name)
     start_membership(dht, identity, config.name, address.coordinator_id, args.invite, config.expert_ttl)
     logger.info(f"Joined run '{config.name}' as {identity.peer_id}")
+    if serving == CLIENT:
+        return train_only(dht, identity, config, args, stop)
 
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
@@ -184,7 +202,7 @@ def run_join(args: argparse.Namespace) -> None:
         samples = sum(backend.samples_processed for backend in backends.values())
         return ServerRecord(
             experts=list(backends), public_name=args.public_name, device=device.type, precision=precision,
-            throughput=samples / uptime / max(len(backends), 1), relayed=False, since=started_at,
+            throughput=samples / uptime / max(len(backends), 1), relayed=serving == RELAYED, since=started_at,
             expert_calls=sum(b.num_forward_calls + b.num_backward_calls for b in backends.values()),
             reported_at=time.time(),
         )
@@ -193,6 +211,9 @@ def run_join(args: argparse.Namespace) -> None:
         backend = backends.get(uid)
         return None if backend is None else backend.state_dict()["master"]
 
+    from athome.verification.integration import follow_bans_on_host
+
+    follow_bans_on_host(dht, config.name, address.coordinator_id)  # requests of banned peers are refused
     declarer = Declarer(dht, run_key(config.name, "servers"), make_record, ttl=config.expert_ttl)
     server = ExpertServer(
         dht, backends, declarer=declarer, get_state=get_state, num_handlers=1, max_batch_size=MAX_BATCH_SIZE,

@@ -44,6 +44,9 @@ def swarm_snapshot(dht: hivemind.DHT, config: RunConfig) -> dict[str, Any]:
     for peer_id, (record, expiration) in servers.items():
         peer_table.setdefault(peer_id, dict(role="expert_host", public_name=record.public_name, expires_at=expiration))
         peer_table[peer_id]["experts"] = list(record.experts)
+        # trainers prefer direct hosts; a relayed one (behind NAT) is reached through the coordinator's relay
+        peer_table[peer_id]["link"] = "relayed" if record.relayed else "direct"
+        peer_table[peer_id]["expert_calls"] = record.expert_calls
     for peer_id, (record, expiration) in metrics.items():
         peer_table.setdefault(peer_id, dict(role="trainer", public_name=record.public_name, expires_at=expiration))
         peer_table[peer_id]["metrics"] = record.model_dump(mode="json")
@@ -87,12 +90,13 @@ def print_snapshot(snapshot: dict[str, Any]) -> None:
         f"[bold]run[/] {snapshot['run']}: {model['n_layers']} layers x {model['experts_per_layer']} experts, "
         f"d_model {model['d_model']}, top-{model['top_k']}"
     )
-    peers = Table("peer", "role", "name", "experts / metrics", title="live peers")
+    peers = Table("peer", "role", "name", "link", "experts / metrics", title="live peers")
     for peer_id, info in sorted(snapshot["peers"].items()):
         detail = ", ".join(info.get("experts", [])) or (
             f"step {info['metrics']['step']}, loss {info['metrics']['loss']:.3f}" if "metrics" in info else ""
         )
-        peers.add_row(peer_id[-12:], info.get("role", "?"), info.get("public_name", ""), detail)
+        link = {"relayed": "[yellow]relayed[/]", "direct": "direct"}.get(info.get("link", ""), "")
+        peers.add_row(peer_id[-12:], info.get("role", "?"), info.get("public_name", ""), link, detail)
     console.print(peers)
     experts = Table("expert", "replicas", "served by", title="experts")
     for uid, servers in snapshot["experts"].items():

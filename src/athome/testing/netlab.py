@@ -30,7 +30,11 @@ import subprocess
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence
+
+if TYPE_CHECKING:
+    from athome.demo import Child
 
 logger = logging.getLogger(__name__)
 NAME_PREFIX = "nl"  # every namespace a NetLab creates is named nl<pid hex><tag>-<name>
@@ -123,8 +127,18 @@ class Host:
         """Start ``cmd`` inside this namespace in its own session; the lab kills it (whole group) on close."""
         kwargs.setdefault("start_new_session", True)
         process = subprocess.Popen([*self.exec_prefix, *cmd], **kwargs)
-        self.lab._processes.append(process)
+        self.lab.adopt(process)
         return process
+
+    def peer(self, name: str, argv: Sequence[str], log_dir: Path) -> "Child":
+        """Start ``peer <argv>`` inside this namespace (stdout lines read as :class:`athome.demo.Child` does);
+        the lab stops it on close. ``child.wait_for(prefix, timeout, stop_event)`` waits for a key line."""
+        from athome.demo import Child
+
+        child = Child(name, list(argv), Path(log_dir) / f"{name}.log", prefix=self.exec_prefix)
+        child.start()
+        self.lab.adopt(child.process)
+        return child
 
     def can_connect(self, ip: str, port: int, timeout: float = 3) -> bool:
         """Whether a TCP connection from this namespace to ``ip:port`` is accepted."""
@@ -267,6 +281,10 @@ class NetLab:
                 for chain in ("OUTPUT", "FORWARD"):
                     host.run("iptables", "-A", chain, "-o", dev, "-m", "statistic", "--mode", "random",
                              "--probability", str(loss), "-j", "DROP")
+
+    def adopt(self, process: subprocess.Popen) -> None:
+        """Stop ``process`` (its whole session: start it with ``start_new_session=True``) when the lab closes."""
+        self._processes.append(process)
 
     # ---- teardown ----
     def close(self) -> None:

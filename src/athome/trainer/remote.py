@@ -34,6 +34,7 @@ from torch.autograd.function import once_differentiable
 from athome.dht import get_records
 from athome.dht.receipts import ReceiptBook
 from athome.dht.schemas import ServerRecord
+from athome.peer.reachability import connect_via_relay
 from athome.peer.server import DirectExpertServicer
 
 logger = logging.getLogger(__name__)
@@ -63,7 +64,12 @@ class ExpertRegistry:
     """Live replicas of every expert, read from the run's signed declarations; chooses a replica per request.
 
     A replica is chosen by expected latency (measured EWMA, scaled by the host's declared load), skipping
-    banned peers and hosts in cool-down after a failure.
+    banned peers and hosts in cool-down after a failure. Direct replicas are preferred to relayed ones (hosts
+    behind NAT, reached through ``relay``), as Petals does: a relayed replica is used only when no direct one is
+    available, since every byte to it crosses the relay twice.
+
+    :param relay: multiaddr of the relay that relayed hosts reserved a slot with; default: this DHT's first
+      bootstrap peer, which for every athome peer is the run address (the coordinator relays).
     """
 
     dht: DHT
@@ -71,6 +77,8 @@ class ExpertRegistry:
     refresh_period: float = 5.0
     banned: set = field(default_factory=set)
     receipts: Optional[ReceiptBook] = None  # set by a trainer: every dispatcher counts answered calls per host in it
+    relay: Optional[str] = None
+    _relayed: set = field(default_factory=set)
     _replicas: Dict[str, List[Tuple[str, ServerRecord]]] = field(default_factory=dict)
     _stats: Dict[str, ReplicaStats] = field(default_factory=dict)
     _refreshed_at: float = float("-inf")
@@ -88,7 +96,16 @@ class ExpertRegistry:
                 replicas.setdefault(uid, []).append((peer_id, record))
         with self._lock:
             self._replicas = replicas
+            self._relayed = {peer for peer, (record, _) in records.items() if record.relayed}
             self._refreshed_at = time.monotonic()
+
+    def relay_for(self, peer_id: str) -> Optional[str]:
+        """The relay to dial ``peer_id`` through, or None for a direct host."""
+        if peer_id not in self._relayed:
+            return None
+        if self.relay is None:
+            self.relay = next((str(p) for p in self.dht.initial_peers or () if "/p2p/" in str(p)), None)
+        return self.relay
 
     def available(self, uids: Sequence[str]) -> torch.Tensor:
         """Mask over ``uids``: True where at least one replica is declared and not cooling down."""
@@ -110,6 +127,8 @@ class ExpertRegistry:
                 for peer, record in self._replicas.get(uid, ())
                 if self.stats(peer).cooldown_until <= now
             ]
+            direct = [candidate for candidate in candidates if candidate[1] not in self._relayed]
+            candidates = direct or candidates
         if not candidates:
             return None
         if len(candidates) > 1 and random.random() < 0.1:
@@ -225,6 +244,9 @@ class RemoteDispatcher:
 
     async def _call_host(self, peer_id: str, calls: List[_Call], tensors: List[List[torch.Tensor]], forward: bool) -> List:
         stats = self.registry.stats(peer_id)
+        relay = self.registry.relay_for(peer_id)
+        if relay is not None:  # a host behind NAT: (re)open the circuit through the relay; no-op while it is open
+            await connect_via_relay(self.p2p, PeerID.from_base58(peer_id), relay)
         protocol = self._forced_protocol or stats.protocol
         if protocol != HIVEMIND:
             try:
