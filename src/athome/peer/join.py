@@ -217,7 +217,7 @@ def run_join(args: argparse.Namespace) -> None:
     declarer = Declarer(dht, run_key(config.name, "servers"), make_record, ttl=config.expert_ttl)
     server = ExpertServer(
         dht, backends, declarer=declarer, get_state=get_state, num_handlers=1, max_batch_size=MAX_BATCH_SIZE,
-        device=device,
+        max_queue_seconds=getattr(args, "max_queue_seconds", 5.0), device=device,
     )
     server.run_in_background(await_ready=True)
     presence = PeriodicThread(

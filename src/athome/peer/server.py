@@ -449,6 +449,7 @@ class ExpertServer(Server):
         get_state: Callable[[str], Optional[Dict[str, torch.Tensor]]],
         num_handlers: int,
         max_batch_size: int,
+        max_queue_seconds: float = 5.0,
         **kwargs,
     ):
         super().__init__(dht, backends, num_connection_handlers=0, update_period=declarer.ttl / 3, **kwargs)
@@ -457,7 +458,8 @@ class ExpertServer(Server):
         ]
         self.dht_handler_thread = declarer
         self.state_servicer = ExpertStateServicer(get_state)
-        self.direct_servicer = DirectExpertServicer(backends, guard_backends(backends), max_batch_size)
+        self.direct_servicer = DirectExpertServicer(backends, guard_backends(backends), max_batch_size,
+                                                    max_queue_seconds=max_queue_seconds)
 
     def run(self) -> None:
         async def add_host_handlers():
