@@ -2,14 +2,12 @@
 
 One trainer runs the testing-only sign-flip attack (``peer train --attack sign_flip``). The coordinator recomputes
 its committed steps from the bundles it fetches over p2p, bans it with a signed record, and its ledger revokes the
-attacker's credit; the honest trainer follows the ban (no more averaging with it) and keeps training, its loss
-falling.
+attacker's credit; the host refuses its requests; honest trainers follow the ban (its averaging parts get weight 0)
+and keep training, their loss falling (slow variant).
 """
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -39,21 +37,27 @@ def _leaderboard(dashboard: str) -> list[dict]:
         return json.loads(response.read())["rows"]
 
 
-def test_attack_flag_is_refused_without_the_testing_switch(tmp_path, monkeypatch):
+def _refusal(argv: list[str], capsys) -> str:
+    """Run ``peer <argv>``'s handler in this process; it must exit with code 1 before starting anything."""
+    from athome.cli import build_parser
+    from athome.peer.join import run_join
+    from athome.trainer.train import run_train
+
+    args = build_parser().parse_args(argv)
+    with pytest.raises(SystemExit) as exit_info:
+        (run_join if argv[0] == "join" else run_train)(args)
+    assert exit_info.value.code == 1
+    return capsys.readouterr().err
+
+
+def test_attack_flag_is_refused_without_the_testing_switch(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("ATHOME_ALLOW_ATTACKS", raising=False)
     fake_run = "/ip4/127.0.0.1/tcp/9/p2p/" + Identity.load_or_create(tmp_path / "c.key").peer_id
-    base = [sys.executable, "-m", "athome.cli"]
-    refused = subprocess.run([*base, "train", "--run", fake_run, "--attack", "sign_flip"],
-                             capture_output=True, text=True, timeout=120)
-    assert refused.returncode == 1
-    assert "ATHOME_ALLOW_ATTACKS=1" in refused.stderr and "testing only" in refused.stderr
+    refused = _refusal(["train", "--run", fake_run, "--attack", "sign_flip"], capsys)
+    assert "ATHOME_ALLOW_ATTACKS=1" in refused and "testing only" in refused
     monkeypatch.setenv("ATHOME_ALLOW_ATTACKS", "1")
-    wrong_role = subprocess.run([*base, "train", "--run", fake_run, "--attack", "wrong_outputs"],
-                                capture_output=True, text=True, timeout=120)
-    assert wrong_role.returncode == 1 and "peer join --attack" in wrong_role.stderr
-    unknown = subprocess.run([*base, "join", "--run", fake_run, "--attack", "bogus"],
-                             capture_output=True, text=True, timeout=120)
-    assert unknown.returncode == 1 and "unknown attack 'bogus'" in unknown.stderr
+    assert "peer join --attack" in _refusal(["train", "--run", fake_run, "--attack", "wrong_outputs"], capsys)
+    assert "unknown attack 'bogus'" in _refusal(["join", "--run", fake_run, "--attack", "bogus"], capsys)
 
 
 def _swarm_with_an_attacker(coordinator, spawn, tmp_path, monkeypatch, honest_names, steps):
@@ -89,25 +93,25 @@ def _swarm_with_an_attacker(coordinator, spawn, tmp_path, monkeypatch, honest_na
     return dashboard, honest, attacker_id, banned_row, logs
 
 
-def test_sign_flip_trainer_is_banned_and_the_honest_trainer_goes_on(coordinator, spawn, tmp_path, monkeypatch):
-    dashboard, (honest,), attacker_id, banned_row, (log,) = _swarm_with_an_attacker(
-        coordinator, spawn, tmp_path, monkeypatch, ["honest"], steps=30)
+@pytest.mark.timeout(400)
+def test_sign_flip_trainer_is_banned_its_credit_revoked_and_its_requests_refused(coordinator, spawn, tmp_path,
+                                                                                  monkeypatch):
+    """The lean variant (no honest trainer): the attacker is a newcomer, so its first committed steps are checked."""
+    dashboard, _, attacker_id, banned_row, _ = _swarm_with_an_attacker(coordinator, spawn, tmp_path, monkeypatch,
+                                                                         [], steps=0)
     assert banned_row["samples"] == 0 and banned_row["checks_failed"] >= 1
     assert banned_row["banned_reason"].startswith("gradient"), banned_row  # x-1000: the contribution differs
-    steps_at_ban = len(_rows(log))
-
-    assert honest.process.wait(300) == 0, honest.log_path.read_text()[-3000:]
-    rows = _rows(log)
-    assert [r["step"] for r in rows] == list(range(1, 31))
-    assert len(rows) > steps_at_ban  # it kept training after the ban
-    honest_text = honest.log_path.read_text()
-    assert f"Peer {attacker_id} banned by the coordinator" in honest_text, honest_text[-3000:]
-    honest_row = next(row for row in _leaderboard(dashboard) if row["public_name"] == "honest")
-    assert honest_row["status"] != "banned" and honest_row["checks_failed"] == 0, honest_row
-    assert honest_row["checks_passed"] >= 1
+    attacker_log = tmp_path / "attacker.log"
+    deadline = time.time() + 60
+    while time.time() < deadline and "BannedCaller" not in attacker_log.read_text():
+        time.sleep(1)
+    text = attacker_log.read_text()  # (rich wraps long log lines: look for short phrases)
+    assert "THIS TRAINER IS BANNED" in text, text[-3000:]
+    assert "BannedCaller" in text, text[-3000:]  # the host refuses its requests
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_with_a_sign_flip_attacker_the_honest_trainers_loss_falls(coordinator, spawn, tmp_path, monkeypatch):
     """Two honest trainers + the attacker: CenteredClip bounds its pull until the ban (with one honest trainer no
     robust aggregator can: a single x-1000 epoch inflates Adam's second moment and stalls learning for long)."""
@@ -120,5 +124,9 @@ def test_with_a_sign_flip_attacker_the_honest_trainers_loss_falls(coordinator, s
         last = sum(r["loss"] for r in rows[-5:]) / 5
         assert last < 0.9 * first, (child.name, first, last)
     rows = {row["public_name"]: row for row in _leaderboard(dashboard)}
-    assert rows["attacker"]["status"] == "banned"
-    assert all(rows[name]["checks_failed"] == 0 for name in ("honest-a", "honest-b")), rows
+    assert rows["attacker"]["status"] == "banned" and rows["attacker"]["samples"] == 0
+    assert banned_row["banned_reason"].startswith("gradient"), banned_row
+    for name, child in zip(("honest-a", "honest-b"), honest):
+        assert rows[name]["status"] != "banned" and rows[name]["checks_failed"] == 0, rows
+        assert rows[name]["checks_passed"] >= 1, rows
+        assert f"Peer {attacker_id} banned by the coordinator" in child.log_path.read_text()

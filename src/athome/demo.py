@@ -3,6 +3,10 @@
 Every process is a real ``peer`` command (the same a volunteer runs), in its own session so that its forked DHT
 process and p2pd can be cleaned up with it. The demo stops when the trainers' budget runs out or on Ctrl+C,
 then prints ``loss: FIRST -> LAST``, the leaderboard, and writes ``loss.png``.
+
+``--attack KIND`` (testing only, ``ATHOME_ALLOW_ATTACKS=1``) adds one malicious peer: a trainer (``peer train
+--attack``) or, for host kinds or ``--attacker host``, an expert host serving every expert (``peer join --attack``).
+The demo prints when the coordinator caught and banned it, and the honest trainers' loss.
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ from athome.lifecycle import PARENT_PID_ENV, die, emit, shutdown_requested, stde
 logger = logging.getLogger(__name__)
 DEFAULT_TRAIN_MINUTES = 1.5
 STARTUP_TIMEOUT = 120.0
+ATTACK_CHECK_RATE = 0.5  # with --attack: trusted trainers' steps the coordinator checks (runs default to 5%)
 
 
 @dataclass
@@ -164,6 +169,41 @@ def status_table(children: List[Child], curves: Dict[str, List[dict]], started: 
     return table
 
 
+def attacker_role(spec: str, attacker: Optional[str]) -> str:
+    """The role ``--attack`` adds ("trainer" or "host"); dies with the fix on a bad spec or a missing switch."""
+    from athome.verification.attacks import AttackSpec, AttacksDisabled, check_attack_flag
+
+    try:
+        role = attacker or ("host" if AttackSpec.parse(spec).on_host else "trainer")
+        check_attack_flag(spec, role)
+    except (ValueError, AttacksDisabled) as error:
+        die(f"--attack: {error}")
+    return role
+
+
+class BanWatch:
+    """Follows the attacker's leaderboard row on the dashboard; reports the moment it shows 'banned'."""
+
+    def __init__(self, peer_id: str, started: float):
+        self.peer_id, self.started = peer_id, started
+        self.row: Optional[dict] = None
+        self.seconds: Optional[float] = None
+        self._last_poll = 0.0
+
+    def poll(self, dashboard: Optional[str], attacker_steps: int) -> Optional[str]:
+        """A line to print when the ban is first seen, else None (polls at most every 2 s)."""
+        if self.row is not None or not dashboard or time.monotonic() - self._last_poll < 2.0:
+            return None
+        self._last_poll = time.monotonic()
+        rows = fetch_leaderboard(dashboard) or []
+        row = next((r for r in rows if r.get("peer_id") == self.peer_id and r.get("status") == "banned"), None)
+        if row is None:
+            return None
+        self.row, self.seconds = row, time.monotonic() - self.started
+        return (f"attacker caught and banned after {self.seconds:.0f}s (it had reported {attacker_steps} steps; "
+                f"{row.get('checks_failed', '?')} failed check(s)): {row.get('banned_reason', '')}")
+
+
 def run_demo(args: argparse.Namespace) -> None:
     out = Path(args.out)
     (out / "logs").mkdir(parents=True, exist_ok=True)
@@ -172,6 +212,13 @@ def run_demo(args: argparse.Namespace) -> None:
         stale.unlink()
     if args.expert_hosts < 1 or args.trainers < 1:
         die("the demo needs at least one expert host and one trainer (--expert_hosts, --trainers)")
+    attack = getattr(args, "attack", None)
+    role = attacker_role(attack, getattr(args, "attacker", None)) if attack else None
+    check_rate = getattr(args, "check_rate", None)
+    if attack and check_rate is None:
+        check_rate = ATTACK_CHECK_RATE
+        logger.info(f"With --attack the coordinator checks {check_rate:.0%} of trusted trainers' steps (newcomers: "
+                    f"every step), so the catch happens within the demo; override with --check_rate")
     grid = len(RunConfig().model.expert_uids())
     per_host = min(grid, math.ceil(grid * min(2, args.expert_hosts) / args.expert_hosts))  # replication 2 when possible
     budget = ["--max_steps", str(args.steps)] if args.steps else ["--max_minutes", str(args.minutes or DEFAULT_TRAIN_MINUTES)]
@@ -181,7 +228,7 @@ def run_demo(args: argparse.Namespace) -> None:
     coordinator = Child(
         "coordinator",
         ["coordinator", *net, "--data_dir", str(out / "coordinator"), "--identity_path", str(out / "keys" / "coordinator.key"),
-         "--http_port", str(args.http_port)],
+         "--http_port", str(args.http_port), *(["--check_rate", str(check_rate)] if check_rate is not None else [])],
         out / "logs" / "coordinator.log",
     )
     children: List[Child] = [coordinator]
@@ -204,8 +251,25 @@ def run_demo(args: argparse.Namespace) -> None:
         )
         for i in range(args.trainers)
     ]
-    children += hosts + trainers
+    attacker: Optional[Child] = None
+    if attack:
+        from athome.dht import Identity
+
+        key = out / "keys" / "attacker.key"
+        attacker_id = Identity.load_or_create(key).peer_id
+        if role == "host":  # every expert, so that every host audit includes it
+            all_experts = f"ffn.[0:{RunConfig().model.n_layers}].[0:{RunConfig().model.experts_per_layer}]"
+            argv = ["join", "--run", "RUN", "--experts", all_experts, *net, "--checkpoint_dir",
+                    str(out / "checkpoints" / "attacker")]
+        else:
+            argv = ["train", "--run", "RUN", *net, *budget, "--no_progress", "--log_file", str(out / "attacker.jsonl")]
+        attacker = Child("attacker", [*argv, "--identity_path", str(key), "--public_name", "attacker",
+                                      "--attack", attack], out / "logs" / "attacker.log")
+        (out / "attacker.jsonl").unlink(missing_ok=True)
+        emit(f"attacker: {role} {attacker_id} running --attack {attack} (testing only)")
+    children += hosts + trainers + ([attacker] if attacker else [])
     started = time.monotonic()
+    ban_watch = BanWatch(attacker_id, started) if attacker else None
     curves: Dict[str, List[dict]] = {}
     dashboard = None
     try:
@@ -219,14 +283,27 @@ def run_demo(args: argparse.Namespace) -> None:
                 host.start()
                 live.update(status_table(children, curves, started))
                 host.wait_for("serving experts:", STARTUP_TIMEOUT, stop)
-            for trainer in trainers:
+            if attacker is not None and role == "host":
+                attacker.argv[attacker.argv.index("RUN")] = address
+                attacker.start()
+                attacker.wait_for("serving experts:", STARTUP_TIMEOUT, stop)
+            for trainer in trainers + ([attacker] if attacker is not None and role == "trainer" else []):
                 trainer.argv[trainer.argv.index("RUN")] = address
                 trainer.start()
             while not stop.is_set() and any(t.alive for t in trainers):
                 curves = {t.name: read_losses(out / f"{t.name}.jsonl") for t in trainers}
+                if ban_watch is not None:
+                    line = ban_watch.poll(dashboard, len(read_losses(out / "attacker.jsonl")))
+                    if line:
+                        live.console.print(line)
                 live.update(status_table(children, curves, started))
                 stop.wait(0.5)
             curves = {t.name: read_losses(out / f"{t.name}.jsonl") for t in trainers}
+            if ban_watch is not None and ban_watch.row is None:
+                ban_watch._last_poll = 0.0  # noqa: SLF001 (one last look)
+                line = ban_watch.poll(dashboard, len(read_losses(out / "attacker.jsonl")))
+                if line:
+                    live.console.print(line)
             leaderboard = fetch_leaderboard(dashboard)
             live.update(status_table(children, curves, started))
     except RuntimeError as error:
@@ -239,13 +316,19 @@ def run_demo(args: argparse.Namespace) -> None:
     summary = summarize_loss(curves)
     if summary is None:
         die(f"no trainer completed a step; see the logs in {out / 'logs'}")
-    plot_losses(curves, out / "loss.png")
-    emit(f"loss: {summary[0]:.3f} -> {summary[1]:.3f}")
+    attacker_curve = read_losses(out / "attacker.jsonl") if attacker is not None else []
+    plot_losses({**curves, **({"attacker": attacker_curve} if attacker_curve else {})}, out / "loss.png")
+    emit(f"loss: {summary[0]:.3f} -> {summary[1]:.3f}" + (" (honest trainers)" if attacker is not None else ""))
     emit(f"loss curve: {out / 'loss.png'}")
     if leaderboard:
         print_leaderboard(leaderboard)
     if failed:
         die(f"{', '.join(t.name for t in failed)} failed; see {out / 'logs'}")
+    if ban_watch is not None:
+        if ban_watch.row is None:
+            die(f"the attacker was not caught within the demo; run longer (--minutes 3) or raise --check_rate, and see "
+                f"{out / 'logs' / 'coordinator.log'}")
+        emit(f"attacker banned: yes, after {ban_watch.seconds:.0f}s")
 
 
 def print_leaderboard(rows: list) -> None:

@@ -29,7 +29,7 @@ from athome.dht import (
     start_dht,
     store_record,
 )
-from athome.dht.auth import start_membership
+from athome.dht.auth import InviteError, NotAdmitted, start_membership
 from athome.dht.identity import DEFAULT_IDENTITY_DIR
 from athome.dht.schemas import PeerRecord, ServerRecord, run_key
 from athome.lifecycle import PeriodicThread, die, emit, restore_interrupt_handler, shutdown_requested
@@ -159,11 +159,20 @@ def run_join(args: argparse.Namespace) -> None:
         address = RunAddress.parse(args.run)
     except RunAddressError as error:
         die(str(error))
+    if getattr(args, "attack", None):
+        from athome.verification.attacks import AttacksDisabled, check_attack_flag
+
+        try:
+            check_attack_flag(args.attack, "host")
+        except (ValueError, AttacksDisabled) as error:
+            die(f"--attack: {error}")
     identity = Identity.load_or_create(args.identity_path)
     stop = shutdown_requested()
     args.initial_peers = [address.maddr, *args.initial_peers]
     try:
         dht = start_dht(identity, **dht_kwargs(args))
+    except (InviteError, NotAdmitted) as error:  # the message already says what to do
+        die(f"could not join the run at {address}: {error}")
     except Exception as error:
         die(f"could not join the run at {address}: {error}\nis the coordinator up? does `peer check` pass?")
     try:
@@ -194,6 +203,10 @@ def run_join(args: argparse.Namespace) -> None:
     backends = {
         uid: build_backend(uid, config, args, device, precision, checkpoint_dir, dht, live_hosts) for uid in uids
     }
+    if getattr(args, "attack", None):
+        from athome.verification.integration import attack_host
+
+        attack_host(backends, args.attack)  # testing only (checked above)
 
     started_at = time.time()
 
@@ -242,7 +255,8 @@ def run_join(args: argparse.Namespace) -> None:
     if args.train:
         from athome.trainer.train import Trainer
 
-        trainer = Trainer(dht, identity, config, args)
+        trainer = Trainer(dht, identity, config, argparse.Namespace(**{**vars(args), "attack": None}),
+                          coordinator_id=address.coordinator_id)  # --attack is this host's, not its trainer's
         trainer_thread = threading.Thread(target=trainer.run, args=(stop,), name="trainer", daemon=True)
         trainer_thread.start()
     try:

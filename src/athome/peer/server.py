@@ -40,6 +40,7 @@ from hivemind.utils import get_dht_time
 
 from athome.dht import store_record, withdraw_record
 from athome.dht.auth import admit
+from athome.verification.integration import refuse_banned
 from athome.dht.schemas import ServerRecord
 
 logger = logging.getLogger(__name__)
@@ -94,12 +95,29 @@ def check_tensors(
         raise BadRequest(f"{uid}: batch of {batch_size} exceeds this host's max_batch_size {max_batch_size}; split it")
 
 
-class ValidatingConnectionHandler(ConnectionHandler):
-    """hivemind's ConnectionHandler, with every request checked before it is queued for the Runtime."""
+def check_grad_outputs(guard, uid: str, backend: ModuleBackend, inputs_and_grads: Sequence[torch.Tensor]) -> None:
+    """Raise BadRequest if ``guard`` (``athome.verification.expert_checks.GradNormGuard``) refuses the backward
+    request's ``grad_outputs`` (an outlier norm: poisoned gradients); None as ``guard`` checks nothing."""
+    if guard is None:
+        return
+    num_inputs = len(list(nested_flatten(backend.forward_schema)))
+    for grad_outputs in inputs_and_grads[num_inputs:]:
+        problem = guard.check(uid, grad_outputs)
+        if problem:
+            raise BadRequest(f"{problem}; request refused (gradient guard)")
 
-    def __init__(self, dht: DHT, module_backends: Dict[str, ModuleBackend], *, max_batch_size: int, **kwargs):
+
+class ValidatingConnectionHandler(ConnectionHandler):
+    """hivemind's ConnectionHandler, with every request checked before it is queued for the Runtime.
+
+    :param grad_guard: checks backward requests' ``grad_outputs`` (each handler process keeps its own statistics)
+    """
+
+    def __init__(self, dht: DHT, module_backends: Dict[str, ModuleBackend], *, max_batch_size: int, grad_guard=None,
+                 **kwargs):
         super().__init__(dht, module_backends, **kwargs)
         self.max_batch_size = max_batch_size
+        self.grad_guard = grad_guard
 
     @classmethod
     def _get_handle_name(cls, namespace: Optional[str], method_name: str) -> str:
@@ -123,10 +141,12 @@ class ValidatingConnectionHandler(ConnectionHandler):
         backend = self._backend(uid)
         schema = list(nested_flatten(backend.backward_schema))
         check_tensors(uid, inputs_and_grads, schema, self.max_batch_size, "backward")
+        check_grad_outputs(self.grad_guard, uid, backend, inputs_and_grads)
         return backend
 
     async def rpc_forward(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         await admit(context)  # invite-only runs: members only (athome.dht.auth)
+        await refuse_banned(context)  # callers the coordinator banned (athome.verification)
         inputs = decode_tensors(request.uid, request.tensors, "forward")
         backend = self._check_forward(request.uid, inputs)
         return runtime_pb2.ExpertResponse(
@@ -173,6 +193,7 @@ class ValidatingConnectionHandler(ConnectionHandler):
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         await admit(context)  # invite-only runs: members only (athome.dht.auth)
+        await refuse_banned(context)  # callers the coordinator banned (athome.verification)
         uid, inputs = await self._gather_inputs(requests, context)
         backend = self._check_forward(uid, inputs)
         outputs = await self._process_inputs(inputs, backend.forward_pool, backend.outputs_schema)
@@ -182,6 +203,7 @@ class ValidatingConnectionHandler(ConnectionHandler):
 
     async def rpc_backward(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         await admit(context)  # invite-only runs: members only (athome.dht.auth)
+        await refuse_banned(context)  # callers the coordinator banned (athome.verification)
         inputs_and_grads = decode_tensors(request.uid, request.tensors, "backward")
         backend = self._check_backward(request.uid, inputs_and_grads)
         return runtime_pb2.ExpertResponse(
@@ -192,6 +214,7 @@ class ValidatingConnectionHandler(ConnectionHandler):
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         await admit(context)  # invite-only runs: members only (athome.dht.auth)
+        await refuse_banned(context)  # callers the coordinator banned (athome.verification)
         uid, inputs_and_grads = await self._gather_inputs(requests, context)
         backend = self._check_backward(uid, inputs_and_grads)
         outputs = await self._process_inputs(inputs_and_grads, backend.backward_pool, backend.grad_inputs_schema)
@@ -245,8 +268,9 @@ class DirectExpertServicer(ServicerBase):
     """
 
     def __init__(self, backends: Dict[str, ModuleBackend], locks: Dict[str, threading.Lock], max_batch_size: int,
-                 max_queue_seconds: float = 5.0):
+                 grad_guard=None, max_queue_seconds: float = 5.0):
         self.backends, self.locks, self.max_batch_size = backends, locks, max_batch_size
+        self.grad_guard = grad_guard
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="athome-direct")
         self.max_queue_seconds = max_queue_seconds
         self._queued = 0  # requests admitted and not answered yet (changed on the event loop only)
@@ -277,13 +301,14 @@ class DirectExpertServicer(ServicerBase):
         finally:
             self._service_seconds = 0.8 * self._service_seconds + 0.2 * (time.perf_counter() - started)
 
-
     async def rpc_forward(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         await admit(context)  # invite-only runs: members only (athome.dht.auth)
+        await refuse_banned(context)  # callers the coordinator banned (athome.verification)
         return await self._queue(request, True)
 
     async def rpc_backward(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         await admit(context)  # invite-only runs: members only (athome.dht.auth)
+        await refuse_banned(context)  # callers the coordinator banned (athome.verification)
         return await self._queue(request, False)
 
     def shutdown(self) -> None:
@@ -318,6 +343,8 @@ class DirectExpertServicer(ServicerBase):
         backend = _backend_of(self.backends, uid)
         schema = backend.forward_schema if forward else backend.backward_schema
         check_tensors(uid, tensors, list(nested_flatten(schema)), self.max_batch_size, "forward" if forward else "backward")
+        if not forward:
+            check_grad_outputs(self.grad_guard, uid, backend, tensors)
         with self.locks[uid]:
             outputs = backend.forward(*tensors) if forward else backend.backward(*tensors)
         return [t.detach().cpu() for t in outputs]
@@ -453,12 +480,16 @@ class ExpertServer(Server):
         **kwargs,
     ):
         super().__init__(dht, backends, num_connection_handlers=0, update_period=declarer.ttl / 3, **kwargs)
+        from athome.verification.integration import guard_for_host
+
+        grad_guard = guard_for_host()
         self.conn_handlers = [
-            ValidatingConnectionHandler(dht, backends, max_batch_size=max_batch_size) for _ in range(num_handlers)
+            ValidatingConnectionHandler(dht, backends, max_batch_size=max_batch_size, grad_guard=grad_guard)
+            for _ in range(num_handlers)
         ]
         self.dht_handler_thread = declarer
         self.state_servicer = ExpertStateServicer(get_state)
-        self.direct_servicer = DirectExpertServicer(backends, guard_backends(backends), max_batch_size,
+        self.direct_servicer = DirectExpertServicer(backends, guard_backends(backends), max_batch_size, grad_guard,
                                                     max_queue_seconds=max_queue_seconds)
 
     def run(self) -> None:

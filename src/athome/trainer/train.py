@@ -4,6 +4,12 @@ Each step: draw the batch deterministically from (run, peer, step), run the mode
 experts, whose hosts update them on backward), and hand the dense gradients to hivemind's collaborative
 optimizer, which averages them with other trainers once the swarm has accumulated ``target_batch_size`` samples.
 A step on which too few experts answer is not applied: the trainer says so, waits, and retries.
+
+Verification (``athome.verification``, see SECURITY.md): each step runs inside ``TrainerVerification.step``; its
+expert I/O is recorded by wrapping the dispatchers, and its contribution is committed (signed DHT record) right
+after backward and clipping, *before* ``optimizer.step()`` hands it to averaging. The coordinator's bans reach the
+expert registry (no more requests to a banned host) and the gradient averager (a banned trainer's parts get weight
+0). ``--attack KIND`` (testing only, ``ATHOME_ALLOW_ATTACKS=1``) makes this trainer malicious.
 """
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ import argparse
 import json
 import logging
 import platform
+import queue
 import threading
 import time
 from contextlib import nullcontext
@@ -36,7 +43,7 @@ from athome.dht import (
     start_dht,
     store_record,
 )
-from athome.dht.auth import start_membership
+from athome.dht.auth import InviteError, NotAdmitted, start_membership
 from athome.dht.receipts import ReceiptBook
 from athome.dht.schemas import MetricsRecord, PeerRecord, run_key
 from athome.lifecycle import PeriodicThread, die, restore_interrupt_handler, shutdown_requested
@@ -44,6 +51,8 @@ from athome.model.lm import MoETransformerLM
 from athome.netflags import dht_kwargs
 from athome.trainer.data import batch_seed, load_corpus
 from athome.trainer.remote import ExpertRegistry, RemoteDispatcher
+from athome.verification.attacks import AttacksDisabled, check_attack_flag
+from athome.verification.integration import TrainerVerification
 
 logger = logging.getLogger(__name__)
 WIRE_COMPRESSION = dict(none=runtime_pb2.CompressionType.NONE, fp16=runtime_pb2.CompressionType.MEANSTD_16BIT)
@@ -61,7 +70,12 @@ class TooFewExperts(RuntimeError):
 class Trainer:
     """One trainer peer. ``run(stop)`` trains until ``stop`` is set or the step/time budget runs out."""
 
-    def __init__(self, dht: hivemind.DHT, identity: Identity, config: RunConfig, args: argparse.Namespace):
+    def __init__(
+        self, dht: hivemind.DHT, identity: Identity, config: RunConfig, args: argparse.Namespace,
+        coordinator_id: Optional[str] = None,
+    ):
+        """:param coordinator_id: the run's coordinator (only its bans count); default: from ``args.run``
+        :raises AttacksDisabled: ``args.attack`` without ``ATHOME_ALLOW_ATTACKS=1``"""
         self.dht, self.identity, self.config = dht, identity, config
         self.peer_id = identity.peer_id
         self.device = resolve_device(getattr(args, "device", "auto"))
@@ -81,12 +95,6 @@ class Trainer:
         model_config = config.model
         uids = model_config.expert_uids()
         per_layer = model_config.experts_per_layer
-        self.dispatchers = [
-            RemoteDispatcher(uids[layer * per_layer : (layer + 1) * per_layer], self.registry, p2p,
-                             wire_compression=WIRE_COMPRESSION[config.wire_compression])
-            for layer in range(model_config.n_layers)
-        ]
-        self.model = MoETransformerLM(model_config, lambda layer: self.dispatchers[layer]).to(self.device)
         self.corpus = load_corpus(config.data)
         pinned = config.data.corpus_fingerprint
         if pinned and self.corpus.fingerprint != pinned:
@@ -96,6 +104,25 @@ class Trainer:
                 f"corpus, use the same Python version as the coordinator (this is {platform.python_version()})"
             )
         logger.info(f"Corpus: {len(self.corpus)} bytes from '{config.data.source}' (fingerprint {self.corpus.fingerprint[:12]})")
+
+        if coordinator_id is None:
+            coordinator_id = RunAddress.parse(args.run).coordinator_id
+        self.verification = TrainerVerification(
+            dht, config, coordinator_id=coordinator_id, corpus=self.corpus.fingerprint, precision=self.precision,
+            device=self.device.type, attack=getattr(args, "attack", None),
+        )
+        self._averager_bans: "queue.SimpleQueue[str]" = queue.SimpleQueue()
+        self.verification.on_ban(self._on_ban)
+        self.dispatchers = [
+            self.verification.wrap(
+                RemoteDispatcher(uids[layer * per_layer : (layer + 1) * per_layer], self.registry, p2p,
+                                 wire_compression=WIRE_COMPRESSION[config.wire_compression]),
+                layer,
+            )
+            for layer in range(model_config.n_layers)
+        ]
+        self.model = MoETransformerLM(model_config, lambda layer: self.dispatchers[layer]).to(self.device)
+        self.dense_params = self.model.dense_parameters()
 
         opt = config.optimizer
         self.optimizer = hivemind.Optimizer(
@@ -131,6 +158,7 @@ class Trainer:
 
     def train_step(self) -> float:
         """One step; raises TooFewExperts (with nothing applied) if the experts did not answer."""
+        self._apply_bans()
         self.registry.refresh()
         available = [self.registry.available(d.uids) for d in self.dispatchers]
         for layer, mask in zip(self.model.moe_layers(), available):
@@ -139,17 +167,38 @@ class Trainer:
             layer.set_available(mask.to(self.device))
         seed = batch_seed(self.config.name, self.peer_id, self.step)
         batch = self.corpus.batch(seed, self.batch_size, self.config.model.seq_len).to(self.device)
-        with self.autocast():
-            cross_entropy, aux = self.model.losses(batch)
-            loss = cross_entropy + self.model.aux_coef * aux
-        answered = min(d.last_answered_fraction for d in self.dispatchers)
-        if answered < MIN_ANSWERED_FRACTION:
-            raise TooFewExperts(f"only {answered:.0%} of token-expert slots were answered")
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.optimizer.grad_clip)
+        with self.verification.step(self.model, self.step, seed, epoch=self.optimizer.local_epoch,
+                                    samples=self.batch_size) as scope:
+            with self.autocast():
+                cross_entropy, aux = scope.losses(batch)
+                loss = cross_entropy + self.model.aux_coef * aux
+            answered = min(d.last_answered_fraction for d in self.dispatchers)
+            if answered < MIN_ANSWERED_FRACTION:
+                raise TooFewExperts(f"only {answered:.0%} of token-expert slots were answered")
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.dense_params, self.config.optimizer.grad_clip)
+            # committed before averaging sees it: validators replay exactly this contribution
+            reported = scope.finish(cross_entropy.item())
         self.optimizer.step()
         self.optimizer.zero_grad()
-        return cross_entropy.item()
+        return reported
+
+    def _on_ban(self, entry) -> None:
+        """The coordinator banned ``entry.peer``: stop calling its experts and ignore its averaging parts."""
+        if entry.peer == self.peer_id:
+            return  # this trainer's own ban is logged by TrainerVerification; it cannot ignore itself
+        logger.warning(f"Peer {entry.peer} banned by the coordinator ({entry.kind}: {entry.reason}); ignoring its "
+                       f"experts and gradients from now on")
+        self.registry.banned.add(entry.peer)
+        self._averager_bans.put(entry.peer)  # handed over by the training thread: see _apply_bans
+
+    def _apply_bans(self) -> None:
+        # the averager's control pipe is used by hivemind from the training thread; the ban watcher must not share it
+        banned = []
+        while not self._averager_bans.empty():
+            banned.append(self._averager_bans.get())
+        if banned and self.optimizer.grad_averager is not None:
+            self.optimizer.grad_averager.ban_peers(banned)
 
     def publish_metrics(self) -> None:
         if self.loss_ewma is None:
@@ -174,6 +223,7 @@ class Trainer:
         return True
 
     def run(self, stop: threading.Event) -> None:
+        self.verification.start()
         self._metrics_thread.start()
         log = self.log_file.open("a") if self.log_file else None
         progress = _Progress(self.show_progress, self.max_steps)
@@ -213,6 +263,7 @@ class Trainer:
             if log is not None:
                 log.close()
             self._metrics_thread.stop()
+            self.verification.stop()
             self.publish_metrics()
             self.optimizer.shutdown()
             logger.info(f"Trainer stopped after {self.step} steps, {self.samples} samples, loss {self.loss_ewma}")
@@ -253,11 +304,18 @@ def run_train(args: argparse.Namespace) -> None:
         address = RunAddress.parse(args.run)
     except RunAddressError as error:
         die(str(error))
+    if getattr(args, "attack", None):
+        try:
+            check_attack_flag(args.attack, "trainer")
+        except (ValueError, AttacksDisabled) as error:
+            die(f"--attack: {error}")
     identity = Identity.load_or_create(args.identity_path)
     stop = shutdown_requested()
     args.initial_peers = [address.maddr, *args.initial_peers]
     try:
         dht = start_dht(identity, **dht_kwargs(args))
+    except (InviteError, NotAdmitted) as error:  # the message already says what to do
+        die(f"could not join the run at {address}: {error}")
     except Exception as error:
         die(f"could not join the run at {address}: {error}\nis the coordinator up? does `peer check` pass?")
     try:

@@ -11,6 +11,7 @@ Each role gets one object, so the hooks in the peers' own modules stay a few lin
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import queue
@@ -265,6 +266,65 @@ class CoordinatorVerification:
 
     def stop(self) -> None:
         self._thread.stop()
+
+
+class BannedCaller(PermissionError):
+    """The caller was banned by the run's coordinator; its requests are refused."""
+
+
+class HostBans:
+    """The coordinator's bans as a host's request handlers see them: re-read from the DHT on demand, at most every
+    ``period`` seconds (like ``athome.dht.auth.Admission``, it works in forked handler processes)."""
+
+    def __init__(self, dht: hivemind.DHT, run_name: str, coordinator_id: str, period: float = 5.0):
+        self.board = DHTBoard(dht, run_name, coordinator_id)
+        self.period = period
+        self._banned: frozenset = frozenset()
+        self._refreshed_at = float("-inf")
+        self._lock = threading.Lock()
+
+    def refresh(self) -> None:
+        with self._lock:
+            if time.monotonic() - self._refreshed_at < self.period:
+                return
+            self._refreshed_at = time.monotonic()
+            try:
+                banned = frozenset(self.board.bans())
+            except Exception as error:  # keep the last known list; the next request retries
+                logger.warning(f"Could not read the run's bans: {error!r}")
+                return
+            for peer in banned - self._banned:
+                logger.warning(f"Refusing requests from {peer}: banned by the coordinator")
+            self._banned = banned
+
+    def check(self, peer_id: str) -> None:
+        """Raise :class:`BannedCaller` if ``peer_id`` is banned (refreshes the list first when it is due)."""
+        self.refresh()
+        if peer_id in self._banned:
+            raise BannedCaller(f"peer {peer_id} is banned by the run's coordinator; its requests are refused")
+
+    async def check_async(self, peer_id: str) -> None:
+        if time.monotonic() - self._refreshed_at >= self.period:  # the DHT lookup off the event loop
+            await asyncio.get_running_loop().run_in_executor(None, self.refresh)
+        if peer_id in self._banned:
+            raise BannedCaller(f"peer {peer_id} is banned by the run's coordinator; its requests are refused")
+
+
+_host_bans: Optional[HostBans] = None
+
+
+def follow_bans_on_host(dht: hivemind.DHT, run_name: str, coordinator_id: str) -> HostBans:
+    """Install this host's ban list (before its handlers fork, so they inherit it); see :func:`refuse_banned`."""
+    global _host_bans
+    _host_bans = HostBans(dht, run_name, coordinator_id)
+    return _host_bans
+
+
+async def refuse_banned(context) -> None:
+    """Raise :class:`BannedCaller` if the RPC's caller is banned by the coordinator; a no-op before
+    :func:`follow_bans_on_host` (tests, plain hivemind servers)."""
+    if _host_bans is not None and context is not None and getattr(context, "remote_id", None) is not None:
+        await _host_bans.check_async(context.remote_id.to_base58())
 
 
 def guard_for_host() -> GradNormGuard:
