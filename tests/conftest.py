@@ -1,15 +1,13 @@
 """Shared fixtures: real ``peer`` processes on 127.0.0.1, each in its own session so teardown leaves nothing."""
 from __future__ import annotations
 
-import os
-import signal
-import threading
 from pathlib import Path
 from typing import Callable, List
 
 import pytest
 
 from athome.demo import Child
+from athome.testing.scenarios import Swarm
 
 LOOPBACK = ["--host_maddrs", "/ip4/127.0.0.1/tcp/0"]
 
@@ -30,27 +28,10 @@ def session_alive(sid: int) -> List[int]:
 
 @pytest.fixture
 def spawn(tmp_path: Path) -> Callable[..., Child]:
-    """Start ``peer <argv>`` as a subprocess; every one started is killed (whole session) at teardown."""
-    children: List[Child] = []
-    never = threading.Event()
-
-    def start(name: str, *argv: str) -> Child:
-        child = Child(name, list(argv), tmp_path / f"{name}.log")
-        child.start()
-        child.wait_line = lambda prefix, timeout=120: child.wait_for(prefix, timeout, never)
-        children.append(child)
-        return child
-
-    yield start
-    for child in children:
-        if child.alive:
-            child.process.send_signal(signal.SIGTERM)
-    for child in children:
-        try:
-            child.process.wait(15)
-        except Exception:
-            pass
-        child.kill_group()
+    """Start ``peer <argv>`` as a subprocess; every one started is stopped (whole process tree) at teardown."""
+    swarm = Swarm(tmp_path)
+    yield swarm.spawn
+    swarm.close()
 
 
 @pytest.fixture
