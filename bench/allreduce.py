@@ -53,6 +53,7 @@ VARIANTS = (
 )
 DEFAULT_VARIANTS = "hivemind,athome none/mean,athome none/centered_clip,uint8"  # fp16 with --variants all
 SUMMARY_VARIANT = "athome none/centered_clip"
+ATHOME_KWARGS: dict = {}  # extra RobustAverager arguments for every athome variant (--part_size_bytes)
 
 
 @dataclass
@@ -137,7 +138,7 @@ def _worker(rank, n, size, reps, port, tag, variants, maddr_queue, barrier, resu
                                                       compression=get_codec(compression), **common)
         else:
             averager = RobustAverager([vector.clone()], dht, prefix=prefix, reducer=reducer,
-                                      compression=compression, **common)
+                                      compression=compression, **common, **ATHOME_KWARGS)
         times, ratios = [], []
         for rep in range(-1, reps):  # rep -1 is an untimed warm-up (first rounds pay one-off costs, as gloo's does)
             with averager.get_tensors() as tensors:
@@ -257,7 +258,12 @@ def main() -> None:
         "--link_mbit", type=float, default=None,
         help="put every peer in its own network namespace behind a tc-tbf link of this many Mbit/s (needs root)",
     )
+    parser.add_argument(
+        "--part_size_bytes", type=int, default=None, help="athome variants only (default: RobustAverager's default)"
+    )
     args = parser.parse_args()
+    if args.part_size_bytes:
+        ATHOME_KWARGS["part_size_bytes"] = args.part_size_bytes
     variants = tuple(
         v for v in VARIANTS if args.variants == "all" or any(key in v[0] for key in args.variants.split(","))
     )

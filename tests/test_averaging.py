@@ -509,6 +509,84 @@ def test_survivors_end_the_round_the_same_way_when_a_reducer_dies_mid_stream(dht
             averager.shutdown()
 
 
+def test_repair_rejects_answers_that_contradict_the_parts_we_received():
+    """fetch_round_result: a member whose answer disagrees with the aggregate we did receive (or has the wrong size,
+    or NaN) is skipped; an honest complete member's answer is taken; 'incomplete' members are reported."""
+    from hivemind.compression import NoCompression
+    from hivemind.proto import averaging_pb2
+
+    from athome.averaging.consistency import fetch_round_result
+
+    truth = torch.arange(10, dtype=torch.float32)
+    own = truth.clone()
+    own[6:] = -1  # our partial result: parts 6..9 never arrived
+    received = torch.arange(10) < 6
+
+    def answer(vector=None, code=None):
+        async def stream():
+            if code is not None:
+                yield averaging_pb2.AveragingData(code=code)
+                return
+            for chunk in vector.split(4):
+                info = CompressionInfo.from_tensor(chunk)
+                yield averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART,
+                                                  tensor_part=NoCompression().compress(chunk, info))
+        return stream()
+
+    forged = truth.clone()
+    forged[0] += 1.0  # lies about a part we received
+    nan = truth.clone()
+    nan[8] = float("nan")
+    answers = {"forger": answer(forged), "short": answer(truth[:7]), "nan": answer(nan),
+               "incomplete": answer(code=averaging_pb2.CANCELLED), "honest": answer(truth)}
+
+    class Stub:
+        def __init__(self, name):
+            self.name = name
+
+        async def rpc_round_result(self, request):
+            if self.name == "honest":
+                await asyncio.sleep(0.3)  # answers last
+            return answers[self.name]
+
+    flat, source, reasons = asyncio.run(
+        fetch_round_result(Stub, b"group", list(answers), own, received, tolerance=1e-5, timeout=10)
+    )
+    assert source == "honest" and torch.equal(flat, truth)
+    assert "disagrees" in reasons["forger"] and "7 elements" in reasons["short"]
+    assert "non-finite" in reasons["nan"] and reasons["incomplete"] == "CANCELLED"
+
+
+def test_centered_clip_matches_the_textbook_iteration():
+    """The Gram-matrix form equals v <- v + sum_i w_i (x_i - v) min(1, tau_k / ||x_i - v||) / sum w, from the
+    coordinate median (float rounding only), with and without an attacker."""
+    from athome.averaging.reducer import centered_clip
+
+    def textbook(stacked, weights, tau, iterations):
+        n = stacked.shape[0]
+        ordered = stacked.sort(dim=0).values
+        v = ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
+        for _ in range(iterations):
+            distance = (stacked - v).norm(dim=1)
+            radius = tau * distance.median() if n % 2 else tau * distance.sort().values[n // 2 - 1 : n // 2 + 1].mean()
+            scale = torch.clamp(radius / distance.clamp_min(1e-30), max=1.0)
+            v = v + (weights * scale / weights.sum()) @ (stacked - v)
+        return v
+
+    generator = torch.Generator().manual_seed(21)
+    for n in (2, 3, 4, 5, 7):
+        for attack in (False, True):
+            base = torch.randn(5000, generator=generator) * 10
+            stacked = torch.stack([base + 0.1 * torch.randn(5000, generator=generator) for _ in range(n)])
+            if attack:
+                stacked[-1] = -1000 * stacked[0]
+            weights = torch.rand(n, generator=generator) + 0.5
+            result, _ = centered_clip(stacked, weights, 1.0, 5)
+            expected = textbook(stacked.double(), weights.double(), 1.0, 5).float()
+            scale = float(stacked.abs().max())
+            assert float((result - expected).abs().max()) <= 1e-5 * scale, (n, attack)
+
+
 def test_adaptive_timeouts_follow_measured_throughput():
     timeouts = AdaptiveTimeouts(initial_throughput=1e6, margin=4, min_allreduce_timeout=1.0, min_chunk_timeout=0.5)
     limits = timeouts.for_round(group_size=4, vector_bytes=40e6, part_bytes=2**19)

@@ -73,6 +73,8 @@ from athome.dht.auth import admit
 
 logger = logging.getLogger(__name__)
 
+DEFAULT_PART_SIZE_BYTES = 2**20
+
 RoundStatus = Literal["ok", "partial", "timeout", "failed", "cancelled"]
 
 
@@ -184,6 +186,7 @@ class RobustAveragingMixin:
     :param min_chunk_timeout: floor of the per-part (sender) timeout, seconds; default: ``next_chunk_timeout`` or 10
       (5 s gave false failures with 8 peers of 10M floats on a loaded 2-core box: one part can stall that long)
     :param torch_threads: torch intra-op threads inside the averager process (None: leave torch's default)
+    :param part_size_bytes: (hivemind's) size of the parts a vector is streamed in; athome's default is 1 MiB
     :param kwargs: everything hivemind's averager accepts (``dht``, ``prefix``, ``target_group_size``,
       ``initial_group_bits``, ``min_matchmaking_time``, ``request_timeout``, ...). A given ``allreduce_timeout`` is
       kept as hivemind's outer limit; sender/reducer timeouts are always derived per round.
@@ -215,6 +218,9 @@ class RobustAveragingMixin:
         self.reducer_settings = ReducerSettings(reducer, clip_tau, clip_iterations, max_weight_ratio, heavy_clip_scale)
         codec = get_codec(compression)
         _check_state_compression(kwargs.get("state_compression"))
+        # 1 MiB parts instead of hivemind's 512 KiB: measured -17% CPU per round (averager + p2pd, 4 peers x 10M fp32
+        # on 2 cores: 2.05 vs 2.47 CPU-s), while a 100 Mbit/s link still pipelines (0.08 s per part)
+        kwargs.setdefault("part_size_bytes", DEFAULT_PART_SIZE_BYTES)
         if min_chunk_timeout is None:
             min_chunk_timeout = kwargs.get("next_chunk_timeout") or 10.0
         self._adaptive_timeouts = AdaptiveTimeouts(
