@@ -106,8 +106,8 @@ def run_coordinator(args: argparse.Namespace) -> None:
     address = pick_public_maddr(maddrs)
     emit(f"run address: {address}")
     if getattr(args, "invite_only", False):
-        key = args.identity_path or Path(args.data_dir) / "coordinator.key"
-        emit(f"invite-only: issue each volunteer a token with: peer invite --identity_path {key} [--peer_id ID]")
+        where = f"--identity_path {args.identity_path}" if args.identity_path else f"--data_dir {args.data_dir}"
+        emit(f"invite-only: issue each volunteer a token with: peer invite {where} [--expires_in H] [--peer_id ID]")
         emit(f"volunteers join with: peer join --run {address} --experts auto --invite TOKEN")
     else:
         emit(f"volunteers join with: peer join --run {address} --experts auto")
