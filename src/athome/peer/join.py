@@ -30,7 +30,6 @@ from athome.dht import (
     store_record,
 )
 from athome.dht.auth import InviteError, NotAdmitted, start_membership
-from athome.dht.auth import start_membership
 from athome.dht.identity import DEFAULT_IDENTITY_DIR
 from athome.dht.schemas import PeerRecord, ServerRecord, run_key
 from athome.lifecycle import PeriodicThread, die, emit, restore_interrupt_handler, shutdown_requested

@@ -44,7 +44,6 @@ from athome.dht import (
     store_record,
 )
 from athome.dht.auth import InviteError, NotAdmitted, start_membership
-from athome.dht.auth import start_membership
 from athome.dht.receipts import ReceiptBook
 from athome.dht.schemas import MetricsRecord, PeerRecord, run_key
 from athome.lifecycle import PeriodicThread, die, restore_interrupt_handler, shutdown_requested
