@@ -711,3 +711,62 @@ def test_gradient_averager_averages_grads_and_plugs_into_hivemind_optimizer(dhts
         assert isinstance(optimizer.grad_averager, RobustGradientAverager)
     finally:
         optimizer.shutdown()
+
+
+# ---- shaped links (network namespaces, root) ----------------------------------------------------------------------
+
+_LINK_PEER = r"""
+import json, sys, torch, hivemind
+from athome.averaging import RobustAverager
+ip, prefix, initial = sys.argv[1], sys.argv[2], sys.argv[3:]
+dht = hivemind.DHT(start=True, host_maddrs=[f"/ip4/{ip}/tcp/0"], initial_peers=initial or None)
+print(json.dumps([str(a) for a in dht.get_visible_maddrs()]), flush=True)
+averager = RobustAverager([torch.randn(2_000_000)], dht, prefix=prefix, target_group_size=2, min_group_size=2,
+                          min_matchmaking_time=2.0, request_timeout=1.0, reducer="mean", initial_throughput=1e6,
+                          min_allreduce_timeout=1.0, min_chunk_timeout=1.0, timeout_margin=20.0, start=True)
+for _ in range(2):
+    averager.step(timeout=120, allow_retries=False)
+first, second = averager.round_history()[-2:]
+print(json.dumps(dict(throughput=first.throughput, allreduce=second.timeouts.allreduce,
+                      sender=second.timeouts.sender)), flush=True)
+averager.shutdown(); dht.shutdown()
+"""
+
+
+def _timeouts_over_link(rate_mbit: float) -> dict:
+    import json
+    import subprocess
+    import sys
+
+    from athome.testing.netlab import NetLab
+
+    with NetLab() as lab:
+        hosts = [lab.public_host(f"a{i}") for i in range(2)]
+        for host in hosts:
+            lab.shape(lab.uplink(host), rate_mbit=rate_mbit)
+        prefix = f"link_{uuid.uuid4().hex[:8]}"
+        first = hosts[0].popen([sys.executable, "-c", _LINK_PEER, hosts[0].ip, prefix],
+                               stdout=subprocess.PIPE, text=True)
+        maddrs = json.loads(first.stdout.readline())
+        second = hosts[1].popen([sys.executable, "-c", _LINK_PEER, hosts[1].ip, prefix, *maddrs],
+                                stdout=subprocess.PIPE, text=True)
+        second.stdout.readline()
+        outputs = [json.loads(p.stdout.readline() or "null") for p in (first, second)]
+        assert all(outputs), f"a peer failed over the {rate_mbit} Mbit/s link"
+        return outputs[0]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_slower_link_yields_longer_round_limits():
+    """Two peers in network namespaces, their links shaped with tc tbf: the limits of the round after the first one
+    derive from the throughput measured over the link, so 20 Mbit/s gives longer limits than 200 Mbit/s."""
+    from athome.testing import netlab
+
+    available, why = netlab.available()
+    if not available:
+        pytest.skip(f"network namespaces unavailable: {why}")
+    slow, fast = _timeouts_over_link(20), _timeouts_over_link(200)
+    assert slow["throughput"] <= 20e6 / 8 * 1.1, slow  # the link, not the CPU, bounds the slow case
+    assert fast["throughput"] > 2 * slow["throughput"], (slow, fast)
+    assert slow["allreduce"] > 2 * fast["allreduce"] and slow["sender"] > 2 * fast["sender"], (slow, fast)
