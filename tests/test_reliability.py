@@ -45,6 +45,16 @@ def test_eight_clients_on_one_host(tmp_path):
     _held(scenarios.load_scenario(tmp_path))
 
 
+@pytest.mark.slow
+def test_training_goes_on_over_a_slow_lossy_link(tmp_path):
+    from athome.testing import netlab
+
+    ok, why = netlab.available()
+    if not ok:
+        pytest.skip(why)
+    _held(scenarios.network_scenario(tmp_path))
+
+
 def test_process_tree_sees_descendants_in_other_sessions():
     import subprocess
     import sys

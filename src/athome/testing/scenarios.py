@@ -804,7 +804,7 @@ class LoadClient:
     backs off as a trainer does (the registry cools the host down).
     """
 
-    def __init__(self, address: str, workdir: Path, index: int, tokens: int):
+    def __init__(self, address: str, workdir: Path, index: int):
         import torch
 
         from athome.config import RunConfig
@@ -821,21 +821,21 @@ class LoadClient:
         self.registry.refresh(force=True)
         model = RunConfig().model
         self.dispatcher = RemoteDispatcher(model.expert_uids()[: model.experts_per_layer], self.registry, p2p)
-        self.tokens, self.d_model, self.experts = tokens, model.d_model, model.experts_per_layer
+        self.d_model, self.experts = model.d_model, model.experts_per_layer
         self.generator = torch.Generator().manual_seed(index)
         self.latencies: List[float] = []
         self.failed = 0
         self.error: Optional[BaseException] = None
 
-    def run(self, calls: int, stop: threading.Event) -> None:
+    def run(self, calls: int, tokens: int, stop: threading.Event) -> None:
         import torch
 
+        self.latencies, self.failed = [], 0
         try:
             while len(self.latencies) < calls and not stop.is_set():
                 self.registry.refresh()
-                x = torch.randn(self.tokens, self.d_model, generator=self.generator, requires_grad=True)
-                expert_index = torch.stack([torch.randperm(self.experts, generator=self.generator)[:2]
-                                            for _ in range(self.tokens)])
+                x = torch.randn(tokens, self.d_model, generator=self.generator, requires_grad=True)
+                expert_index = torch.rand(tokens, self.experts, generator=self.generator).argsort(dim=1)[:, :2]
                 started = time.monotonic()
                 outputs, answered = self.dispatcher(x, expert_index)
                 outputs.sum().backward()
@@ -851,21 +851,38 @@ class LoadClient:
         self.dht.shutdown()
 
 
-def load_scenario(workdir: Optional[Path] = None, *, clients: int = 8, calls: int = 12, tokens: int = 1024) -> Outcome:
-    """``clients`` trainer clients against one expert host: backpressure, bounded memory, latency percentiles.
+def _run_fleet(fleet: Sequence[LoadClient], calls: int, tokens: int) -> float:
+    """Every client runs ``calls`` passes of ``tokens`` tokens at once; returns the wall time."""
+    threads = [threading.Thread(target=c.run, args=(calls, tokens, threading.Event()), daemon=True) for c in fleet]
+    started = time.monotonic()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(20 * STARTUP)
+    return time.monotonic() - started
+
+
+def load_scenario(workdir: Optional[Path] = None, *, clients: int = 8, calls: int = 12, tokens: int = 1024,
+                  overload_tokens: int = 4096, overload_calls: int = 3, max_queue_seconds: float = 1.0) -> Outcome:
+    """``clients`` trainer clients against one expert host: latency percentiles, backpressure, bounded memory.
 
     The clients are real (own DHT node, p2pd, registry and RemoteDispatcher each) but share this process, to fit
-    a small machine. One client runs alone first: its latency is the baseline of the ratio.
+    a small machine. One client runs alone first (the baseline of the latency ratio); then all of them with
+    ``tokens`` per pass; then all of them with ``overload_tokens`` per pass, more queued work than the host
+    accepts (``peer join --max_queue_seconds``, set low here so that a small machine can overload it): it must
+    refuse some requests at once (backpressure)
+    while every client still gets its passes through, and its memory must stay bounded throughout.
     """
     checks = Checks()
     busy = _MessageCounter("host busy")
     logging.getLogger("athome.trainer.remote").addHandler(busy)
     with swarm_in(workdir) as swarm:
         swarm.coordinator()
-        host = swarm.host("host", "ffn.0.[0:4]")
-        fleet = [LoadClient(swarm.address, swarm.workdir, i, tokens) for i in range(clients)]
+        host = swarm.host("host", "ffn.0.[0:4]", "--max_queue_seconds", str(max_queue_seconds))
+        fleet = [LoadClient(swarm.address, swarm.workdir, i) for i in range(clients)]
         stop = threading.Event()
-        peak = [rss_bytes(host.process.pid)]
+        baseline_rss = rss_bytes(host.process.pid)
+        peak = [baseline_rss]
 
         def sample_memory() -> None:
             while not stop.wait(0.5):
@@ -874,41 +891,66 @@ def load_scenario(workdir: Optional[Path] = None, *, clients: int = 8, calls: in
         sampler = threading.Thread(target=sample_memory, daemon=True)
         sampler.start()
         try:
-            fleet[0].run(calls, threading.Event())
+            fleet[0].run(calls, tokens, threading.Event())
             alone = list(fleet[0].latencies)
-            baseline_rss = rss_bytes(host.process.pid)
-            peak[0] = baseline_rss
-            fleet[0].latencies, fleet[0].failed = [], 0
-            threads = [threading.Thread(target=c.run, args=(calls, threading.Event()), daemon=True) for c in fleet]
-            started = time.monotonic()
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join(20 * STARTUP)
-            wall = time.monotonic() - started
+            wall = _run_fleet(fleet, calls, tokens)
+            latencies = [t for c in fleet for t in c.latencies]
+            finished = all(len(c.latencies) == calls for c in fleet)
+            refused_before = busy.count
+            overload_wall = _run_fleet(fleet, overload_calls, overload_tokens)
+            overloaded = [t for c in fleet for t in c.latencies]
+            finished &= all(len(c.latencies) == overload_calls for c in fleet)
+            failed = sum(c.failed for c in fleet)
         finally:
             stop.set()
+            logging.getLogger("athome.trainer.remote").removeHandler(busy)
             for client in fleet:
                 client.close()
-        latencies = [t for c in fleet for t in c.latencies]
-        failed = sum(c.failed for c in fleet)
         errors = [repr(c.error) for c in fleet if c.error is not None]
         checks.require(not errors, f"clients crashed: {errors}")
         checks.require(host.alive, "the host died under load")
-        checks.require(all(len(c.latencies) == calls for c in fleet), "some clients did not finish their calls")
+        checks.require(finished, "some clients did not get their passes through")
+        refusals = busy.count - refused_before
+        checks.require(refusals > 0, "overloaded, the host never refused a request: no backpressure")
         growth = (peak[0] - baseline_rss) / 2**20
         checks.require(growth < 1024, f"host memory grew {growth:.0f} MiB under load")
-        logging.getLogger("athome.trainer.remote").removeHandler(busy)
     p50, p95, p99 = (_percentile(latencies, q) for q in (0.5, 0.95, 0.99))
     return checks.outcome(
         "load", f"{clients} clients x {calls} fwd+bwd of {tokens} tokens on 1 host: p50 {p50:.2f}s p95 {p95:.2f}s "
-                f"p99 {p99:.2f}s (alone p50 {_percentile(alone, 0.5):.2f}s, x{p50 / _percentile(alone, 0.5):.1f}); "
-                f"{failed} passes refused/failed and retried ({busy.count} busy refusals); host RSS +{growth:.0f} MiB "
-                f"(peak {peak[0] / 2**20:.0f} MiB); {len(latencies) * tokens / wall:.0f} tokens/s",
+                f"p99 {p99:.2f}s (alone p50 {_percentile(alone, 0.5):.2f}s, x{p50 / _percentile(alone, 0.5):.1f}), "
+                f"{len(latencies) * tokens / wall:.0f} tokens/s; overloaded ({overload_tokens} tokens/pass): "
+                f"{refusals} requests refused busy (queue limit {max_queue_seconds:g}s), all passes through in {overload_wall:.0f}s "
+                f"(p50 {_percentile(overloaded, 0.5):.1f}s, {failed} retried); host RSS +{growth:.0f} MiB",
     )
 
 
 # ---------------------------------------------------------------- 2. network
+
+
+_ECHO_SERVER = """
+import socket
+server = socket.socket()
+server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+server.bind(("{ip}", {port}))
+server.listen()
+while True:
+    connection, _ = server.accept()
+    while data := connection.recv(65536):
+        connection.sendall(data)
+    connection.close()
+"""
+_RTT_PROBE = """
+import socket, statistics, time
+connection = socket.create_connection(("{ip}", {port}), timeout=20)
+connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+rtts = []
+for _ in range(7):
+    started = time.monotonic()
+    connection.sendall(b"x")
+    connection.recv(1)
+    rtts.append(time.monotonic() - started)
+print(statistics.median(rtts) * 1000)
+"""
 
 
 def network_scenario(workdir: Optional[Path] = None, *, rtt_ms: float = 100, loss: float = 0.01,
@@ -942,12 +984,19 @@ def network_scenario(workdir: Optional[Path] = None, *, rtt_ms: float = 100, los
                 maps.append(f"{link.ip_a}:{port + 1}={node.ip}:{port}")
                 announce[name] = ["--host_maddrs", f"/ip4/{node.ip}/tcp/{port}",
                                   "--announce_maddrs", f"/ip4/{link.ip_a}/tcp/{port + 1}"]
+            # an echo server behind the host's relay: the RTT a peer really sees, measured below
+            nodes["host"].popen([sys.executable, "-c", _ECHO_SERVER.format(ip=nodes["host"].ip, port=port + 2)])
+            echo_at = (lab.uplink(nodes["host"]).ip_a, port + 3)
+            maps.append(f"{echo_at[0]}:{echo_at[1]}={nodes['host'].ip}:{port + 2}")
             relay = lab.internet.popen(
                 [sys.executable, "-m", "athome.testing.delay_relay", "--delay_ms", str(rtt_ms / 2),
                  *[arg for m in maps for arg in ("--map", m)]],
                 stdout=subprocess.PIPE, text=True,
             )
             checks.require(relay.stdout.readline().strip() == "relaying", "the delay relay did not start")
+            probe = nodes["trainer-a"].run(sys.executable, "-c", _RTT_PROBE.format(ip=echo_at[0], port=echo_at[1]), check=False)
+            rtt = float(probe.stdout.strip() or "nan")
+            checks.require(rtt >= 0.9 * rtt_ms, f"the link's RTT is {rtt:.0f} ms, not {rtt_ms:.0f} ms: {probe.stderr[-200:]}")
 
             def run_in(name: str) -> List[str]:
                 return nodes[name].exec_prefix
@@ -981,7 +1030,7 @@ def network_scenario(workdir: Optional[Path] = None, *, rtt_ms: float = 100, los
     leftover = [n for n in netlab._sh("ip", "netns", "list", check=False).stdout.split() if n.startswith(prefix)]
     checks.require(not leftover, f"namespaces left behind: {leftover}")
     return checks.outcome(
-        "network", f"{rtt_ms:.0f} ms RTT, {loss:.0%} loss, {rate_mbit:.0f} Mbit/s: 2 trainers x {steps} steps at "
+        "network", f"{rtt_ms:.0f} ms RTT (measured {rtt:.0f} ms), {loss:.0%} loss, {rate_mbit:.0f} Mbit/s: 2 trainers x {steps} steps at "
                    f"{rate:.2f} steps/s, loss {first:.2f} -> {last:.2f}, epochs {sorted(epochs.values())} "
                    f"(averaged together), {timeouts} expert timeouts; namespaces cleaned "
                    f"{'yes' if not leftover else 'NO'} ({time.monotonic() - started:.0f}s)",
