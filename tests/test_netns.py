@@ -97,6 +97,7 @@ def _check(host: netlab.Host, address: str) -> subprocess.CompletedProcess:
 
 @needs_netns
 @pytest.mark.slow
+@pytest.mark.timeout(1500)
 def test_volunteer_behind_nat_serves_through_the_relay_and_its_experts_train(home_network):
     net = home_network
     public_host = net.peer(net.public, "public_host", "join", "--run", net.address, "--experts", "ffn.0.[0:2],ffn.1.[0:2]",
@@ -111,7 +112,7 @@ def test_volunteer_behind_nat_serves_through_the_relay_and_its_experts_train(hom
                        "--batch_size", "4", "--no_progress", "--identity_path", net.key("trainer"))
     assert trainer.process.wait(600) == 0, (net.log_dir / "trainer.log").read_text()[-3000:]
     volunteer_log = (net.log_dir / "volunteer.log").read_text()
-    assert "serving through the run's relay" in volunteer_log.lower() or "Serving through the run's relay" in volunteer_log
+    assert "Serving through the run's relay" in volunteer_log
 
     peers = net.status()["peers"]
     volunteer_info, public_info = peers[_peer_id(net.key("volunteer"))], peers[_peer_id(net.key("public_host"))]
@@ -122,8 +123,19 @@ def test_volunteer_behind_nat_serves_through_the_relay_and_its_experts_train(hom
         assert time.monotonic() < deadline, "the relayed volunteer never served a call"
         time.sleep(10)
 
+    # a volunteer nobody can reach (behind NAT, relays refused) serves nothing, says so, and still trains
+    cafe = net.lab.nat_host("cafe")
+    stranded = net.peer(cafe, "stranded", "join", "--run", net.address, "--experts", "auto", "--no_relay",
+                        "--identity_path", net.key("stranded"), "--checkpoint_dir", str(net.log_dir / "ck3"))
+    assert "none (unreachable: client mode" in stranded.wait_for("serving experts:", 300, net.never)
+    deadline = time.monotonic() + 300
+    while "metrics" not in net.status()["peers"].get(_peer_id(net.key("stranded")), {}):
+        assert stranded.alive and time.monotonic() < deadline, "the stranded volunteer did not train"
+        time.sleep(10)
+
 
 @needs_netns
+@pytest.mark.timeout(600)
 def test_check_reports_a_natted_peer_unreachable_directly_and_reachable_through_the_relay(home_network):
     net = home_network
     natted = _check(net.home, net.address)

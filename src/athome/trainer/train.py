@@ -141,6 +141,9 @@ class Trainer:
                 clip_iterations=config.averaging.clip_iterations,
             ),
             verbose=False,
+            # explicit: with None, hivemind 1.1.12's Optimizer thinks it is no client, while its averagers (from the
+            # DHT) are, and its first epoch fails ("averager in client mode cannot share its state")
+            client_mode=dht.client_mode,
         )
         restore_interrupt_handler()  # hivemind's averagers switch Ctrl+C off in this process
         self.step = 0
