@@ -166,4 +166,8 @@ class PeriodicThread(threading.Thread):
 def die(message: str, code: int = 1) -> None:
     """Print a failure with its fix and exit."""
     stderr_console.print(f"[bold red]error:[/] {escape(message)}", markup=True, highlight=False)
+    # what is left is exit: hivemind objects collected at interpreter exit (P2P replicas, pending tasks) print
+    # tracebacks that would bury the message above
+    sys.unraisablehook = lambda unraisable: None
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     sys.exit(code)
