@@ -23,6 +23,7 @@ import argparse
 import logging
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -134,14 +135,18 @@ def main() -> None:
         assert "Serving through the run's relay" in relayed_log, f"the home host did not use the relay; {log_dir}"
         ids = {name: Identity.load_or_create(key).peer_id for name, (_, key) in hosts.items()}
         logger.info(f"swarm up (logs in {log_dir}); timing the trainer's dispatcher against each host")
-        result = trainer_home.run(
-            sys.executable, os.path.abspath(__file__), "--worker", "--run", address, "--direct", ids["direct"],
-            "--relayed", ids["relayed"], "--tokens", str(args.tokens), "--steps", str(args.steps),
-            "--rounds", str(args.rounds), check=False, timeout=1800,
-        )
-        if result.returncode != 0:
-            sys.exit(f"the worker failed:\n{result.stderr[-3000:]}")
-    lines = dict(line.split(": ", 1) for line in result.stdout.splitlines() if line.startswith(("direct:", "relayed:")))
+        worker_log = log_dir / "worker.log"
+        with worker_log.open("w") as log:
+            process = trainer_home.popen(
+                [sys.executable, os.path.abspath(__file__), "--worker", "--run", address, "--direct", ids["direct"],
+                 "--relayed", ids["relayed"], "--tokens", str(args.tokens), "--steps", str(args.steps),
+                 "--rounds", str(args.rounds)], stdout=subprocess.PIPE, stderr=log, text=True,
+            )
+            stdout, _ = process.communicate(timeout=1800)
+        if process.returncode != 0:
+            errors = [line for line in worker_log.read_text().splitlines() if "Error" in line and "event loop" not in line]
+            sys.exit(f"the worker failed ({worker_log}):\n" + "\n".join(errors[:10]))
+    lines = dict(line.split(": ", 1) for line in stdout.splitlines() if line.startswith(("direct:", "relayed:")))
     print(f"tokens per step: {args.tokens} (top-2), one MoE layer, {args.rounds} rounds x {args.steps} steps")
     for name in ("direct", "relayed"):
         print(f"{name}: {lines[name]}")

@@ -29,6 +29,13 @@ RecordT = TypeVar("RecordT", bound=Record)
 # hivemind 1.1.12's P2P.create has no argument for it; its reachability table is where extra daemon flags go.
 BEHIND_RELAYS = "athome-behind-relays"
 P2P.FORCE_REACHABILITY_MAPPING.setdefault(BEHIND_RELAYS, {"forceReachabilityPrivate": 1, "relayDiscovery": 0})
+# A relay (the coordinator) is public and lifts circuit relay v2's per-connection limits: as measured in network
+# namespaces, p2pd otherwise resets a relayed connection after its first 128 KiB, so every MB-sized expert request
+# through it fails. The coordinator relays for its own run only; its bandwidth is the run's to use.
+RELAY_SERVICE = "athome-relay-service"
+P2P.FORCE_REACHABILITY_MAPPING.setdefault(
+    RELAY_SERVICE, {"forceReachabilityPublic": 1, "relayDataLimit": 1 << 40, "relayTimeLimit": "24h"}
+)
 
 
 class RunAddressError(ValueError):
@@ -141,7 +148,7 @@ def _relay_kwargs(relays: Sequence[str], relay_service: bool) -> dict:
     if relays:
         return dict(trusted_relays=list(relays), force_reachability=BEHIND_RELAYS)
     # go-libp2p runs its relay service only once AutoNAT says "public", which a handful of peers rarely confirm
-    return dict(force_reachability="public") if relay_service else {}
+    return dict(force_reachability=RELAY_SERVICE) if relay_service else {}
 
 
 def protect_run_keys(dht: hivemind.DHT, identity: Identity, run_name: str) -> None:
