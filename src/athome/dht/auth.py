@@ -20,6 +20,14 @@ Three layers refuse outsiders, each telling them why and how to fix it (:data:`F
    :class:`Admission` admits it only if a valid membership record of that peer ID is in the DHT (cached, refreshed
    at most every few seconds on a miss). One admission policy per process (:func:`set_admission`), inherited by the
    forked handler and averager processes; without one (an open run) :func:`admit` admits everyone.
+
+Limits: an invitation without ``--peer_id`` is a bearer secret (whoever holds it is admitted; members can read it
+in the membership records); there is no revocation list before expiry (issue short-lived invitations, rotate the
+coordinator's key to cut everyone off); the DHT request signature does not name the receiving node (hivemind's
+DHT protocol does not tell the authorizer whom it calls), so a member could replay another member's signed
+request to a third node within a minute. hivemind's ``TrainingStateAverager`` (state download inside
+``hivemind.Optimizer``) and the trainers' proof servicer are not behind :func:`admit`; outsiders must still learn a
+member's address, since the DHT refuses them.
 """
 from __future__ import annotations
 
@@ -349,8 +357,15 @@ def start_membership(dht, identity: Identity, run_name: str, coordinator_id: str
     if not publish_membership(dht, run_name, invite, ttl):
         logger.warning("No DHT node accepted this peer's membership record yet; retrying in the background")
     set_admission(Admission(dht, run_key(run_name, "members"), coordinator_id, identity.peer_id))
-    logger.info("Invite-only run: expert and averaging requests are served to members only")
-    thread = PeriodicThread(lambda: publish_membership(dht, run_name, invite, ttl), period=ttl / 3, name="membership",
-                            run_first=False)
+    expires_at = InviteToken.decode(invite).expires_at
+    logger.info(f"Invite-only run: expert and averaging requests are served to members only; your invitation "
+                f"expires at {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(expires_at))}")
+
+    def republish() -> None:
+        if time.time() > expires_at:  # the swarm refuses us from now on: say why, once per period
+            logger.error(f"Your invitation expired: other peers refuse this one now; {FIX} (a new one)")
+        publish_membership(dht, run_name, invite, ttl)
+
+    thread = PeriodicThread(republish, period=ttl / 3, name="membership", run_first=False)
     thread.start()
     return thread
