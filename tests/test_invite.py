@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
-from hivemind.p2p import P2P, PeerID
+from hivemind.p2p import P2P, P2PContext, PeerID
 from hivemind.p2p.p2p_daemon_bindings.control import P2PHandlerError
 from hivemind.proto import averaging_pb2, runtime_pb2
 from hivemind.utils import MSGPackSerializer
@@ -77,7 +77,7 @@ def _refusal(coroutine) -> str:
 
 def test_invite_only_run_admits_members_and_refuses_outsiders_everywhere(tmp_path: Path):
     from athome.averaging import RobustAverager
-    from athome.peer.server import DirectExpertServicer, ExpertStateServicer
+    from athome.peer.server import BadRequest, DirectExpertServicer, ExpertStateServicer, ValidatingConnectionHandler
 
     organizer, alice, bob, eve = (Identity.load_or_create(tmp_path / f"{n}.key") for n in ("c", "a", "b", "e"))
     invites = {who.peer_id: issue_invite(organizer, peer_id=who.peer_id, expires_in_hours=1) for who in (alice, bob)}
@@ -143,6 +143,13 @@ def test_invite_only_run_admits_members_and_refuses_outsiders_everywhere(tmp_pat
         for attempt in (download_state, expert_forward, averager_state):
             message = _refusal(attempt(outsider))
             assert "not a member of this invite-only run" in message and FIX in message, (attempt.__name__, message)
+
+        # hivemind's expert protocol (the handler processes' servicer) checks the caller the same way
+        handler = ValidatingConnectionHandler(alice_dht, {}, max_batch_size=16)
+        for caller, admitted in ((bob.peer_id, True), (eve.peer_id, False)):
+            context = P2PContext(handle_name="rpc_info", local_id=alice_peer, remote_id=PeerID.from_base58(caller))
+            with pytest.raises(BadRequest if admitted else NotAdmitted):  # a member reaches the expert lookup
+                _call(handler.rpc_info(runtime_pb2.ExpertUID(uid="ffn.0.0"), context))
     finally:
         set_admission(None)
         if averager is not None:
