@@ -16,7 +16,7 @@ import asyncio
 import logging
 import signal
 import time
-from typing import Dict, List, Tuple
+from typing import List, Optional, Tuple
 
 logger = logging.getLogger(__name__)
 Address = Tuple[str, int]
@@ -85,7 +85,7 @@ async def _relay(client_reader, client_writer, target: Address, delay: float) ->
             writer.close()
 
 
-async def serve(maps: List[Tuple[Address, Address]], delay: float, ready: asyncio.Event = None) -> None:
+async def serve(maps: List[Tuple[Address, Address]], delay: float, ready: Optional[asyncio.Event] = None) -> None:
     """Relay each listen address to its target with ``delay`` seconds each way, until cancelled."""
     servers = []
     for listen, target in maps:
