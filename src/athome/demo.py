@@ -200,7 +200,7 @@ class BanWatch:
         if row is None:
             return None
         self.row, self.seconds = row, time.monotonic() - self.started
-        return (f"attacker caught and banned after {self.seconds:.0f}s (it had reported {attacker_steps} steps; "
+        return (f"attacker caught and banned {self.seconds:.0f}s after it started (it had reported {attacker_steps} steps; "
                 f"{row.get('checks_failed', '?')} failed check(s)): {row.get('banned_reason', '')}")
 
 
@@ -276,7 +276,10 @@ def run_demo(args: argparse.Namespace) -> None:
         with Live(status_table(children, curves, started), console=stderr_console, refresh_per_second=2) as live:
             coordinator.start()
             address = coordinator.wait_for("run address:", STARTUP_TIMEOUT, stop)
-            dashboard = next((l.split(":", 1)[1].strip() for l in coordinator.lines if l.startswith("dashboard:")), None)
+            try:  # printed right after the run address, unless the dashboard failed to start
+                dashboard = coordinator.wait_for("dashboard:", 15, stop)
+            except RuntimeError:
+                dashboard = None
             live.console.print(f"run address: {address}" + (f"\ndashboard: {dashboard}" if dashboard else ""))
             for host in hosts:  # one at a time, so each `--experts auto` sees the previous hosts' choices
                 host.argv[host.argv.index("RUN")] = address
@@ -290,6 +293,8 @@ def run_demo(args: argparse.Namespace) -> None:
             for trainer in trainers + ([attacker] if attacker is not None and role == "trainer" else []):
                 trainer.argv[trainer.argv.index("RUN")] = address
                 trainer.start()
+            if ban_watch is not None:
+                ban_watch.started = time.monotonic()  # latency counts from the attacker's start
             while not stop.is_set() and any(t.alive for t in trainers):
                 curves = {t.name: read_losses(out / f"{t.name}.jsonl") for t in trainers}
                 if ban_watch is not None:
@@ -328,7 +333,7 @@ def run_demo(args: argparse.Namespace) -> None:
         if ban_watch.row is None:
             die(f"the attacker was not caught within the demo; run longer (--minutes 3) or raise --check_rate, and see "
                 f"{out / 'logs' / 'coordinator.log'}")
-        emit(f"attacker banned: yes, after {ban_watch.seconds:.0f}s")
+        emit(f"attacker banned: yes, {ban_watch.seconds:.0f}s after it started")
 
 
 def print_leaderboard(rows: list) -> None:

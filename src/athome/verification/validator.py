@@ -297,7 +297,7 @@ class Validator:
             if self.sampler.should_check(seen.peer, late=seen.late):
                 self._queue.append(seen)
         budget = self.max_checks_per_poll if self.max_checks_per_poll is not None else len(self._queue)
-        todo, self._queue = self._queue[:budget], self._queue[budget:]
+        todo = self._take(budget)
         banned = set(self.board.bans())
         for seen in todo:
             if seen.peer not in banned:
@@ -306,10 +306,32 @@ class Validator:
             self._account(result)
         return results
 
+    def _take(self, budget: int) -> List[SeenCommitment]:
+        """Up to ``budget`` queued commitments: newest first, one trainer at a time (round-robin). A validator that
+        cannot keep up with every newcomer's every step thus spreads its checks over all trainers, instead of falling
+        ever further behind on the first ones (measured in ``peer demo --attack``: a FIFO queue caught the attacker
+        after 4 minutes). Queued steps whose bundles have already left their trainer's window are dropped: they
+        could only be inconclusive."""
+        live = [seen for seen in self._queue if not self._expired(seen)]
+        by_peer: Dict[str, List[SeenCommitment]] = {}
+        for seen in sorted(live, key=lambda seen: seen.commitment.step, reverse=True):
+            by_peer.setdefault(seen.peer, []).append(seen)
+        todo: List[SeenCommitment] = []
+        while len(todo) < budget and any(by_peer.values()):
+            for queue in by_peer.values():
+                if queue and len(todo) < budget:
+                    todo.append(queue.pop(0))
+        taken = {id(seen) for seen in todo}
+        self._queue = [seen for seen in live if id(seen) not in taken]
+        return todo
+
+    def _expired(self, seen: SeenCommitment) -> bool:
+        return seen.session == self.book.current_session(seen.peer) and seen.peer in self.latest_records \
+            and not self.in_current_window(seen)
+
     def check(self, seen: SeenCommitment) -> CheckResult:
         """Fetch and check one committed step (no accounting)."""
-        if seen.session == self.book.current_session(seen.peer) and seen.peer in self.latest_records \
-                and not self.in_current_window(seen):
+        if self._expired(seen):
             # the trainer moved on and dropped the bundle, as it may: the check came too late (validator backlog)
             return CheckResult(seen.peer, seen.session, seen.commitment.step, "inconclusive", "expired",
                                commitment=seen.commitment)
