@@ -11,7 +11,9 @@ For the averagers, the group is formed first (``step(require_trigger=True)``), a
 clock runs from the trigger to the slowest peer's result: matchmaking is excluded, so the numbers compare the
 all-reduce proper with gloo's. Each averager first runs one untimed warm-up round (gloo too). Bytes are counted by
 athome's runner (serialized messages sent to other peers); S is the vector size *as sent* (after compression), so
-bytes/optimal measures the protocol, not the codec.
+bytes/optimal measures the protocol, not the codec. ``cpu-s/peer`` is the CPU time one peer's processes (worker,
+DHT, averager, p2pd; for gloo the worker) used per round, counted until every peer finished: on a shared, loaded box
+the CPU ratios are much steadier than the wall-time ones, and a ``allreduce_cpu`` line reports them.
 
 The last line is ``allreduce N=4 athome/gloo: X.XX, athome/hivemind: Y.YY, bytes/optimal: Z.ZZ`` for athome with its
 default reducer (centered_clip) and no compression, at N=4 (or the first N given if 4 is not among them).
@@ -62,12 +64,35 @@ class Measurement:
     seconds: float  # slowest peer, median over reps
     bytes_ratio: float  # mean over peers of bytes_sent / (2 (N-1)/N * S_sent); nan if not counted
     vector_mib: float  # S as sent
+    cpu: float = float("nan")  # CPU seconds per peer per round (its processes: averager, DHT, p2pd), mean
 
 
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def _tree_cpu(root: int) -> float:
+    """CPU seconds (user + system) used so far by process ``root`` and all its descendants (e.g. averager, p2pd)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    table = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                table[int(entry)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
+            except (OSError, IndexError, ValueError):
+                pass  # the process ended while we listed
+    tree, changed = {root}, True
+    while changed:
+        changed = False
+        for pid, (ppid, _) in table.items():
+            if ppid in tree and pid not in tree:
+                tree.add(pid)
+                changed = True
+    return sum(table[pid][1] for pid in tree if pid in table)
 
 
 def _enter_netns(netns: str) -> None:
@@ -101,18 +126,21 @@ def _worker(rank, n, size, reps, port, tag, variants, maddr_queue, barrier, resu
     dist.init_process_group("gloo", init_method=f"tcp://{master_ip}:{port}", rank=rank, world_size=n)
     buffer = vector.clone()
     dist.all_reduce(buffer)  # warm-up (connections)
-    times = []
+    times, cpus = [], []
     for _ in range(reps):
         buffer.copy_(vector)
         dist.barrier()
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()  # gloo's threads live in this process
         dist.all_reduce(buffer)
         elapsed = torch.tensor([time.perf_counter() - started])
+        cpu = torch.tensor([time.process_time() - cpu_started])
         dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+        dist.all_reduce(cpu)
         times.append(float(elapsed))
+        cpus.append(float(cpu) / n)
     dist.destroy_process_group()
     if rank == 0:
-        results.put(("gloo", statistics.median(times), float("nan"), size * 4 / 2**20))
+        results.put(("gloo", statistics.median(times), float("nan"), size * 4 / 2**20, statistics.mean(cpus)))
 
     # --- DHT
     import hivemind
@@ -147,6 +175,7 @@ def _worker(rank, n, size, reps, port, tag, variants, maddr_queue, barrier, resu
             while control.stage != AveragingStage.AWAITING_TRIGGER and not control.done():
                 time.sleep(0.01)
             barrier.wait()
+            cpu_started = _tree_cpu(os.getpid())
             started = time.perf_counter()
             control.allow_allreduce()
             try:
@@ -166,10 +195,11 @@ def _worker(rank, n, size, reps, port, tag, variants, maddr_queue, barrier, resu
                 report = averager.last_round
                 optimal = 2 * (n - 1) / n * report.vector_bytes
                 ratios.append(report.bytes_sent / optimal)
+            barrier.wait()  # every peer is done: whatever this peer did for the others is counted too
+            cpu = _tree_cpu(os.getpid()) - cpu_started
             if rep >= 0:
                 times.append(elapsed)
-                results.put(("rep", label, rank, elapsed, ratios[-1] if ratios else float("nan")))
-            barrier.wait()
+                results.put(("rep", label, rank, elapsed, ratios[-1] if ratios else float("nan"), cpu))
         averager.shutdown()
         barrier.wait()
     dht.shutdown()
@@ -205,14 +235,14 @@ def run_group(n: int, size: int, reps: int, variants=VARIANTS, places=None) -> l
                 break
             continue
         if item[0] == "gloo":
-            gloo = Measurement("gloo", item[1], item[2], item[3])
+            gloo = Measurement("gloo", item[1], item[2], item[3], item[4])
         elif item[0] == "fail":
             _, label, rank, error = item
             failures.setdefault(label, []).append(error)
             received += 1
         else:
-            _, label, rank, elapsed, ratio = item
-            per_variant.setdefault(label, []).append((rank, elapsed, ratio))
+            _, label, rank, elapsed, ratio, cpu = item
+            per_variant.setdefault(label, []).append((rank, elapsed, ratio, cpu))
             received += 1
     for worker in workers:
         worker.join(timeout=60)
@@ -230,14 +260,15 @@ def run_group(n: int, size: int, reps: int, variants=VARIANTS, places=None) -> l
         # per rep: the slowest peer; then the median over reps
         by_rep: dict[int, list[float]] = {}
         counts: dict[int, int] = {}
-        for rank, elapsed, _ in samples:
+        for rank, elapsed, *_ in samples:
             rep = counts.get(rank, 0)
             counts[rank] = rep + 1
             by_rep.setdefault(rep, []).append(elapsed)
         seconds = statistics.median(max(values) for values in by_rep.values())
-        ratios = [ratio for _, _, ratio in samples if ratio == ratio]
+        ratios = [ratio for _, _, ratio, _ in samples if ratio == ratio]
+        cpu = statistics.mean(cpu for *_, cpu in samples)
         measurements.append(
-            Measurement(label, seconds, statistics.mean(ratios) if ratios else float("nan"), vector_mib)
+            Measurement(label, seconds, statistics.mean(ratios) if ratios else float("nan"), vector_mib, cpu)
         )
     return measurements
 
@@ -275,7 +306,7 @@ def main() -> None:
         where = f"a process in its own network namespace behind a {args.link_mbit:g} Mbit/s tbf link"
     print(f"# {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; every peer is {where}")
     started = time.perf_counter()
-    summary = link_summary = None
+    summary = link_summary = cpu_summary = None
     bytes_per_value = {"none": 4, "fp16": 2, "uint8": 1}
     codec_of = {label: compression for label, _, _, compression in variants}
     for size in sizes:
@@ -295,13 +326,22 @@ def main() -> None:
             gloo = by_label.get("gloo")
             baselines = [m for m in measurements if m.label.startswith("hivemind")]
             hivemind_m = (
-                Measurement("hivemind (mean of runs)", statistics.mean(m.seconds for m in baselines), float("nan"), 0)
+                Measurement(
+                    "hivemind (mean of runs)",
+                    statistics.mean(m.seconds for m in baselines),
+                    float("nan"),
+                    0,
+                    statistics.mean(m.cpu for m in baselines),
+                )
                 if baselines
                 else None
             )
             print(f"\n## N={n}, {size:,} fp32 ({size * 4 / 2**20:.1f} MiB), median of {args.reps} rep(s)")
             link_column = f" {'/link':>8}" if args.link_mbit else ""
-            print(f"{'variant':<28} {'seconds':>8} {'/gloo':>8} {'/hivemind':>10} {'bytes/optimal':>14}{link_column}")
+            print(
+                f"{'variant':<28} {'seconds':>8} {'/gloo':>8} {'/hivemind':>10} {'bytes/optimal':>14} "
+                f"{'cpu-s/peer':>10} {'cpu/gloo':>9} {'cpu/hivemind':>12}{link_column}"
+            )
 
             def vs_link(m: Measurement) -> float:  # seconds / the time the link allows for this vector as sent
                 sent = size * bytes_per_value.get(codec_of.get(m.label, "none"), 4)
@@ -310,13 +350,19 @@ def main() -> None:
             for m in measurements:
                 vs_gloo = m.seconds / gloo.seconds if gloo else float("nan")
                 vs_hm = m.seconds / hivemind_m.seconds if hivemind_m else float("nan")
+                cpu_gloo = m.cpu / gloo.cpu if gloo else float("nan")
+                cpu_hm = m.cpu / hivemind_m.cpu if hivemind_m else float("nan")
                 link = f" {vs_link(m):>8.2f}" if args.link_mbit else ""
-                print(f"{m.label:<28} {m.seconds:>8.3f} {vs_gloo:>8.2f} {vs_hm:>10.2f} {m.bytes_ratio:>14.3f}{link}")
+                print(
+                    f"{m.label:<28} {m.seconds:>8.3f} {vs_gloo:>8.2f} {vs_hm:>10.2f} {m.bytes_ratio:>14.3f} "
+                    f"{m.cpu:>10.3f} {cpu_gloo:>9.2f} {cpu_hm:>12.2f}{link}"
+                )
             if hivemind_m:
                 print(f"# /hivemind baseline: mean of {len(baselines)} stock runs, {hivemind_m.seconds:.3f}s")
             athome = by_label.get(SUMMARY_VARIANT)
             if athome and gloo and hivemind_m and (summary is None or n == 4):
                 summary = (n, athome.seconds / gloo.seconds, athome.seconds / hivemind_m.seconds, athome.bytes_ratio)
+                cpu_summary = (n, athome.cpu / gloo.cpu, athome.cpu / hivemind_m.cpu)
                 if args.link_mbit:
                     link_summary = (n, vs_link(athome), vs_link(gloo))
             sys.stdout.flush()
@@ -324,6 +370,8 @@ def main() -> None:
     if summary is None:
         print("allreduce: no complete measurement")
         sys.exit(1)
+    if cpu_summary is not None:  # CPU time is far less sensitive to a loaded box than wall time
+        print(f"allreduce_cpu N={cpu_summary[0]} athome/gloo: {cpu_summary[1]:.2f}, athome/hivemind: {cpu_summary[2]:.2f}")
     if link_summary is not None:
         print(f"allreduce_link N={link_summary[0]} athome/link: {link_summary[1]:.2f}, gloo/link: {link_summary[2]:.2f}")
     n, vs_gloo, vs_hivemind, bytes_ratio = summary
