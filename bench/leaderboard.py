@@ -4,6 +4,8 @@ Fills a fresh ledger through the real ingestion path (``Store.ingest``, the same
 times ``Store.leaderboard`` pages (50 rows, what the dashboard and ``/api/leaderboard`` ask for) at random offsets
 from the first to the last page, plus team-filtered pages. Goal: a page query in under 100 ms.
 
+It also times one poll of signed receipts (``--trainers`` x ``--hosts``) and settling every pending batch.
+
 Usage: ``python bench/leaderboard.py [--peers 100000] [--queries 200]``. The last line reads
 ``leaderboard page query at 100k peers: X ms`` (X = the median over random pages, the 95th percentile is printed
 above it).
@@ -61,6 +63,8 @@ def main() -> None:
     parser.add_argument("--peers", type=int, default=100_000)
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--page", type=int, default=50)
+    parser.add_argument("--trainers", type=int, default=200, help="trainers in the receipts poll")
+    parser.add_argument("--hosts", type=int, default=50, help="hosts each trainer signs receipts for")
     args = parser.parse_args()
     rng = random.Random(0)
     now = time.time()
@@ -79,6 +83,14 @@ def main() -> None:
         random_pages = [timed(lambda: store.leaderboard(args.page, offset, now=now)) for offset in offsets]
         team = [timed(lambda: store.leaderboard(args.page, 0, team=f"team-{rng.randrange(200)}", now=now))
                 for _ in range(args.queries)]
+        # one poll of signed receipts (every trainer signs for every host it used) and the settling of every
+        # pending batch once the window has passed: the per-poll costs the credit rules add
+        hosts = [row["peer_id"] for row in store.leaderboard(args.hosts, 0, now=now)["rows"]]
+        trainers = [row["peer_id"] for row in store.leaderboard(args.trainers, args.hosts, now=now)["rows"]]
+        receipts_ms = timed(lambda: store.ingest_receipts(
+            [(trainer, 1, now, {host: rng.randrange(1, 10_000) for host in hosts}) for trainer in trainers], now=now
+        ))
+        settle_ms = timed(lambda: store.settle(now + 2 * store.policy.pending_window))
         plan = store._read(
             "EXPLAIN QUERY PLAN SELECT peer_id FROM contributions ORDER BY banned, samples DESC, expert_work DESC, "
             "peer_id LIMIT 50"
@@ -90,6 +102,8 @@ def main() -> None:
         values = sorted(values)
         p95 = values[min(len(values) - 1, int(len(values) * 0.95))]
         print(f"{name:>12}: median {statistics.median(values):7.2f} ms, p95 {p95:7.2f} ms, max {values[-1]:7.2f} ms")
+    print(f"receipts poll ({len(trainers)} trainers x {len(hosts)} hosts): {receipts_ms:.0f} ms; "
+          f"settling {args.peers:,} pending batches: {settle_ms:.0f} ms")
     label = f"{args.peers // 1000}k" if args.peers % 1000 == 0 else f"{args.peers:,}"
     print(f"leaderboard page query at {label} peers: {statistics.median(random_pages):.1f} ms")
 

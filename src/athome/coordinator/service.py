@@ -183,9 +183,12 @@ class CoordinatorService:
             if self.store is None:
                 raise RuntimeError("the service is not started")
             self.store.ingest(observations, now)
-            for trainer_id, (receipt, _) in receipts.items():
-                calls = {host: item.forward + item.backward for host, item in receipt.hosts.items()}
-                self.store.record_receipts(trainer_id, receipt.session, receipt.time, calls, now)
+            self.store.ingest_receipts(
+                ((trainer_id, receipt.session, receipt.time,
+                  {host: item.forward + item.backward for host, item in receipt.hosts.items()})
+                 for trainer_id, (receipt, _) in receipts.items()),
+                now,
+            )
             self.store.save_expert_map(expert_map_from_servers(servers, self.config.model.expert_uids()), now)
         except Exception as error:
             with self._stats_lock:

@@ -20,7 +20,8 @@ nobody has checked, so the ledger treats them as claims and bounds what they can
 
 Samples count only while verification vouches for them (``samples`` = ``verified_samples`` + ``pending_samples``):
 
-- credited samples start *pending*, in a batch stamped with the coordinator time they were credited;
+- credited samples start *pending*, in a batch stamped with the coordinator time they were credited (batches
+  credited within the same 1/20 of the window are merged, so some samples settle up to that much early);
 - a passed spot-check (:meth:`Store.record_check`) verifies every sample of the peer pending at that moment. Checks
   sample steps at random with OS randomness, so a trainer cannot tell which of its pending steps will be replayed;
   each passed check vouches for what was reported since the previous one;
@@ -474,9 +475,18 @@ class Store:
         if kind == "samples" and credited:
             db.execute("UPDATE contributions SET pending_samples = MIN(pending_samples + ?, ?) WHERE peer_id = ?",
                        (credited, MAX_COUNTER, peer_id))
-            db.execute("INSERT INTO pending (peer_id, amount, credited_at) VALUES (?, ?, ?)", (peer_id, credited, now))
+            # batches are merged per 1/20 of the window, so a trainer holds ~20 pending rows, not one per poll
+            granularity = (self.policy.pending_window or 600.0) / 20
+            batch = db.execute("SELECT id FROM pending WHERE peer_id = ? AND credited_at >= ? ORDER BY id DESC LIMIT 1",
+                               (peer_id, now - now % granularity)).fetchone()
+            if batch is not None:
+                db.execute("UPDATE pending SET amount = amount + ? WHERE id = ?", (credited, batch["id"]))
+            else:
+                db.execute("INSERT INTO pending (peer_id, amount, credited_at) VALUES (?, ?, ?)",
+                           (peer_id, credited, now))
         if kind == "work":
-            self._update_expert_work(db, peer_id)
+            db.execute("UPDATE contributions SET expert_work = MIN(work_claimed, work_receipted) "
+                       "WHERE peer_id = ? AND banned = 0", (peer_id,))
         return CreditResult(credited=credited, refused=refused, restarted=restarted)
 
     @staticmethod
@@ -498,30 +508,27 @@ class Store:
         window = self.policy.pending_window
         if window is None:
             return
-        rows = db.execute(
-            """SELECT p.peer_id, SUM(p.amount) AS amount, c.clean_streak >= ? AS trusted
-               FROM pending p JOIN contributions c ON c.peer_id = p.peer_id
-               WHERE p.credited_at < ? GROUP BY p.peer_id""",
-            (self.policy.trusted_after_checks, now - window),
-        ).fetchall()
-        for row in rows:
-            amount = int(row["amount"])
-            if row["trusted"]:
-                db.execute(
-                    "UPDATE contributions SET pending_samples = MAX(pending_samples - ?, 0), "
-                    "verified_samples = MIN(verified_samples + ?, samples) WHERE peer_id = ?",
-                    (amount, amount, row["peer_id"]),
-                )
-            else:
-                db.execute(
-                    "UPDATE contributions SET pending_samples = MAX(pending_samples - ?, 0), "
-                    "samples = MAX(samples - ?, 0), lapsed_samples = MIN(lapsed_samples + ?, ?) WHERE peer_id = ?",
-                    (amount, amount, amount, MAX_COUNTER, row["peer_id"]),
-                )
-                logger.info(f"{amount} samples of {row['peer_id']} lapsed: no spot-check passed within "
-                            f"{window:.0f}s and the peer is not trusted yet (CreditPolicy.pending_window)")
-        if rows:
-            db.execute("DELETE FROM pending WHERE credited_at < ?", (now - window,))
+        cutoff = now - window
+        if db.execute("SELECT 1 FROM pending WHERE credited_at < ? LIMIT 1", (cutoff,)).fetchone() is None:
+            return
+        # set-based: one statement per outcome, whatever the number of peers (100k lapse together after an outage)
+        due = "(SELECT peer_id, SUM(amount) AS amount FROM pending WHERE credited_at < ? GROUP BY peer_id) AS due"
+        trusted = db.execute(
+            f"""UPDATE contributions SET pending_samples = MAX(pending_samples - due.amount, 0),
+                    verified_samples = MIN(verified_samples + due.amount, samples)
+                FROM {due} WHERE contributions.peer_id = due.peer_id AND contributions.clean_streak >= ?""",
+            (cutoff, self.policy.trusted_after_checks),
+        ).rowcount
+        lapsed = db.execute(
+            f"""UPDATE contributions SET pending_samples = MAX(pending_samples - due.amount, 0),
+                    samples = MAX(samples - due.amount, 0), lapsed_samples = MIN(lapsed_samples + due.amount, ?)
+                FROM {due} WHERE contributions.peer_id = due.peer_id AND contributions.clean_streak < ?""",
+            (MAX_COUNTER, cutoff, self.policy.trusted_after_checks),
+        ).rowcount
+        db.execute("DELETE FROM pending WHERE credited_at < ?", (cutoff,))
+        if lapsed:
+            logger.info(f"Samples of {lapsed} peers lapsed: no spot-check passed within {window:.0f}s and they are "
+                        f"not trusted yet (CreditPolicy.pending_window); {trusted} trusted peers' samples verified")
 
     def settle(self, now: Optional[float] = None) -> None:
         """Settle pending samples older than ``CreditPolicy.pending_window`` (see the module doc); ingest calls it."""
@@ -571,48 +578,67 @@ class Store:
         ``expert_work`` is recomputed. A banned trainer's receipts, and a host's receipts for itself, count nothing.
         Returns host -> result."""
         now = time.time() if now is None else now
+        with self._transaction() as db:
+            return self._record_receipts(db, trainer_id, session, report_time, receipts, now)
+
+    def ingest_receipts(self, records: Iterable[tuple[str, Any, Any, dict[str, Any]]], now: Optional[float] = None) -> None:
+        """:meth:`record_receipts` for one poll's ``(trainer_id, session, report_time, receipts)`` records, in one
+        transaction."""
+        now = time.time() if now is None else now
+        with self._transaction() as db:
+            for trainer_id, session, report_time, receipts in records:
+                self._record_receipts(db, trainer_id, session, report_time, receipts, now)
+
+    def _record_receipts(
+        self, db: sqlite3.Connection, trainer_id: str, session: Any, report_time: Any, receipts: dict[str, Any],
+        now: float,
+    ) -> dict[str, CreditResult]:
         trainer_id = _text(trainer_id, 128)
         session = clamp_counter(session)
         report_time = _finite(report_time)
         results: dict[str, CreditResult] = {}
         rate = self.policy.max_expert_calls_per_second
-        with self._transaction() as db:
-            self._touch_contribution(db, trainer_id, Observation(trainer_id), now, seen=False)
-            banned = db.execute("SELECT banned FROM contributions WHERE peer_id = ?", (trainer_id,)).fetchone()[0]
-            for host_id, calls in list(receipts.items())[:1024]:
-                host_id = _text(host_id, 128)
-                if banned or report_time is None or host_id == trainer_id:
-                    results[host_id] = CreditResult(skipped="banned" if banned else "no report time"
-                                                    if report_time is None else "self-receipt")
-                    continue
-                clamped_time = min(report_time, now + self.policy.max_clock_skew)
-                row = db.execute("SELECT * FROM receipts WHERE trainer_id = ? AND host_id = ?",
-                                 (trainer_id, host_id)).fetchone()
-                if row is not None and row["report_time"] is not None and clamped_time <= row["report_time"]:
-                    results[host_id] = CreditResult(skipped="stale or replayed report")
-                    continue
-                value = clamp_counter(calls)
-                restarted = row is not None and (session != row["session"] or value < row["reported"])
-                growth = value if row is None or restarted else value - row["reported"]
-                if row is None or row["credited_at"] is None:
-                    allowed_seconds = self.policy.first_report_seconds
-                else:
-                    allowed_seconds = min(max(0.0, now - row["credited_at"]) + self.policy.slack_seconds,
-                                          self.policy.max_gap_seconds)
-                credited = min(growth, int(rate * allowed_seconds))
-                db.execute(
-                    """INSERT INTO receipts (trainer_id, host_id, session, reported, report_time, credited, credited_at,
-                                             refused) VALUES (?, ?, ?, ?, ?, ?, ?, ?)
-                       ON CONFLICT (trainer_id, host_id) DO UPDATE SET session = excluded.session,
-                           reported = excluded.reported, report_time = excluded.report_time,
-                           credited = MIN(credited + excluded.credited, ?), credited_at = excluded.credited_at,
-                           refused = MIN(refused + excluded.refused, ?)""",
-                    (trainer_id, host_id, session, value, clamped_time, credited, now, growth - credited,
-                     MAX_COUNTER, MAX_COUNTER),
-                )
-                self._touch_contribution(db, host_id, Observation(host_id), now, seen=False)
-                self._update_expert_work(db, host_id)
-                results[host_id] = CreditResult(credited=credited, refused=growth - credited, restarted=restarted)
+        self._touch_contribution(db, trainer_id, Observation(trainer_id), now, seen=False)
+        banned = db.execute("SELECT banned FROM contributions WHERE peer_id = ?", (trainer_id,)).fetchone()[0]
+        for host_id, calls in list(receipts.items())[:1024]:
+            host_id = _text(host_id, 128)
+            if banned or report_time is None or host_id == trainer_id:
+                results[host_id] = CreditResult(skipped="banned" if banned else "no report time"
+                                                if report_time is None else "self-receipt")
+                continue
+            clamped_time = min(report_time, now + self.policy.max_clock_skew)
+            row = db.execute("SELECT * FROM receipts WHERE trainer_id = ? AND host_id = ?",
+                             (trainer_id, host_id)).fetchone()
+            if row is not None and row["report_time"] is not None and clamped_time <= row["report_time"]:
+                results[host_id] = CreditResult(skipped="stale or replayed report")
+                continue
+            value = clamp_counter(calls)
+            restarted = row is not None and (session != row["session"] or value < row["reported"])
+            growth = value if row is None or restarted else value - row["reported"]
+            if row is None or row["credited_at"] is None:
+                allowed_seconds = self.policy.first_report_seconds
+            else:
+                allowed_seconds = min(max(0.0, now - row["credited_at"]) + self.policy.slack_seconds,
+                                      self.policy.max_gap_seconds)
+            credited = min(growth, int(rate * allowed_seconds))
+            db.execute(
+                """INSERT INTO receipts (trainer_id, host_id, session, reported, report_time, credited, credited_at,
+                                         refused) VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+                   ON CONFLICT (trainer_id, host_id) DO UPDATE SET session = excluded.session,
+                       reported = excluded.reported, report_time = excluded.report_time,
+                       credited = MIN(credited + excluded.credited, ?), credited_at = excluded.credited_at,
+                       refused = MIN(refused + excluded.refused, ?)""",
+                (trainer_id, host_id, session, value, clamped_time, credited, now, growth - credited,
+                 MAX_COUNTER, MAX_COUNTER),
+            )
+            self._touch_contribution(db, host_id, Observation(host_id), now, seen=False)
+            # incremental: work_receipted is the sum over non-banned trainers (recomputed on revoke/unban)
+            db.execute(
+                "UPDATE contributions SET work_receipted = MIN(work_receipted + ?, ?), "
+                "expert_work = MIN(work_claimed, work_receipted + ?, ?) WHERE peer_id = ? AND banned = 0",
+                (credited, MAX_COUNTER, credited, MAX_COUNTER, host_id),
+            )
+            results[host_id] = CreditResult(credited=credited, refused=growth - credited, restarted=restarted)
         return results
 
     # ---------------------------------------------------------------------------------------------- verification hooks
