@@ -89,7 +89,7 @@ def check_reachability(args: argparse.Namespace) -> list[CheckResult]:
 
     from athome.dht import Identity, RunAddress, RunAddressError, start_dht
     from athome.netflags import dht_kwargs
-    from athome.peer.reachability import wait_reachable_via_relay
+    from athome.peer.reachability import shutdown_dht, wait_reachable_via_relay
 
     try:
         address = RunAddress.parse(args.run)
@@ -110,7 +110,7 @@ def check_reachability(args: argparse.Namespace) -> list[CheckResult]:
     try:
         answer = wait_reachable_via_relay(dht, address.coordinator_id, timeout=0 if args.no_relay else 30)
     finally:
-        dht.shutdown()
+        shutdown_dht(dht)
     if answer.get("reachable"):
         return [CheckResult("reach", True, f"the run can dial this peer directly at {answer['maddr']}")]
     direct = CheckResult("reach", False, f"the run cannot dial this peer directly ({answer.get('error')})",

@@ -211,6 +211,20 @@ def wait_reachable_via_relay(dht, checker_id: str, timeout: float = 45) -> dict:
         time.sleep(2.0)
 
 
+def shutdown_dht(dht) -> None:
+    """Stop ``dht`` for a restart. Its cached p2p replica is closed first, on the loop it belongs to: left to the
+    garbage collector, it would print "no current event loop" tracebacks in the middle of ``peer join``."""
+    from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
+
+    replica = getattr(dht, "_p2p_replica", None)  # hivemind's cache behind DHT.replicate_p2p()
+    if replica is not None:
+        try:
+            RemoteExpertWorker.run_coroutine(replica.shutdown())
+        except Exception as error:
+            logger.debug(f"closing the p2p replica failed: {error!r}")
+    dht.shutdown()
+
+
 def choose_serving_mode(
     dht, args: argparse.Namespace, coordinator_id: str, restart: Callable[..., object]
 ) -> Tuple[object, str, dict]:
@@ -242,7 +256,7 @@ def choose_serving_mode(
                 f"The run cannot dial this peer directly ({answer.get('error')}); serving through the run's relay "
                 f"instead (slower; open a port and pass --public_ip/--port to serve directly, or --no_relay)"
             )
-            dht.shutdown()
+            shutdown_dht(dht)
             dht = restart(relays=[args.run], client_mode=True, use_auto_relay=True)
             answer = wait_reachable_via_relay(dht, coordinator_id)
             mode = RELAYED if answer.get("relayed_reachable") else CLIENT
@@ -252,7 +266,7 @@ def choose_serving_mode(
             f"{answer.get('relay_error') or 'disabled by --no_relay'}), so it cannot serve experts: training only, "
             f"in client mode. Run `peer check --run {args.run}` for the steps that fix it"
         )
-        dht.shutdown()
+        shutdown_dht(dht)
         dht = restart(client_mode=True, relays=[], use_auto_relay=False)
     elif mode == RELAYED:
         logger.info("Serving through the run's relay: trainers reach this peer via the coordinator (--no_relay "
