@@ -64,23 +64,27 @@ def worker(args: argparse.Namespace) -> None:
     x = torch.randn(args.tokens, config.model.d_model, generator=generator, requires_grad=True)
     expert_index = torch.stack([torch.randperm(len(uids), generator=generator)[:2] for _ in range(args.tokens)])
 
-    def step(dispatcher) -> bool:
+    def step(dispatcher) -> float:
+        """One forward + backward; the fraction of (token, expert) slots the host answered."""
         outputs, answered = dispatcher(x, expert_index)
         outputs.sum().backward()
-        return bool(answered.all())
+        return answered.float().mean().item()
 
     for name, dispatcher in dispatchers.items():  # warm-up: connections, the relay circuit, the hosts' first calls
-        deadline = time.monotonic() + 120
-        while not step(dispatcher):
-            assert time.monotonic() < deadline, f"{name} host never answered every expert"
+        deadline = time.monotonic() + 300
+        while step(dispatcher) < 1.0:
+            if time.monotonic() > deadline:
+                logger.warning(f"{name} host still fails requests after 300 s of warm-up; measuring anyway")
+                break
             time.sleep(2)
+    # a sample counts once answered: failed requests (skipped by the trainer) are lost throughput
     rates = {name: [] for name in dispatchers}
     for _ in range(args.rounds):
         for name, dispatcher in dispatchers.items():
-            started, ok = time.perf_counter(), 0
+            started, answered = time.perf_counter(), 0.0
             for _ in range(args.steps):
-                ok += step(dispatcher)
-            rates[name].append(args.tokens * ok / (time.perf_counter() - started))
+                answered += step(dispatcher)
+            rates[name].append(args.tokens * answered / (time.perf_counter() - started))
     connections = {str(info.peer_id): [str(a) for a in info.addrs] for info in RemoteExpertWorker.run_coroutine(p2p.list_peers())}
     for name, values in rates.items():
         host = args.direct if name == "direct" else args.relayed
