@@ -24,3 +24,23 @@ def test_banned_peer_gets_weight_zero_and_reduces_nothing(make_averagers, dhts):
         assert torch.allclose(_flat(_tensors(averager)), expected, atol=1e-5)
         report = averager.last_round
         assert report.ok and banned_id in report.peers  # it was in the group, and ignored
+
+
+def test_trainer_clips_only_aggregates_that_no_honest_group_can_produce():
+    """Honest contributions are clipped to grad_clip, so their mean is too: it passes unchanged; a poisoned one
+    (x-1000 through a group without honest majority) is cut to grad_clip before it reaches AdamW's statistics."""
+    from athome.trainer.train import AggregateClippedAdamW
+
+    generator = torch.Generator().manual_seed(5)
+    contributions = [torch.randn(100, generator=generator) for _ in range(3)]
+    contributions = [c / c.norm() * 0.9 for c in contributions]  # each clipped to grad_clip 1.0 by its trainer
+    param = torch.nn.Parameter(torch.zeros(100))
+    optimizer = AggregateClippedAdamW([param], max_norm=1.0, lr=1e-3)
+    honest_mean = torch.stack(contributions).mean(0)
+    param.grad = honest_mean.clone()
+    optimizer.step()
+    assert torch.equal(param.grad, honest_mean) and optimizer.clipped == 0
+    param.grad = (contributions[0] - 1000 * contributions[1]) / 2  # a group of two: the mean is the attacker's
+    optimizer.step()
+    assert abs(float(param.grad.norm()) - 1.0) < 1e-5 and optimizer.clipped == 1
+    assert float(optimizer.state[param]["exp_avg_sq"].max()) < 1e-2  # second moment of honest size, not x1e5
