@@ -400,7 +400,8 @@ def test_dead_peer_mid_round_does_not_hang_and_partial_round_is_not_applied(make
             outcomes.append(e)
     elapsed = time.monotonic() - started
     try:
-        assert elapsed < 20, f"survivors took {elapsed:.1f}s"
+        # bounded: a reducer timeout (4 s) for the victim's part, then the repair window (one more reducer timeout)
+        assert elapsed < 30, f"survivors took {elapsed:.1f}s"
         assert all(isinstance(o, PartialRoundError) for o in outcomes), outcomes
         for averager, original in zip(averagers[:3], sets[:3]):
             assert torch.equal(_tensors(averager)[0], original[0]), "a partial round must not be applied"
@@ -411,9 +412,10 @@ def test_dead_peer_mid_round_does_not_hang_and_partial_round_is_not_applied(make
             report = averager.last_round
             assert report.status == "partial" and 0 < report.unreduced_fraction < 1
             assert str(victim.peer_id) in report.failed_reducers
-            # nobody completed the round: each survivor asked the others, and all of them said so
+            # nobody completed the round: each survivor asked the others, and none could repair it
             assert report.repaired_from is None
-            assert sum(reason == "CANCELLED" for reason in report.repair_failures.values()) == 2, report
+            others = {str(a.peer_id) for a in averagers[:3]} - {str(averager.peer_id)}
+            assert others <= set(report.repair_failures), report
 
         # the survivors then finish a complete round without the victim
         results = _step_all(averagers[:3])
@@ -585,6 +587,10 @@ def test_centered_clip_matches_the_textbook_iteration():
             expected = textbook(stacked.double(), weights.double(), 1.0, 5).float()
             scale = float(stacked.abs().max())
             assert float((result - expected).abs().max()) <= 1e-5 * scale, (n, attack)
+        if n >= 3:  # a sender of 1e30-sized values (finite in fp32; its squared norm is not) is still clipped
+            stacked[-1] = 1e30
+            result, scale = centered_clip(stacked, torch.ones(n), 1.0, 5)
+            assert float((result - base).abs().max()) < 1.0 and float(scale[-1]) < 1e-20, n
 
 
 def test_adaptive_timeouts_follow_measured_throughput():

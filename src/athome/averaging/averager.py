@@ -73,7 +73,7 @@ from athome.dht.auth import admit
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_PART_SIZE_BYTES = 2**20
+DEFAULT_PART_VALUES = 2**18  # fp32 values per streamed part by default (1 MiB uncompressed)
 
 RoundStatus = Literal["ok", "partial", "timeout", "failed", "cancelled"]
 
@@ -186,7 +186,8 @@ class RobustAveragingMixin:
     :param min_chunk_timeout: floor of the per-part (sender) timeout, seconds; default: ``next_chunk_timeout`` or 10
       (5 s gave false failures with 8 peers of 10M floats on a loaded 2-core box: one part can stall that long)
     :param torch_threads: torch intra-op threads inside the averager process (None: leave torch's default)
-    :param part_size_bytes: (hivemind's) size of the parts a vector is streamed in; athome's default is 1 MiB
+    :param part_size_bytes: (hivemind's) size of the parts a vector is streamed in, after compression; athome's
+      default is 256K values per part (1 MiB with "none", 512 KiB with "fp16", 256 KiB with "uint8")
     :param kwargs: everything hivemind's averager accepts (``dht``, ``prefix``, ``target_group_size``,
       ``initial_group_bits``, ``min_matchmaking_time``, ``request_timeout``, ...). A given ``allreduce_timeout`` is
       kept as hivemind's outer limit; sender/reducer timeouts are always derived per round.
@@ -218,9 +219,12 @@ class RobustAveragingMixin:
         self.reducer_settings = ReducerSettings(reducer, clip_tau, clip_iterations, max_weight_ratio, heavy_clip_scale)
         codec = get_codec(compression)
         _check_state_compression(kwargs.get("state_compression"))
-        # 1 MiB parts instead of hivemind's 512 KiB: measured -17% CPU per round (averager + p2pd, 4 peers x 10M fp32
-        # on 2 cores: 2.05 vs 2.47 CPU-s), while a 100 Mbit/s link still pipelines (0.08 s per part)
-        kwargs.setdefault("part_size_bytes", DEFAULT_PART_SIZE_BYTES)
+        # 1 MiB fp32 parts instead of hivemind's 512 KiB: measured -17% CPU per round (averager + p2pd, 4 peers x
+        # 10M fp32 on 2 cores: 2.05 vs 2.47 CPU-s), while a 100 Mbit/s link still pipelines (0.08 s per part). The
+        # size counts values, not compressed bytes: 4x larger uint8 parts left too few parts to overlap
+        # quantization with transfer (measured 1.8x the wall time of codec "none" at N=4)
+        ratio = codec.estimate_compression_ratio(CompressionInfo.from_tensor(torch.zeros(1)))
+        kwargs.setdefault("part_size_bytes", int(DEFAULT_PART_VALUES * 4 * ratio))
         if min_chunk_timeout is None:
             min_chunk_timeout = kwargs.get("next_chunk_timeout") or 10.0
         self._adaptive_timeouts = AdaptiveTimeouts(
@@ -470,8 +474,13 @@ class RobustAveragingMixin:
             self._mark_updated()
             return
 
-        self._round_outcomes.publish(group_id, None)
-        await self._repair_from_members(tensors, group_info, group_id, runner, deltas, failure, report)
+        # publish only once the repair concluded: a member we repair from may die after answering us, and then the
+        # members that have not asked it yet can still copy the same outcome from us
+        repaired = None
+        try:
+            repaired = await self._repair_from_members(tensors, group_info, group_id, runner, deltas, failure, report)
+        finally:
+            self._round_outcomes.publish(group_id, repaired)
 
     async def _repair_from_members(
         self,
@@ -482,9 +491,12 @@ class RobustAveragingMixin:
         deltas: Optional[List[torch.Tensor]],
         failure: AllreduceException,
         report: RoundReport,
-    ) -> None:
+    ) -> List[torch.Tensor]:
         """Our all-reduce was incomplete: copy the outcome of a member that completed it, or raise ``failure``
-        with the tensors unchanged if none did (see :mod:`.consistency` for the guarantee)."""
+        with the tensors unchanged if none did (see :mod:`.consistency` for the guarantee).
+
+        :returns: the copied outcome (views of a private buffer, not of ``tensors``), for :class:`RoundOutcomes`
+        """
         own = torch.cat([t.detach().reshape(-1).float() for t in tensors])
         if deltas is not None:  # the aggregate we did receive, to cross-check the member's answer against
             own.add_(torch.cat([d.reshape(-1).float() for d in deltas]), alpha=self._averaging_alpha)
@@ -509,13 +521,15 @@ class RobustAveragingMixin:
             raise type(failure)(
                 f"{failure}; no member completed the round either ({why}); tensors left unchanged"
             ) from failure
-        offset = 0
+        outcome, offset = [], 0
         for tensor in tensors:  # atomic, as above
-            tensor.copy_(flat[offset : offset + tensor.numel()].view_as(tensor))
+            outcome.append(flat[offset : offset + tensor.numel()].view_as(tensor))
+            tensor.copy_(outcome[-1])
             offset += tensor.numel()
         report.repaired_from = str(source)
         logger.info(f"{failure}; repaired from {source}, which completed the round")
         self._mark_updated()
+        return outcome
 
     def _repair_timeout(self) -> float:
         """How long an incomplete member waits for the others' outcomes: the round's reducer timeout (derived from

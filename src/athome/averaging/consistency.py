@@ -9,20 +9,21 @@ Protocol (athome peers only; it runs in the averager process):
 
 1. Before its all-reduce, a member registers the round in :class:`RoundOutcomes` (group ID, members, deadline).
 2. After its all-reduce, a member whose every part arrived ("complete") applies the aggregate and publishes the
-   tensors it now holds; an incomplete member publishes "incomplete" and keeps its tensors for now. Publishing never
-   waits for anybody, so a round without failures costs nothing more than one copy of the vector, kept in memory
-   until the round's deadline (at most ``max_rounds`` rounds are kept).
+   tensors it now holds, without waiting for anybody: a round without failures costs nothing more than keeping one
+   copy of the vector in memory until the round's deadline (at most ``max_rounds`` rounds are kept). An incomplete
+   member keeps its tensors for now and publishes after step 3: the outcome it copied, or "incomplete". So a
+   member that was repaired can repair the others in turn, e.g. when the complete member dies after answering it.
 3. An incomplete member asks every other member (concurrently, over the averager's p2p namespace,
    ``rpc_round_result``) for its published outcome. A member answers once its own outcome is known (it waits at
    most until its round deadline). The first *complete* answer that agrees with the parts the asker did receive
    (within the codec's error, :func:`agreement_tolerance`) and has the right size and only finite values replaces
    the asker's tensors; if every member answered "incomplete", or ``repair_timeout`` expires, the asker keeps its
-   tensors and the round does not count.
+   tensors and the round does not count (when no member completed, every survivor thus waits ``repair_timeout``).
 
 Guarantee, for members that stay alive and can exchange messages within ``repair_timeout`` ("survivors"): when
 the round ends, either every survivor holds the aggregate published by some complete member (status "ok", or "ok"
-with ``repaired_from`` set), or no survivor was complete and every survivor holds exactly its tensors from before
-the round. A member counts as complete only if it received every part, so the aggregate is the same on all
+with ``repaired_from`` set), or no survivor completed the round and every survivor holds exactly its tensors from
+before the round. A member counts as complete only if it received every part, so the aggregate is the same on all
 survivors: bit-identical for repaired members and those they repaired from, equal up to float rounding (codec
 "none") or the codec's error (fp16/uint8) between complete members, which apply their own deltas. The time bound is
 the round's all-reduce limit plus ``repair_timeout``.
@@ -64,8 +65,9 @@ class _Outcome:
 class RoundOutcomes:
     """Averager-process registry of this peer's outcome for its latest rounds, served to group members.
 
-    :param max_rounds: keep at most this many rounds (each complete one holds a copy of the vector until its
-      deadline); older entries are dropped first
+    :param max_rounds: keep at most this many rounds; each complete one holds a copy of the vector until its
+      deadline (the round's time limit plus the repair window), then frees it. Two, so that a straggler of the
+      previous round can still be repaired while the next round runs
     """
 
     def __init__(self, max_rounds: int = 2):
@@ -86,6 +88,14 @@ class RoundOutcomes:
             return
         outcome.averaged = averaged
         outcome.published.set()
+        if averaged is not None:  # free the copy at the deadline even if no other round comes to prune it
+            loop = asyncio.get_event_loop()
+            loop.call_later(max(0.0, outcome.deadline - time.monotonic()), self._release, group_id)
+
+    def _release(self, group_id: bytes) -> None:
+        outcome = self._outcomes.get(group_id)
+        if outcome is not None:
+            outcome.averaged = None  # askers past the deadline are told "incomplete"
 
     def known(self, group_id: bytes) -> bool:
         return group_id in self._outcomes
