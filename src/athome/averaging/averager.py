@@ -390,7 +390,8 @@ class RobustAveragingMixin:
     async def _run_allreduce_inplace_(
         self, tensors: Sequence[torch.Tensor], group_info: GroupInfo, group_id: Optional[bytes] = None, **kwargs
     ):
-        """Run one all-reduce with athome's runner; apply the result only if every part was reduced."""
+        """Run one all-reduce with athome's runner; apply the result only if every part was reduced, else copy the
+        outcome of a member that completed the round (:mod:`.consistency`) or raise with the tensors unchanged."""
         group_id = group_info.group_id if group_id is None else group_id
         report = self._current_report or RoundReport(group_id=group_id.hex(), peers=())
         limit = self._current_timeouts.allreduce if self._current_timeouts is not None else None
