@@ -36,9 +36,13 @@ def spawn(tmp_path: Path) -> Callable[..., Child]:
 
 @pytest.fixture
 def coordinator(spawn, tmp_path: Path):
-    """A running ``peer coordinator`` on loopback; yields (child, run address)."""
+    """A running ``peer coordinator`` on loopback (the built-in run, without host audits: their training probes
+    move experts' weights, which tests comparing weights exactly must not see; audits are tested in-process in
+    test_verification.py); yields (child, run address)."""
+    config = tmp_path / "run.toml"
+    config.write_text("[verification]\naudit_period = 0\n")
     child = spawn(
-        "coordinator", "coordinator", *LOOPBACK, "--data_dir", str(tmp_path / "coord"),
+        "coordinator", "coordinator", *LOOPBACK, "--data_dir", str(tmp_path / "coord"), "--config", str(config),
         "--identity_path", str(tmp_path / "coordinator.key"), "--http_port", "0",
     )
     address = child.wait_line("run address:")

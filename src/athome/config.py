@@ -78,6 +78,11 @@ class VerificationConfig(_Strict):
     tolerance_fp32: float = Field(1e-4, gt=0)
     tolerance_bf16: float = Field(5e-2, gt=0)
     tolerance_fp16: float = Field(1e-2, gt=0)
+    audit_period: float = Field(
+        30.0, ge=0,
+        description="seconds between the coordinator's host audits (0: none). Each audit's training probe sends its "
+                    "replicas of one expert a backward call on random data: one optimizer step in a random direction",
+    )
 
 
 class DataConfig(_Strict):

@@ -84,7 +84,8 @@ def run_coordinator(args: argparse.Namespace) -> None:
     try:  # the validator and ban desk (athome.verification); the run goes on without them, unverified
         from athome.verification.integration import CoordinatorVerification
 
-        verification = CoordinatorVerification(dht, config, store=service.store if service is not None else None)
+        verification = CoordinatorVerification(dht, config, store=service.store if service is not None else None,
+                                               audit_period=config.verification.audit_period)
         verification.start()
         logger.info(f"Verifying trainers: newcomers on every step, trusted ones at check_rate "
                     f"{config.verification.check_rate:g} (override with --check_rate)")

@@ -194,7 +194,7 @@ class CoordinatorVerification:
 
     :param store: the coordinator's ledger (``athome.coordinator.store.Store``), or None
     :param threads: torch threads for recomputation (leave cores to the dashboard and the DHT)
-    :param audit_period: seconds between host audits (one random expert, all its replicas)
+    :param audit_period: seconds between host audits (one random expert, all its replicas); 0 = no audits
     """
 
     def __init__(
@@ -256,7 +256,7 @@ class CoordinatorVerification:
         if time.monotonic() - self._last_publish > self.board.ttl / 3:  # records expire: keep the bans alive
             self._last_publish = time.monotonic()
             self.authority.publish()
-        if replicas and time.monotonic() - self._last_audit > self.audit_period:
+        if self.audit_period > 0 and replicas and time.monotonic() - self._last_audit > self.audit_period:
             self._last_audit = time.monotonic()
             self.authority.report_host_findings(self.auditor.audit(sorted(replicas), count=1))
 
