@@ -22,6 +22,7 @@ from hivemind.compression import CompressionInfo, Uniform8BitQuantization
 from hivemind.compression import serialization as hivemind_serialization
 
 from athome.averaging import averager as athome_averager_module
+from athome.averaging.consistency import RoundOutcomes
 from athome.averaging import (
     AdaptiveTimeouts,
     ExpertReplicaAverager,
@@ -509,6 +510,96 @@ def test_survivors_end_the_round_the_same_way_when_a_reducer_dies_mid_stream(dht
             victim.join(5)
         for averager in survivors:
             averager.shutdown()
+
+
+class _ServesOnePeerThenDies(RobustAllReduceRunner):
+    """A reducer that streams results only to ``lucky_peer``, then kills its own process."""
+
+    lucky_peer = None
+
+    async def _accumulate_parts_streaming(self, stream, sender_index):
+        lucky = self.sender_peer_ids[sender_index] == self.lucky_peer
+        async for message in super()._accumulate_parts_streaming(stream, sender_index):
+            if lucky:
+                yield message
+        if lucky:
+            await asyncio.sleep(1.0)
+            os.kill(os.getpid(), signal.SIGKILL)
+        await asyncio.Event().wait()
+
+
+def _serve_once_then_die(self, group_id, asker):
+    """RoundOutcomes.serve of a complete member that dies right after answering its first asker."""
+    async def serve():
+        if _served_askers:  # a later asker never hears back: the process dies first
+            await asyncio.Event().wait()
+        _served_askers.append(asker)
+        async for message in _original_serve(self, group_id, asker):
+            yield message
+        await asyncio.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGKILL)
+    return serve()
+
+
+_served_askers = []  # per process (the patched member's averager process is forked)
+
+
+_original_serve = RoundOutcomes.serve
+
+
+@pytest.mark.timeout(150)
+def test_a_repaired_member_repairs_the_others_when_the_complete_one_dies(monkeypatch):
+    """Reducer R delivers only to V, so V alone completes the round; V dies after answering the first of A and B.
+    The other one copies the outcome from whoever V answered: A and B still end with the same tensors."""
+    # fresh DHT nodes: two averager processes die hard here, and the module's shared nodes must not see that
+    first = hivemind.DHT(**DHT_KWARGS)
+    dhts = [first] + [hivemind.DHT(initial_peers=first.get_visible_maddrs(), **DHT_KWARGS) for _ in range(3)]
+    sets = _random_sets(4, seed=22, shapes=((600,),))
+    prefix = f"test_{uuid.uuid4().hex[:12]}"
+    kwargs = dict(
+        AVERAGER_KWARGS, target_group_size=4, min_chunk_timeout=3.0, reducer="mean", prefix=prefix, start=True
+    )
+    monkeypatch.setattr(_ServesOnePeerThenDies, "lucky_peer", dhts[1].peer_id)
+    monkeypatch.setattr(athome_averager_module, "RobustAllReduceRunner", _ServesOnePeerThenDies)
+    reducer = RobustAverager([sets[0][0].clone()], dhts[0], **kwargs)
+    monkeypatch.undo()
+    monkeypatch.setattr(RoundOutcomes, "serve", _serve_once_then_die)
+    complete = RobustAverager([sets[1][0].clone()], dhts[1], **kwargs)
+    monkeypatch.undo()
+    survivors = [RobustAverager([s[0].clone()], dht, **kwargs) for s, dht in zip(sets[2:], dhts[2:])]
+    everyone = [reducer, complete] + survivors
+    try:
+        controls = [
+            a.step(wait=False, require_trigger=True, allow_retries=False, timeout=STEP_TIMEOUT) for a in everyone
+        ]
+        deadline = time.monotonic() + 30
+        while not all(c.stage == AveragingStage.AWAITING_TRIGGER for c in controls):
+            assert time.monotonic() < deadline, [c.stage for c in controls]
+            time.sleep(0.05)
+        for control in controls:
+            control.allow_allreduce()
+        outcomes = []
+        for control in controls[2:]:
+            try:
+                outcomes.append(control.result(timeout=90))
+            except BaseException as e:  # noqa: B902
+                outcomes.append(e)
+        assert all(isinstance(o, dict) for o in outcomes), outcomes
+        deadline = time.monotonic() + 5
+        while not all(a.last_round is not None for a in survivors) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        sources = {a.last_round.repaired_from for a in survivors}
+        assert str(complete.peer_id) in sources, sources  # one copied from V before it died ...
+        assert sources & {str(a.peer_id) for a in survivors}, sources  # ... the other from that survivor
+        assert torch.equal(_tensors(survivors[0])[0], _tensors(survivors[1])[0])
+        assert not complete.is_alive() and not reducer.is_alive()
+    finally:
+        for averager in everyone:
+            if averager.pid is not None and averager.is_alive():
+                os.kill(averager.pid, signal.SIGKILL)
+                averager.join(5)
+        for node in dhts:
+            node.shutdown()
 
 
 def test_repair_rejects_answers_that_contradict_the_parts_we_received():
