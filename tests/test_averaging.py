@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import multiprocessing as mp
 import os
 import signal
 import threading
@@ -867,3 +868,58 @@ def test_slower_link_yields_longer_round_limits():
     assert slow["throughput"] <= 20e6 / 8 * 1.1, slow  # the link, not the CPU, bounds the slow case
     assert fast["throughput"] > 2 * slow["throughput"], (slow, fast)
     assert slow["allreduce"] > 2 * fast["allreduce"] and slow["sender"] > 2 * fast["sender"], (slow, fast)
+
+
+def _swarm_optimizer_worker(initial_peers, value, results):
+    """One trainer's SwarmOptimizer (lr 0: parameters change only by state averaging) on a 4-weight model."""
+    from functools import partial
+
+    from athome.trainer.train import SwarmOptimizer
+
+    dht = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=initial_peers)
+    model = torch.nn.Linear(4, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(value)
+    robust = dict(reducer="centered_clip", clip_tau=1.0, clip_iterations=20)
+    optimizer = SwarmOptimizer(
+        robust_opts=robust, dht=dht, run_id="swarm_optimizer_test", params=model.parameters(),
+        optimizer=partial(torch.optim.SGD, lr=0.0), target_batch_size=12, batch_size_per_step=4,
+        matchmaking_time=3.0, averaging_timeout=60.0, averager_opts=dict(request_timeout=1.0),
+        grad_averager_factory=partial(RobustGradientAverager, **robust), verbose=False,
+    )
+    try:
+        while optimizer.local_epoch < 2:  # parameters are averaged at the transitions into epochs 1 and 2
+            model(torch.randn(4, 4)).sum().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            time.sleep(0.2)
+        results.put((value, type(optimizer.state_averager).__name__, model.weight.detach().clone()))
+    finally:
+        optimizer.shutdown()
+        dht.shutdown()
+
+
+@pytest.mark.timeout(240)
+def test_trainers_parameter_averaging_is_robust_too():
+    """hivemind.Optimizer averages trainers' parameters every epoch; through SwarmOptimizer that round is a
+    CenteredClip one, so a trainer holding x1000 parameters cannot drag the honest ones to its values."""
+    root = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    results = mp.get_context("fork").Queue()
+    values = [0.0, 1.0, 1000.0]
+    workers = [mp.get_context("fork").Process(target=_swarm_optimizer_worker,
+                                              args=(root.get_visible_maddrs(), v, results))
+               for v in values]
+    try:
+        for worker in workers:
+            worker.start()
+        finished = {value: (kind, weight) for value, kind, weight in (results.get(timeout=200) for _ in values)}
+    finally:
+        for worker in workers:
+            worker.join(timeout=30)
+            if worker.is_alive():
+                worker.kill()
+        root.shutdown()
+    assert {kind for kind, _ in finished.values()} == {"RobustTrainingStateAverager"}
+    honest = [finished[value][1] for value in (0.0, 1.0)]
+    assert torch.allclose(honest[0], honest[1], atol=1e-4), f"no parameter averaging happened: {honest}"
+    assert float(honest[0].abs().max()) < 10.0, honest  # the plain mean is 333.7 (see the reducer="mean" run)

@@ -9,7 +9,13 @@
 - :mod:`.replica`: ``ExpertReplicaAverager``, periodic averaging of an expert's replicas.
 """
 from athome.averaging.allreduce import PartialRoundError, RobustAllReduceRunner, RoundTimeoutError
-from athome.averaging.averager import RobustAverager, RobustAveragingMixin, RobustGradientAverager, RoundReport
+from athome.averaging.averager import (
+    RobustAverager,
+    RobustAveragingMixin,
+    RobustGradientAverager,
+    RobustTrainingStateAverager,
+    RoundReport,
+)
 from athome.averaging.compression import (
     CODEC_NAMES,
     deserialize_tensor,
@@ -30,6 +36,7 @@ __all__ = [
     "RobustAverager",
     "RobustAveragingMixin",
     "RobustGradientAverager",
+    "RobustTrainingStateAverager",
     "RobustTensorPartReducer",
     "RoundReport",
     "RoundTimeoutError",

@@ -59,6 +59,7 @@ from hivemind.averaging.matchmaking import MatchmakingException
 from hivemind.compression import CompressionBase, CompressionInfo
 from hivemind.compression import serialization as hivemind_serialization
 from hivemind.optim.grad_averager import GradientAverager
+from hivemind.optim.state_averager import TrainingStateAverager
 from hivemind.p2p import P2PContext
 from hivemind.proto import averaging_pb2
 from hivemind.utils.asyncio import enter_asynchronously
@@ -629,3 +630,13 @@ class RobustGradientAverager(RobustAveragingMixin, GradientAverager):
     reducer="centered_clip", clip_tau=..., on_round=...))``; hivemind passes ``compression=grad_compression``,
     which may be an athome codec from :func:`~athome.averaging.compression.get_codec`.
     """
+
+
+class RobustTrainingStateAverager(RobustAveragingMixin, TrainingStateAverager):
+    """``hivemind.optim.TrainingStateAverager`` with CenteredClip, bans and admission.
+
+    ``hivemind.Optimizer`` averages trainers' *parameters* with it every epoch (``average_state_every=1``): with
+    hivemind's plain mean, one trainer's parameters would enter every trainer's model around all the gradient
+    defences. Build it through :class:`athome.trainer.train.SwarmOptimizer`.
+    """
+

@@ -226,7 +226,7 @@ def run_join(args: argparse.Namespace) -> None:
 
     from athome.verification.integration import follow_bans_on_host
 
-    follow_bans_on_host(dht, config.name, address.coordinator_id)  # requests of banned peers are refused
+    host_bans = follow_bans_on_host(dht, config.name, address.coordinator_id)  # banned peers' requests are refused
     declarer = Declarer(dht, run_key(config.name, "servers"), make_record, ttl=config.expert_ttl)
     server = ExpertServer(
         dht, backends, declarer=declarer, get_state=get_state, num_handlers=1, max_batch_size=MAX_BATCH_SIZE,
@@ -245,6 +245,14 @@ def run_join(args: argparse.Namespace) -> None:
     saver = CheckpointSaver(backends, checkpoint_dir, every_updates=100, every_seconds=60)
     saver.start()
     replica_averagers = start_replica_averaging(dht, config, backends, live_hosts)
+
+    def exclude_banned_replicas() -> None:  # a banned host's parameters never enter our experts' averages
+        host_bans.refresh()
+        for averager in replica_averagers:
+            averager.averager.ban_peers(host_bans.banned)
+
+    ban_follower = PeriodicThread(exclude_banned_replicas, period=10.0, name="replica bans")
+    ban_follower.start()
     restore_interrupt_handler()  # hivemind's averagers switch Ctrl+C off in this process
     if declarer.declared.wait(timeout=60):
         emit(f"serving experts: {','.join(backends)}")
@@ -264,6 +272,7 @@ def run_join(args: argparse.Namespace) -> None:
     finally:
         logger.info("Leaving: saving checkpoints and withdrawing declarations")
         presence.stop()
+        ban_follower.stop()
         for averager in replica_averagers:
             averager.shutdown()
         saver.stop()

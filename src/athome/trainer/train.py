@@ -30,7 +30,7 @@ import torch
 from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
 from hivemind.proto import runtime_pb2
 
-from athome.averaging import RobustGradientAverager, get_codec
+from athome.averaging import RobustGradientAverager, RobustTrainingStateAverager, get_codec
 from athome.config import RunConfig
 from athome.devices import resolve_device, resolve_precision
 from athome.dht import (
@@ -57,6 +57,34 @@ from athome.verification.integration import TrainerVerification
 logger = logging.getLogger(__name__)
 WIRE_COMPRESSION = dict(none=runtime_pb2.CompressionType.NONE, fp16=runtime_pb2.CompressionType.MEANSTD_16BIT)
 MIN_ANSWERED_FRACTION = 0.5  # below this share of (token, expert) slots answered, a step is retried, not applied
+
+
+class SwarmOptimizer(hivemind.Optimizer):
+    """``hivemind.Optimizer`` whose every-epoch parameter averaging is robust too (:class:`RobustTrainingStateAverager`:
+    CenteredClip, bans, admission). ``robust_opts`` are its reducer settings (as for the gradient averager)."""
+
+    def __init__(self, *args, robust_opts: dict, **kwargs):
+        self._robust_opts = robust_opts
+        super().__init__(*args, **kwargs)
+
+    def _make_state_averager(self, **kwargs) -> RobustTrainingStateAverager:
+        # hivemind's own arguments (hivemind/optim/optimizer.py), with the robust class and its settings
+        return RobustTrainingStateAverager(
+            dht=self.dht,
+            prefix=f"{self.run_id}_state_averager",
+            min_matchmaking_time=self.matchmaking_time,
+            allreduce_timeout=self.allreduce_timeout,
+            shutdown_timeout=self.shutdown_timeout,
+            offload_optimizer=self.offload_optimizer,
+            custom_gradients=self.offload_optimizer,
+            status_loglevel=self.status_loglevel,
+            next_chunk_timeout=self.next_chunk_timeout,
+            client_mode=self.client_mode,
+            auxiliary=self.auxiliary,
+            start=True,
+            **self._robust_opts,
+            **kwargs,
+        )
 
 
 class CorpusMismatch(RuntimeError):
@@ -153,7 +181,10 @@ class Trainer:
         self.dense_params = self.model.dense_parameters()
 
         opt = config.optimizer
-        self.optimizer = hivemind.Optimizer(
+        robust_opts = dict(reducer=config.averaging.reducer, clip_tau=config.averaging.clip_tau,
+                           clip_iterations=config.averaging.clip_iterations)
+        self.optimizer = SwarmOptimizer(
+            robust_opts=robust_opts,
             dht=dht,
             run_id=f"athome_{config.name}_dense",  # hivemind group prefixes may not contain dots
             params=self.model.parameters(),
@@ -165,10 +196,7 @@ class Trainer:
             averaging_timeout=30.0,
             averager_opts=dict(request_timeout=1.0),  # below matchmaking_time, see hivemind #443
             grad_compression=get_codec(config.averaging.compression),
-            grad_averager_factory=partial(
-                RobustGradientAverager, reducer=config.averaging.reducer, clip_tau=config.averaging.clip_tau,
-                clip_iterations=config.averaging.clip_iterations,
-            ),
+            grad_averager_factory=partial(RobustGradientAverager, **robust_opts),
             verbose=False,
             # explicit: with None, hivemind 1.1.12's Optimizer thinks it is no client, while its averagers (from the
             # DHT) are, and its first epoch fails ("averager in client mode cannot share its state")
@@ -229,8 +257,10 @@ class Trainer:
         banned = []
         while not self._averager_bans.empty():
             banned.append(self._averager_bans.get())
-        if banned and self.optimizer.grad_averager is not None:
-            self.optimizer.grad_averager.ban_peers(banned)
+        if banned:
+            for averager in (self.optimizer.grad_averager, self.optimizer.state_averager):
+                if averager is not None:
+                    averager.ban_peers(banned)
 
     def publish_metrics(self) -> None:
         if self.loss_ewma is None:

@@ -297,6 +297,11 @@ class HostBans:
                 logger.warning(f"Refusing requests from {peer}: banned by the coordinator")
             self._banned = banned
 
+    @property
+    def banned(self) -> frozenset:
+        """Peer IDs banned as of the last refresh."""
+        return self._banned
+
     def check(self, peer_id: str) -> None:
         """Raise :class:`BannedCaller` if ``peer_id`` is banned (refreshes the list first when it is due)."""
         self.refresh()
