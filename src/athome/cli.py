@@ -88,8 +88,8 @@ def _train(sub: argparse._SubParsersAction) -> None:
 
 def _demo(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("demo", help="run a whole swarm on 127.0.0.1 and show the loss fall")
-    parser.add_argument("--expert_hosts", type=int, default=3)
-    parser.add_argument("--trainers", type=int, default=2)
+    parser.add_argument("--expert_hosts", type=int, default=3, help="peer join processes hosting experts (default 3)")
+    parser.add_argument("--trainers", type=int, default=2, help="peer train processes (default 2)")
     budget = parser.add_mutually_exclusive_group()
     budget.add_argument("--steps", type=int, default=None, help="steps per trainer")
     budget.add_argument("--minutes", type=float, default=None, help="wall-clock budget (default 2)")
