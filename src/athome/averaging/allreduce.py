@@ -11,22 +11,40 @@ hivemind's global codec table, so :class:`RobustAllReduceRunner` subclasses it a
 * ``_accumulate_parts_streaming`` (copied, changed where marked): decodes parts with athome's codecs, counts bytes;
 * ``_generate_input_for_peer``: counts bytes.
 
+With a :class:`~athome.averaging.dataplane.DataPlane`, each (sender, reducer) pair first tries the direct TCP data
+plane (raw frames, :mod:`.dataplane`) and falls back to hivemind's p2p ``rpc_aggregate_part`` for that pair if it
+cannot be used. Both transports share the bookkeeping below: :meth:`RobustAllReduceRunner._reduce_stream` (reducer
+side: accumulate, ban on failure, deltas) and :meth:`RobustAllReduceRunner._register_result` (sender side: result
+checks, byte counts), and ``_communicate_with_peer``'s failure accounting.
+
 hivemind itself is not modified.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import AsyncIterator, Callable, Dict, Optional, Sequence
+from contextlib import aclosing
+from typing import AsyncIterator, Callable, Dict, Optional, Sequence, Set, Tuple
 
 import torch
 from hivemind.averaging.allreduce import AllreduceException, AllReduceRunner
 from hivemind.averaging.partition import BannedException, TensorPartReducer
 from hivemind.p2p import PeerID
 from hivemind.proto import averaging_pb2
-from hivemind.utils.asyncio import aiter_with_timeout, amap_in_executor, attach_event_on_finished
+from hivemind.utils.asyncio import aiter_with_timeout, amap_in_executor, as_aiter, attach_event_on_finished
 
 from athome.averaging.compression import deserialize_tensor, serialize_tensor
+from athome.averaging.dataplane import (
+    KIND_PART,
+    KIND_RESULT,
+    RAW,
+    DataPlane,
+    DataPlaneError,
+    FrameConnection,
+    decode_payload,
+    encode_part,
+    encode_result,
+)
 from athome.averaging.reducer import all_finite
 
 logger = logging.getLogger(__name__)
@@ -47,14 +65,19 @@ class RobustAllReduceRunner(AllReduceRunner):
     """hivemind's AllReduceRunner with a custom reducer, athome codecs, result checks and traffic accounting.
 
     :param reducer_factory: ``(part_shapes, num_senders) -> TensorPartReducer`` used instead of hivemind's reducer
+    :param dataplane: this process's direct TCP data plane (None: p2p only); its server hands authenticated
+      connections to :meth:`serve_tcp_sender`
     :param kwargs: everything ``hivemind.averaging.allreduce.AllReduceRunner`` accepts
 
-    After the run: ``bytes_sent`` / ``bytes_received`` (serialized protobuf bytes exchanged with *other* peers),
-    ``failed_reducers`` (peer -> reason), ``tensor_part_container.failed_size`` (elements left unreduced).
+    After the run: ``bytes_sent`` / ``bytes_received`` (bytes exchanged with *other* peers: serialized protobuf
+    messages on p2p, frame headers and payloads on TCP), ``failed_reducers`` (peer -> reason),
+    ``tensor_part_container.failed_size`` (elements left unreduced), ``tcp_peers`` (reducers reached over TCP).
     """
 
-    def __init__(self, *, reducer_factory: ReducerFactory, **kwargs):
+    def __init__(self, *, reducer_factory: ReducerFactory, dataplane: Optional[DataPlane] = None, **kwargs):
         super().__init__(**kwargs)
+        self.dataplane = dataplane
+        self.tcp_peers: Set[PeerID] = set()
         # hivemind's __init__ has already built a plain TensorPartReducer; mark it finished so that its finalize()
         # (run from __del__) does not log a bogus "received 0% of input tensors", then replace it.
         self.tensor_part_reducer.finished.set()
@@ -101,37 +124,12 @@ class RobustAllReduceRunner(AllReduceRunner):
                         peer_index, part_index, averaged_part - tensor_part
                     )
             else:
-                done_sending = asyncio.Event()
-                inputs_aiter = attach_event_on_finished(self._generate_input_for_peer(peer_index), done_sending)
-                stream = await self._get_peer_stub(peer_id).rpc_aggregate_part(inputs_aiter)
-
-                if self.should_delay_results(self.peer_id):
-                    await done_sending.wait()
-
-                part_index = 0
-
-                def _try_deserialize(msg):
-                    if msg.code != averaging_pb2.AVERAGED_PART:
-                        raise AllreduceException(f"{peer_id} sent {averaging_pb2.MessageCode.Name(msg.code)}")
-                    delta = deserialize_tensor(msg.tensor_part)  # athome: numpy-2 safe codecs
-                    if not all_finite(delta):  # athome: never let a reducer inject NaN/Inf
-                        raise AllreduceException(f"{peer_id} returned a non-finite averaged part")
-                    return delta, msg.ByteSize()
-
-                async for delta, size in amap_in_executor(
-                    _try_deserialize,
-                    aiter_with_timeout(stream, self.reducer_timeout),
-                    max_prefetch=self.tensor_part_container.prefetch,
-                ):
-                    self.bytes_received += size
-                    self.tensor_part_container.register_processed_part(peer_index, part_index, delta)
-                    part_index += 1
-
-                if part_index != self.tensor_part_container.num_parts_by_peer[peer_index]:
-                    raise AllreduceException(
-                        f"peer {peer_id} sent {part_index} parts, but we expected "
-                        f"{self.tensor_part_container.num_parts_by_peer[peer_index]}"
-                    )
+                connection = await self._open_tcp(peer_id)
+                if connection is not None:
+                    self.tcp_peers.add(peer_id)
+                    await self._exchange_over_tcp(peer_id, peer_index, connection)
+                else:
+                    await self._exchange_over_p2p(peer_id, peer_index)
         except BaseException as e:
             self.failed_reducers[peer_id] = repr(e) if not isinstance(e, asyncio.CancelledError) else "cancelled"
             self._parts_received_before_failure.setdefault(
@@ -145,6 +143,168 @@ class RobustAllReduceRunner(AllReduceRunner):
                     await self.tensor_part_reducer.finished.wait()
             self.tensor_part_container.register_failed_reducer(peer_index)
             raise
+
+    def _register_result(self, peer_id: PeerID, peer_index: int, part_index: int, delta: torch.Tensor, size: int):
+        """Sender side, both transports: check one averaged part from ``peer_id``'s reducer and register it."""
+        if not all_finite(delta):  # athome: never let a reducer inject NaN/Inf
+            raise AllreduceException(f"{peer_id} returned a non-finite averaged part")
+        self.bytes_received += size
+        self.tensor_part_container.register_processed_part(peer_index, part_index, delta)
+
+    def _check_parts_count(self, peer_id: PeerID, peer_index: int, received: int):
+        if received != self.tensor_part_container.num_parts_by_peer[peer_index]:
+            raise AllreduceException(
+                f"peer {peer_id} sent {received} parts, but we expected "
+                f"{self.tensor_part_container.num_parts_by_peer[peer_index]}"
+            )
+
+    async def _exchange_over_p2p(self, peer_id: PeerID, peer_index: int):
+        """hivemind's transport: one rpc_aggregate_part stream of protobuf messages through p2pd."""
+        done_sending = asyncio.Event()
+        inputs_aiter = attach_event_on_finished(self._generate_input_for_peer(peer_index), done_sending)
+        stream = await self._get_peer_stub(peer_id).rpc_aggregate_part(inputs_aiter)
+
+        if self.should_delay_results(self.peer_id):
+            await done_sending.wait()
+
+        def _try_deserialize(msg):
+            if msg.code != averaging_pb2.AVERAGED_PART:
+                raise AllreduceException(f"{peer_id} sent {averaging_pb2.MessageCode.Name(msg.code)}")
+            return deserialize_tensor(msg.tensor_part), msg.ByteSize()  # athome: numpy-2 safe codecs
+
+        part_index = 0
+        async for delta, size in amap_in_executor(
+            _try_deserialize,
+            aiter_with_timeout(stream, self.reducer_timeout),
+            max_prefetch=self.tensor_part_container.prefetch,
+        ):
+            self._register_result(peer_id, peer_index, part_index, delta, size)
+            part_index += 1
+        self._check_parts_count(peer_id, peer_index, part_index)
+
+    async def _open_tcp(self, peer_id: PeerID) -> Optional[FrameConnection]:
+        """An authenticated data plane connection to ``peer_id``'s reducer, or None (then p2p is used)."""
+        if self.dataplane is None:
+            return None
+        stub = self._get_peer_stub(peer_id)
+        if not hasattr(stub, "rpc_dataplane_ticket"):
+            return None
+        return await self.dataplane.connect(
+            peer_id, lambda: stub.rpc_dataplane_ticket(DataPlane.ticket_request(self.group_id))
+        )
+
+    async def _exchange_over_tcp(self, peer_id: PeerID, peer_index: int, connection: FrameConnection):
+        """Send our parts for ``peer_id``'s slice as raw frames and receive the averaged parts, concurrently."""
+        container = self.tensor_part_container
+        assert not container._inputs_consumed_by_peer[peer_index], "input parts of a given peer are already used"
+        container._inputs_consumed_by_peer[peer_index] = True
+        parts = list(container._input_parts_by_peer[peer_index])
+        compression = container.compression
+        loop = asyncio.get_event_loop()
+
+        async def _send_all():
+            if getattr(compression, "compression_type", None) == RAW:  #: tensors go out from their own memory
+                encoded = as_aiter(*(encode_part(part, compression, info) for part, info in parts))
+            else:
+                encoded = amap_in_executor(
+                    lambda part_and_info: encode_part(part_and_info[0], compression, part_and_info[1]),
+                    as_aiter(*parts),
+                    max_prefetch=container.prefetch,
+                )
+            part_index = 0
+            async for codec, dtype, payload in encoded:
+                self.bytes_sent += await connection.send_frame(
+                    KIND_PART, part_index, codec, dtype, payload, weight=self.weight
+                )
+                part_index += 1
+
+        sender = asyncio.create_task(_send_all())
+        try:
+            if self.should_delay_results(self.peer_id):
+                await sender
+            for part_index, (part, _) in enumerate(parts):
+                frame = await asyncio.wait_for(
+                    connection.recv_frame(KIND_RESULT, part_index, part.numel()), self.reducer_timeout
+                )
+                if frame.compression == RAW:
+                    delta = decode_payload(frame, part.shape)
+                else:
+                    delta = await loop.run_in_executor(None, decode_payload, frame, part.shape)
+                self._register_result(peer_id, peer_index, part_index, delta, frame.nbytes)
+            await sender  # surfaces a send failure (all results arrived, so it has finished)
+        except BaseException:
+            if sender.done() and not sender.cancelled() and sender.exception() is not None:
+                raise sender.exception()  # the cause (e.g. a codec error), not its symptom (a closed connection)
+            raise
+        finally:
+            if not sender.done():
+                sender.cancel()
+            connection.close()
+
+    async def serve_tcp_sender(self, peer_id: PeerID, connection: FrameConnection) -> None:
+        """Reducer side of the data plane: ``peer_id`` (authenticated by its ticket) streams its parts of our slice.
+
+        Mirrors hivemind's ``rpc_aggregate_part``: the sender becomes active, its parts go through the reducer
+        (:meth:`_reduce_stream`, which bans it if it stops early or sends rejected input), deltas go back.
+        """
+        if peer_id not in self.sender_peer_ids or self._future.done():
+            connection.close()
+            return
+        sender_index = self.sender_peer_ids.index(peer_id)
+        self.active_senders.add(peer_id)
+        if len(self.active_senders) == len(self.sender_peer_ids):
+            self.all_senders_started.set()
+        shapes = self.tensor_part_reducer.part_shapes
+        loop = asyncio.get_event_loop()
+        queue: asyncio.Queue = asyncio.Queue(maxsize=max(1, self.tensor_part_container.prefetch))
+
+        async def _read_parts():  # runs ahead of the reducer by up to `prefetch` parts
+            try:
+                for part_index, shape in enumerate(shapes):
+                    frame = await asyncio.wait_for(
+                        connection.recv_frame(KIND_PART, part_index, shape.numel()), self.sender_timeout
+                    )
+                    if frame.compression == RAW:
+                        part = decode_payload(frame, shape)
+                    else:
+                        part = await loop.run_in_executor(None, decode_payload, frame, shape)
+                    await queue.put((part, frame.weight, frame.compression, frame.nbytes))
+            except DataPlaneError as e:
+                logger.warning(f"Data plane: {peer_id} broke the protocol ({e}); its stream is dropped")
+            except (asyncio.TimeoutError, OSError) as e:
+                logger.debug(f"Data plane: stream from {peer_id} ended early: {e!r}")
+            finally:
+                await queue.put(None)
+
+        async def _parts():
+            while True:
+                item = await queue.get()
+                if item is None:
+                    return
+                yield item
+
+        reader = asyncio.create_task(_read_parts())
+        delayed = [] if self.should_delay_results(peer_id) else None
+        part_index = 0
+        try:
+            async with aclosing(self._reduce_stream(_parts(), sender_index)) as deltas:
+                async for delta, compression in deltas:
+                    if compression == RAW:
+                        encoded = encode_result(delta, compression)
+                    else:
+                        encoded = await loop.run_in_executor(None, encode_result, delta, compression)
+                    if delayed is not None:
+                        delayed.append((part_index, encoded))
+                    else:
+                        self.bytes_sent += await connection.send_frame(KIND_RESULT, part_index, *encoded)
+                    part_index += 1
+            for index, encoded in delayed or ():
+                self.bytes_sent += await connection.send_frame(KIND_RESULT, index, *encoded)
+        except OSError as e:
+            logger.debug(f"Data plane: could not return results to {peer_id}: {e!r}")
+        finally:
+            reader.cancel()
+            connection.close()
 
     def received_mask(self) -> torch.Tensor:
         """Bool mask over the flattened vector: True where this peer received the element's aggregate."""
@@ -162,21 +322,36 @@ class RobustAllReduceRunner(AllReduceRunner):
             yield message
 
     async def _accumulate_parts_streaming(self, stream: AsyncIterator[averaging_pb2.AveragingData], sender_index: int):
+        """hivemind's p2p reducer stream: decode protobuf parts, reduce them, yield protobuf deltas."""
+        loop = asyncio.get_event_loop()
+        parts = amap_in_executor(
+            lambda msg: (
+                deserialize_tensor(msg.tensor_part),  # athome: numpy-2 safe codecs
+                msg.weight,
+                msg.tensor_part.compression,
+                msg.ByteSize(),
+            ),
+            stream,
+            max_prefetch=self.tensor_part_container.prefetch,
+        )
+        async with aclosing(self._reduce_stream(parts, sender_index)) as deltas:
+            async for delta, part_compression in deltas:
+                serialized_delta = await loop.run_in_executor(None, lambda: serialize_tensor(delta, part_compression))
+                message = averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART, tensor_part=serialized_delta)
+                self.bytes_sent += message.ByteSize()
+                yield message
+
+    async def _reduce_stream(
+        self, parts: AsyncIterator[Tuple[torch.Tensor, float, int, int]], sender_index: int
+    ) -> AsyncIterator[Tuple[torch.Tensor, int]]:
+        """Reducer side, both transports: ``parts`` yields decoded ``(part, weight, compression, wire bytes)`` of one
+        sender in order; yields ``(averaged - part, compression)``. A sender that stops early or is rejected is
+        banned (hivemind's rule), so the other senders' parts do not wait for it."""
         part_index = 0
         self._reply_streams += 1  # athome: lets wait_until_served() know results are still being sent
         self._replies_done.clear()
         try:
-            loop = asyncio.get_event_loop()
-            async for tensor_part, weight, part_compression, size in amap_in_executor(
-                lambda msg: (
-                    deserialize_tensor(msg.tensor_part),  # athome: numpy-2 safe codecs
-                    msg.weight,
-                    msg.tensor_part.compression,
-                    msg.ByteSize(),
-                ),
-                stream,
-                max_prefetch=self.tensor_part_container.prefetch,
-            ):
+            async for tensor_part, weight, part_compression, size in parts:
                 self.bytes_received += size
                 try:
                     averaged_part = await self.tensor_part_reducer.accumulate_part(
@@ -186,13 +361,7 @@ class RobustAllReduceRunner(AllReduceRunner):
                 except BannedException:
                     logger.debug(f"Sender {sender_index} is banned")
                     break  # sender was banned (timed out or sent rejected input), we no longer aggregate it
-
-                serialized_delta = await loop.run_in_executor(
-                    None, lambda: serialize_tensor(averaged_part - tensor_part, part_compression)
-                )
-                message = averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART, tensor_part=serialized_delta)
-                self.bytes_sent += message.ByteSize()
-                yield message
+                yield averaged_part - tensor_part, part_compression
         finally:
             self._reply_streams -= 1
             if self._reply_streams == 0:

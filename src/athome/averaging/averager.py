@@ -33,6 +33,9 @@ What a round guarantees (a "round" = one all-reduce in one group):
    ``repair_timeout`` = the round's reducer timeout; if no member completed, every survivor keeps its tensors and
    raises as in 1. Precisely: among members that stay alive and can exchange messages within that timeout, either
    all hold the group's aggregate or all hold their tensors from before the round.
+6. Tensor parts travel over the direct TCP data plane (:mod:`.dataplane`: raw frames, tickets issued over p2p by
+   ``rpc_dataplane_ticket``) where both members of a pair have it, else over hivemind's p2p streams; 1-5 hold for
+   either transport (they share the runner's bookkeeping). ``direct_tcp=False`` turns the plane off.
 
 Not guaranteed: bit-identical values between members that each completed the round: each adds its own delta to its
 own copy (float rounding; with a lossy codec up to twice the codec's error). A sender that failed mid-round is
@@ -43,6 +46,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing as mp
+import random
 import threading
 import time
 import weakref
@@ -57,20 +61,32 @@ from hivemind.averaging.group_info import GroupInfo
 from hivemind.averaging.load_balancing import load_balance_peers
 from hivemind.averaging.matchmaking import MatchmakingException
 from hivemind.compression import CompressionBase, CompressionInfo
+from hivemind.compression import deserialize_torch_tensor
 from hivemind.compression import serialization as hivemind_serialization
 from hivemind.optim.grad_averager import GradientAverager
 from hivemind.optim.state_averager import TrainingStateAverager
-from hivemind.p2p import P2PContext
-from hivemind.proto import averaging_pb2
-from hivemind.utils.asyncio import enter_asynchronously
-from hivemind.utils.timed_storage import get_dht_time
+from hivemind.p2p import P2PContext, PeerID
+from hivemind.proto import averaging_pb2, runtime_pb2
+from hivemind.utils import MPFuture
+from hivemind.utils.asyncio import aiter_with_timeout, enter_asynchronously
+from hivemind.utils.streaming import combine_from_streaming
+from hivemind.utils.timed_storage import ValueWithExpiration, get_dht_time
 
 from athome.averaging.allreduce import PartialRoundError, RobustAllReduceRunner, RoundTimeoutError
 from athome.averaging.compression import Quantile8BitCodec, Uniform8BitCodec, get_codec
 from athome.averaging.consistency import RoundOutcomes, agreement_tolerance, fetch_round_result
+from athome.averaging.dataplane import ACK_OK, ACK_REFUSED, DataPlane, FrameConnection, bind_host_from_maddrs
 from athome.averaging.reducer import ReducerMethod, ReducerSettings, SenderEvidence
 from athome.averaging.timeouts import AdaptiveTimeouts, RoundTimeouts
-from athome.dht.auth import admit
+from athome.dht.auth import admit, get_admission
+from athome.verification.downloads import (
+    DEFAULT_BOUND,
+    DEFAULT_MAX_SOURCES,
+    DownloadedState,
+    StateRejected,
+    combine_states,
+    state_problem,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +118,7 @@ class RoundReport:
     repaired_from: Optional[str] = None  # status "ok" after an incomplete all-reduce: the member we copied from
     repair_failures: Dict[str, str] = field(default_factory=dict)  # member -> why it could not repair us
     throughput: float = 0.0  # this peer's throughput estimate after the round, bytes/s
+    tcp_reducers: Tuple[str, ...] = ()  # reducers this peer reached over the direct TCP data plane (others: p2p)
     error: Optional[str] = None
 
     @property
@@ -189,10 +206,15 @@ class RobustAveragingMixin:
     :param torch_threads: torch intra-op threads inside the averager process (None: leave torch's default)
     :param part_size_bytes: (hivemind's) size of the parts a vector is streamed in, after compression; athome's
       default is 256K values per part (1 MiB with "none", 512 KiB with "fp16", 256 KiB with "uint8")
+    :param direct_tcp: move tensor parts over the direct TCP data plane (:mod:`.dataplane`) where possible
+    :param dataplane_host: IP to listen on and announce for it (default: the first IPv4 of this peer's p2p
+      addresses, preferring non-loopback ones); ``dataplane_port``: its TCP port (0: ephemeral)
     :param kwargs: everything hivemind's averager accepts (``dht``, ``prefix``, ``target_group_size``,
       ``initial_group_bits``, ``min_matchmaking_time``, ``request_timeout``, ...). A given ``allreduce_timeout`` is
       kept as hivemind's outer limit; sender/reducer timeouts are always derived per round.
     """
+
+    runner_type: Optional[type] = None  # a subclass may swap the runner (default: RobustAllReduceRunner)
 
     # hivemind caches rpc handlers per class and a subclass inherits its parent's cache: collect ours separately
     _rpc_handlers = None
@@ -215,8 +237,13 @@ class RobustAveragingMixin:
         min_chunk_timeout: Optional[float] = None,
         report_history: int = 64,
         torch_threads: Optional[int] = 1,
+        direct_tcp: bool = True,
+        dataplane_host: Optional[str] = None,
+        dataplane_port: int = 0,
         **kwargs,
     ):
+        self._direct_tcp, self._dataplane_host, self._dataplane_port = direct_tcp, dataplane_host, dataplane_port
+        self._dataplane_task: Optional[asyncio.Task] = None  # averager process: starts the data plane once
         self.reducer_settings = ReducerSettings(reducer, clip_tau, clip_iterations, max_weight_ratio, heavy_clip_scale)
         codec = get_codec(compression)
         _check_state_compression(kwargs.get("state_compression"))
@@ -401,8 +428,9 @@ class RobustAveragingMixin:
             group_id, group_info.peer_ids, time.monotonic() + (limit or 300.0) + self._repair_timeout()
         )
 
-        runner = RobustAllReduceRunner(
+        runner = (self.runner_type or RobustAllReduceRunner)(
             reducer_factory=self.reducer_settings.build,
+            dataplane=await self._get_dataplane(),
             p2p=self._p2p,
             servicer_type=type(self),
             prefix=self.prefix,
@@ -551,6 +579,83 @@ class RobustAveragingMixin:
         async for message in self._round_outcomes.serve(request.group_id, context.remote_id):
             yield message
 
+    # ---- direct TCP data plane (athome.averaging.dataplane) -----------------------------------------------------
+
+    async def _get_dataplane(self) -> Optional[DataPlane]:
+        """This averager process's data plane, started on first use; None if disabled or it could not start."""
+        if not self._direct_tcp:
+            return None
+        if self._dataplane_task is None:
+            self._dataplane_task = asyncio.create_task(self._start_dataplane())
+        return await asyncio.shield(self._dataplane_task)
+
+    async def _start_dataplane(self) -> Optional[DataPlane]:
+        host = self._dataplane_host
+        if host is None:
+            maddrs = await self._p2p.get_visible_maddrs()
+            non_loopback = [m for m in maddrs if "/ip4/127." not in str(m)]
+            host = bind_host_from_maddrs(non_loopback) or bind_host_from_maddrs(maddrs)
+        if host is None:
+            logger.info("Data plane off: this peer has no IPv4 address to listen on; parts go over p2p")
+            return None
+        dataplane = DataPlane(host, self._dataplane_port)
+        if self.client_mode:  # a client reduces nothing: it only connects out
+            return dataplane
+        try:
+            await dataplane.start(self._serve_dataplane_connection)
+        except OSError:  # e.g. an announced (public) address that is not on this host: listen everywhere
+            try:
+                dataplane = DataPlane("0.0.0.0", self._dataplane_port, announce_host=host)
+                await dataplane.start(self._serve_dataplane_connection)
+            except OSError as e:
+                logger.warning(f"Data plane off: cannot listen on {host}:{self._dataplane_port} ({e!r})")
+                return None
+        return dataplane
+
+    async def _running_runner(self, group_id: bytes, timeout: float) -> Optional[RobustAllReduceRunner]:
+        """The runner of a round this averager takes part in (waiting up to ``timeout`` for it to start)."""
+        if group_id not in self._running_groups:
+            # as in hivemind's rpc_aggregate_part: the leader's reply may reach us after other members' requests
+            try:
+                await asyncio.wait_for(self._pending_groups_registered.wait(), timeout)
+            except asyncio.TimeoutError:
+                return None
+        future = self._running_groups.get(group_id)
+        if future is None:
+            return None
+        try:
+            runner = await asyncio.wait_for(asyncio.shield(future), timeout)
+        except (asyncio.TimeoutError, asyncio.CancelledError, Exception):
+            return None
+        return runner if isinstance(runner, RobustAllReduceRunner) else None
+
+    async def rpc_dataplane_ticket(
+        self, request: runtime_pb2.ExpertRequest, context: P2PContext
+    ) -> runtime_pb2.ExpertResponse:
+        """A group member asks to send us its parts over TCP: a ticket bound to (group, caller) and our endpoint."""
+        await admit(context)
+        dataplane = await self._get_dataplane()
+        if dataplane is None:
+            return runtime_pb2.ExpertResponse(metadata=self.serializer.dumps(dict(error="no data plane")))
+
+        async def _policy(group_id: bytes, caller) -> bool:
+            runner = await self._running_runner(group_id, dataplane.connect_timeout)
+            return runner is not None and caller in runner.sender_peer_ids and str(caller) not in self._banned_peers
+
+        return await dataplane.answer_ticket_request(request, context.remote_id, _policy)
+
+    async def _serve_dataplane_connection(self, group_id: bytes, peer_id, connection: FrameConnection) -> None:
+        """An authenticated TCP connection from ``peer_id`` for round ``group_id``: hand it to that round's runner."""
+        future = self._running_groups.get(group_id)
+        runner = None
+        if future is not None and future.done() and not future.cancelled() and future.exception() is None:
+            runner = future.result()
+        if not isinstance(runner, RobustAllReduceRunner) or runner._future.done():
+            await connection.loop.sock_sendall(connection.sock, ACK_REFUSED)
+            return
+        await connection.loop.sock_sendall(connection.sock, ACK_OK)
+        await runner.serve_tcp_sender(peer_id, connection)
+
     # invite-only runs: only members may join our groups, send us parts or download our state (athome.dht.auth)
     async def rpc_join_group(
         self, request: averaging_pb2.JoinRequest, context: P2PContext
@@ -580,6 +685,7 @@ class RobustAveragingMixin:
         report.unreduced_fraction = container.failed_size / container.total_size if container.total_size else 0.0
         report.failed_reducers = {str(peer): reason for peer, reason in runner.failed_reducers.items()}
         report.excluded_senders = tuple(str(peer) for peer in runner.banned_senders)
+        report.tcp_reducers = tuple(str(peer) for peer in runner.tcp_peers)
         reducer = runner.tensor_part_reducer
         if hasattr(reducer, "evidence_by_sender"):
             report.evidence = reducer.evidence_by_sender([str(peer) for peer in runner.sender_peer_ids])
@@ -638,5 +744,109 @@ class RobustTrainingStateAverager(RobustAveragingMixin, TrainingStateAverager):
     ``hivemind.Optimizer`` averages trainers' *parameters* with it every epoch (``average_state_every=1``): with
     hivemind's plain mean, one trainer's parameters would enter every trainer's model around all the gradient
     defences. Build it through :class:`athome.trainer.train.SwarmOptimizer`.
+
+    State downloads (``load_state_from_peers``, what a trainer that fell behind calls) are robust too: hivemind copies
+    one peer's whole state; here the state comes from up to ``download_sources`` peers (the newest epochs first,
+    never this peer, banned peers or non-members), each is checked (tensor count, shapes, dtypes, finite values)
+    and they are combined by :func:`athome.verification.downloads.combine_states` (median of three; with fewer, a
+    bound of ``download_bound`` against this peer's own parameters). A refused download keeps the current state
+    (hivemind's ``Optimizer`` retries on its next step).
+
+    :param download_sources: how many peers to download the state from (3: a coordinate-wise median)
+    :param download_bound: relative distance between parameter vectors beyond which sources disagree
     """
+
+    def __init__(self, *args, download_sources: int = DEFAULT_MAX_SOURCES, download_bound: float = DEFAULT_BOUND,
+                 **kwargs):
+        if download_sources < 1 or not download_bound > 0:
+            raise ValueError(f"download_sources must be >= 1 and download_bound > 0, got {download_sources}, "
+                             f"{download_bound}")
+        self.download_sources, self.download_bound = download_sources, download_bound
+        super().__init__(*args, **kwargs)
+
+    async def _load_state_from_peers(self, future: MPFuture, timeout: Optional[float] = None) -> None:
+        """Averager-process side of ``load_state_from_peers``: resolves ``future`` with the combined (metadata,
+        tensors), which hivemind's host side then applies, or with None (nothing applied)."""
+        try:
+            if timeout is not None:  # as hivemind: the caller's timeout becomes a per-message one
+                timeout = self.next_chunk_timeout if self.next_chunk_timeout is not None else self.request_timeout
+            own_metadata, own_tensors, _ = await self._get_current_state_from_host_process()
+            own_tensors = [t.detach().cpu() for t in own_tensors]
+            candidates = await self._download_candidates()
+            states: List[DownloadedState] = []
+            while candidates and len(states) < self.download_sources:
+                batch = candidates[: self.download_sources - len(states)]
+                candidates = candidates[len(batch):]
+                downloaded = await asyncio.gather(*(self._download_state_from(peer, timeout) for peer in batch))
+                for state in downloaded:
+                    if state is None:
+                        continue
+                    problem = state_problem(own_tensors, state)
+                    if problem is not None:
+                        logger.error(f"Refused the state served by {state.source}: {problem}")
+                        continue
+                    states.append(state)
+            num_parameters = len(self.main_parameters) + len(self.extra_tensors)
+            fresh = own_metadata.get("epoch", 0) == 0
+            metadata, tensors, how = combine_states(
+                own_tensors, states, num_parameters=num_parameters, fresh=fresh, bound=self.download_bound,
+                max_sources=self.download_sources,
+            )
+            logger.info(f"Loaded the swarm's state (epoch {metadata['epoch']}) from {how}")
+            future.set_result((metadata, tensors))
+        except StateRejected as error:
+            logger.error(f"State download refused, keeping this peer's state: {error}")
+        except Exception as error:  # noqa: B902 - hivemind's contract: a failed download resolves to None
+            logger.exception(f"State download failed, keeping this peer's state: {error!r}")
+        finally:
+            if not future.done():
+                future.set_result(None)
+
+    async def _download_candidates(self) -> List[PeerID]:
+        """Peers that declared their state for download, highest priority (epoch) first; never this peer, banned
+        peers, or (in invite-only runs) non-members."""
+        key = f"{self._matchmaking.group_key_manager.prefix}.all_averagers"
+        found = await self.dht.get(key, latest=True, return_future=True)
+        declared = found.value if found is not None and isinstance(found.value, dict) else {}
+        priority = {}
+        for raw_peer, info in declared.items():
+            if not isinstance(info, ValueWithExpiration) or not isinstance(info.value, (float, int)):
+                continue
+            try:
+                peer = PeerID(raw_peer)
+            except Exception:  # noqa: B902 - a malformed subkey is someone else's garbage
+                continue
+            if peer == self.peer_id or str(peer) in self._banned_peers:
+                continue
+            priority[peer] = (float(info.value), random.random())  # random: hivemind's tie breaker
+        admission = get_admission()
+        if admission is not None:
+            loop = asyncio.get_running_loop()
+            members = await asyncio.gather(*(loop.run_in_executor(None, admission.is_member, str(peer))
+                                             for peer in priority))
+            priority = {peer: rank for peer, rank, member in zip(list(priority), priority.values(), members) if member}
+        return sorted(priority, key=priority.get, reverse=True)
+
+    async def _download_state_from(self, peer: PeerID, timeout: Optional[float]) -> Optional[DownloadedState]:
+        """One peer's state as hivemind streams it (metadata with the first part); None if it failed or declined."""
+        try:
+            stub = self.get_stub(self._p2p, peer, namespace=self.prefix)
+            stream = await stub.rpc_download_state(averaging_pb2.DownloadRequest())
+            metadata, parts, tensors = None, [], []
+            async for message in aiter_with_timeout(stream, timeout=timeout):
+                if message.metadata:
+                    metadata = self.serializer.loads(message.metadata)
+                if message.tensor_part.dtype and parts:  # a dtype starts the next tensor
+                    tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
+                    parts = []
+                parts.append(message.tensor_part)
+            if parts:
+                tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
+            if not metadata:
+                logger.debug(f"Peer {peer} did not send its state")
+                return None
+            return DownloadedState(str(peer), metadata, tensors)
+        except Exception as error:  # noqa: B902 - any failure of one source only removes that source
+            logger.warning(f"Failed to download the state from {peer}: {error!r}")
+            return None
 

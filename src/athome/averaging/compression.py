@@ -140,6 +140,11 @@ def get_codec(name_or_codec: Union[str, CompressionBase]) -> CompressionBase:
         raise ValueError(f"unknown compression {name_or_codec!r}; expected one of {CODEC_NAMES}") from None
 
 
+def codec_for_type(compression_type: "runtime_pb2.CompressionType") -> CompressionBase:
+    """athome's codec for a hivemind CompressionType enum value (the codec a received part was encoded with)."""
+    return _CODECS_BY_TYPE[runtime_pb2.CompressionType.Name(compression_type)]
+
+
 def serialize_tensor(
     tensor: torch.Tensor,
     compression_type: "runtime_pb2.CompressionType" = runtime_pb2.CompressionType.NONE,

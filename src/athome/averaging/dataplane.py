@@ -1,0 +1,408 @@
+"""Direct TCP data plane for athome's all-reduce: tensor parts travel as raw frames over plain TCP sockets between
+group members, instead of protobuf messages through p2pd (two unix sockets and a daemon per byte).
+
+Matchmaking, the group and its membership stay on libp2p. What this module adds, per (sender, reducer) pair:
+
+1. **Ticket** (over the authenticated p2p channel): the sender calls the reducer's ``rpc_dataplane_ticket`` with the
+   group ID. The reducer answers only a caller that libp2p authenticated as a sender of that group
+   (``context.remote_id``), with a fresh random 32-byte token bound to ``(group_id, caller)``, single-use, valid for
+   ``ticket_ttl`` seconds, plus the reducer's TCP endpoint ``host:port``. (The endpoint travels in the ticket reply
+   rather than in hivemind's matchmaking gather data, which stays unchanged: peers without a data plane, stock
+   hivemind peers included, simply answer the ticket request with "no endpoint" or an unknown-handler error.)
+2. **Hello**: the sender connects and sends ``MAGIC | version | token`` (:data:`HELLO`). The reducer redeems the
+   token; a wrong, reused, expired or absent token closes the connection (logged) before a single tensor byte is
+   read, so nothing of it reaches the reducer. Otherwise the reducer answers one byte :data:`ACK_OK` and the
+   connection is bound to that sender for that group.
+3. **Frames** (both directions, full duplex): a fixed :data:`FRAME` header (kind, codec, dtype, part index, weight,
+   payload length) and the payload. Payload lengths are checked against the part's size before anything is
+   allocated (exact for raw parts, ``8 * numel + 64 KiB`` for coded ones); anything else is a protocol violation.
+   Parts of codec ``none`` are sent straight from the tensor's memory and received into a preallocated tensor
+   (no protobuf, no copies in Python); other codecs carry the codec's own buffer (:mod:`.compression`).
+
+**Fallback**: if the reducer has no endpoint, refuses the ticket, or the TCP connect / hello does not succeed within
+``connect_timeout``, that pair uses hivemind's p2p ``rpc_aggregate_part`` in the same round. A reducer that failed
+to connect is not tried again over TCP for ``unreachable_ttl`` seconds (e.g. behind NAT).
+
+**Security**: the hello proves *which group member* connects (tokens come over the encrypted, authenticated libp2p
+channel). The TCP stream itself is not encrypted nor integrity-protected: an on-path attacker could read or alter
+tensor parts. Those parts go through the same robust reducer and result checks as p2p ones, so such an attacker has
+the power of one Byzantine group member at most; runs that need confidentiality disable the plane
+(``direct_tcp=False``).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import socket
+import struct
+import time
+from dataclasses import dataclass
+from typing import Awaitable, Callable, Dict, Optional, Tuple
+
+import torch
+from hivemind.compression import CompressionBase, CompressionInfo
+from hivemind.p2p import PeerID
+from hivemind.proto import runtime_pb2
+from hivemind.utils import MSGPackSerializer
+
+from athome.averaging.compression import codec_for_type, deserialize_tensor
+
+logger = logging.getLogger(__name__)
+
+MAGIC, VERSION = b"ATDP", 1
+HELLO = struct.Struct("!4sB32s")  # magic, version, ticket token
+ACK_OK, ACK_REFUSED = b"\x01", b"\x00"
+# magic, kind, compression (runtime_pb2.CompressionType), dtype code, part index, weight, payload bytes
+FRAME = struct.Struct("!2sBBBxxxIdQ")
+FRAME_MAGIC = b"DF"
+KIND_PART, KIND_RESULT = 1, 2
+RAW = runtime_pb2.CompressionType.NONE  # codec whose parts travel as the tensor's own bytes
+DTYPES: Tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.float64, torch.bfloat16)
+_DTYPE_CODES = {dtype: code for code, dtype in enumerate(DTYPES, start=1)}
+_NUMPY_NAMES = {"float32": torch.float32, "float16": torch.float16, "float64": torch.float64, "bfloat16": torch.bfloat16}
+CODED_OVERHEAD = 64 << 10  # the most a codec may add to a part beyond 8 bytes per value (codebooks, scales)
+SOCKET_BUFFER = 4 << 20  # bytes; large buffers let one recv/send move most of a 1 MiB part
+TICKET_UID = "athome.dataplane.ticket"
+
+
+class DataPlaneError(ConnectionError):
+    """A peer broke the data plane protocol (bad hello, bad frame header, oversize payload) or closed early."""
+
+
+def dtype_code(dtype: torch.dtype) -> int:
+    try:
+        return _DTYPE_CODES[dtype]
+    except KeyError:
+        raise DataPlaneError(f"the data plane does not carry {dtype} tensors") from None
+
+
+def supports(tensors) -> bool:
+    """True if every tensor's dtype can travel on the data plane (else the whole round uses p2p)."""
+    return all(t.dtype in _DTYPE_CODES for t in tensors)
+
+
+@dataclass(frozen=True)
+class Frame:
+    kind: int
+    compression: int
+    dtype: torch.dtype
+    part_index: int
+    weight: float
+    payload: bytearray | torch.Tensor  # a tensor for raw (codec NONE) payloads, received in place
+    nbytes: int  # header + payload, for byte accounting
+
+
+class FrameConnection:
+    """One non-blocking TCP socket carrying frames, driven by the running event loop (``sock_recv_into`` /
+    ``sock_sendall``: the kernel copies straight from/to tensor memory, the GIL is released during the copy).
+
+    Not safe for two concurrent readers or two concurrent writers; one of each is fine (full duplex).
+    """
+
+    def __init__(self, sock: socket.socket, peer: str):
+        self.sock, self.peer = sock, peer
+        self.loop = asyncio.get_event_loop()
+        self.closed = False
+
+    async def recv_exactly_into(self, view: memoryview) -> None:
+        received, total = 0, len(view)
+        while received < total:
+            count = await self.loop.sock_recv_into(self.sock, view[received:])
+            if count == 0:
+                raise DataPlaneError(f"{self.peer} closed the connection")
+            received += count
+
+    async def recv_bytes(self, count: int) -> bytes:
+        buffer = bytearray(count)
+        await self.recv_exactly_into(memoryview(buffer))
+        return bytes(buffer)
+
+    async def send_frame(
+        self, kind: int, part_index: int, compression: int, dtype: torch.dtype, payload, weight: float = 0.0
+    ) -> int:
+        """Send one frame; ``payload`` is a tensor (sent from its memory) or a bytes-like buffer. Returns bytes sent."""
+        if isinstance(payload, torch.Tensor):
+            data = memoryview(payload.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+        else:
+            data = memoryview(payload)
+        header = FRAME.pack(FRAME_MAGIC, kind, compression, dtype_code(dtype), part_index, weight, data.nbytes)
+        await self.loop.sock_sendall(self.sock, header)
+        if data.nbytes:
+            await self.loop.sock_sendall(self.sock, data)
+        return FRAME.size + data.nbytes
+
+    async def recv_frame(self, kind: int, part_index: int, numel: int) -> Frame:
+        """Receive the next frame, which must be of ``kind`` for part ``part_index`` of ``numel`` values.
+
+        :raises DataPlaneError: on any mismatch or an oversize payload (the connection must then be closed)
+        """
+        header = await self.recv_bytes(FRAME.size)
+        magic, got_kind, compression, code, got_index, weight, length = FRAME.unpack(header)
+        if magic != FRAME_MAGIC or got_kind != kind or got_index != part_index:
+            raise DataPlaneError(
+                f"{self.peer} sent frame (kind {got_kind}, part {got_index}), expected (kind {kind}, part {part_index})"
+            )
+        if not 1 <= code <= len(DTYPES):
+            raise DataPlaneError(f"{self.peer} sent unknown dtype code {code}")
+        dtype = DTYPES[code - 1]
+        if compression == runtime_pb2.CompressionType.NONE:
+            expected = numel * torch.empty((), dtype=dtype).element_size()
+            if length != expected:
+                raise DataPlaneError(f"{self.peer} sent a raw part of {length} bytes, expected {expected}")
+            payload = torch.empty(numel, dtype=dtype)
+            if length:
+                await self.recv_exactly_into(memoryview(payload.view(torch.uint8).numpy()))
+        else:
+            if compression not in runtime_pb2.CompressionType.values():
+                raise DataPlaneError(f"{self.peer} sent unknown compression {compression}")
+            if length > 8 * numel + CODED_OVERHEAD:
+                raise DataPlaneError(f"{self.peer} sent {length} bytes for a part of {numel} values (too large)")
+            payload = bytearray(length)
+            await self.recv_exactly_into(memoryview(payload))
+        return Frame(got_kind, compression, dtype, got_index, weight, payload, FRAME.size + length)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            try:
+                self.sock.close()
+            except OSError:
+                pass
+
+
+def _tune(sock: socket.socket) -> None:
+    sock.setblocking(False)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
+        except OSError:  # capped by the kernel: the default is fine, only slower
+            pass
+
+
+class TicketBook:
+    """Single-use tokens bound to (group ID, peer ID), issued over p2p and redeemed by a TCP hello."""
+
+    def __init__(self, ttl: float = 120.0):
+        self.ttl = ttl
+        self._tickets: Dict[bytes, Tuple[bytes, PeerID, float]] = {}
+
+    def issue(self, group_id: bytes, peer_id: PeerID) -> bytes:
+        now = time.monotonic()
+        self._tickets = {t: v for t, v in self._tickets.items() if v[2] > now}
+        token = secrets.token_bytes(32)
+        self._tickets[token] = (group_id, peer_id, now + self.ttl)
+        return token
+
+    def redeem(self, token: bytes) -> Optional[Tuple[bytes, PeerID]]:
+        entry = self._tickets.pop(token, None)
+        if entry is None or entry[2] < time.monotonic():
+            return None
+        return entry[0], entry[1]
+
+
+# what the server does with an authenticated connection: (group_id, peer_id, connection) -> serve it
+ConnectionHandler = Callable[[bytes, PeerID, FrameConnection], Awaitable[None]]
+# an authenticated caller asks for a ticket: (group_id, caller) -> may it have one?
+TicketPolicy = Callable[[bytes, PeerID], Awaitable[bool]]
+
+
+class DataPlane:
+    """One per averager process: a TCP listener, its tickets, and the client side of ticket + connect.
+
+    :param host: IP address to listen on and announce (an address of this host, e.g. from its host_maddrs)
+    :param port: TCP port, 0 for an ephemeral one
+    :param announce_host: address to announce instead of ``host`` (e.g. when listening on 0.0.0.0)
+    :param connect_timeout: seconds for the ticket rpc, the TCP connect and the hello together, before falling back
+    :param unreachable_ttl: seconds during which a reducer whose endpoint failed is reached over p2p only
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int = 0,
+        *,
+        announce_host: Optional[str] = None,
+        connect_timeout: float = 5.0,
+        hello_timeout: float = 10.0,
+        unreachable_ttl: float = 600.0,
+        ticket_ttl: float = 120.0,
+    ):
+        self.host, self.port, self.announce_host = host, port, announce_host or host
+        self.connect_timeout, self.hello_timeout, self.unreachable_ttl = connect_timeout, hello_timeout, unreachable_ttl
+        self.tickets = TicketBook(ticket_ttl)
+        self._listener: Optional[socket.socket] = None
+        self._accept_task: Optional[asyncio.Task] = None
+        self._handler: Optional[ConnectionHandler] = None
+        self._unreachable: Dict[PeerID, float] = {}
+        self._serving: set = set()
+        self.refused_hellos = 0  # connections closed for a bad hello (for tests and diagnostics)
+
+    @property
+    def endpoint(self) -> Tuple[str, int]:
+        return self.announce_host, self.port
+
+    async def start(self, handler: ConnectionHandler) -> None:
+        self._handler = handler
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        listener = socket.socket(family, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((self.host, self.port))
+        listener.listen(128)
+        listener.setblocking(False)
+        self._listener, self.port = listener, listener.getsockname()[1]
+        self._accept_task = asyncio.create_task(self._accept_forever())
+        logger.debug(f"Data plane listening on {self.host}:{self.port} (announced as {self.announce_host})")
+
+    async def shutdown(self) -> None:
+        if self._accept_task is not None:
+            self._accept_task.cancel()
+        for task in list(self._serving):
+            task.cancel()
+        if self._listener is not None:
+            self._listener.close()
+
+    async def _accept_forever(self) -> None:
+        loop = asyncio.get_event_loop()
+        while True:
+            try:
+                sock, address = await loop.sock_accept(self._listener)
+            except asyncio.CancelledError:
+                raise
+            except OSError as e:  # e.g. out of file descriptors: keep serving
+                logger.warning(f"Data plane accept failed: {e!r}")
+                await asyncio.sleep(0.1)
+                continue
+            _tune(sock)
+            task = asyncio.create_task(self._serve(FrameConnection(sock, f"{address[0]}:{address[1]}")))
+            self._serving.add(task)
+            task.add_done_callback(self._serving.discard)
+
+    async def _serve(self, connection: FrameConnection) -> None:
+        try:
+            try:
+                hello = await asyncio.wait_for(connection.recv_bytes(HELLO.size), self.hello_timeout)
+            except (asyncio.TimeoutError, OSError) as e:
+                self.refused_hellos += 1
+                logger.warning(f"Data plane: no valid hello from {connection.peer} ({e!r}); connection closed")
+                return
+            magic, version, token = HELLO.unpack(hello)
+            bound = self.tickets.redeem(token) if magic == MAGIC and version == VERSION else None
+            if bound is None:
+                self.refused_hellos += 1
+                logger.warning(f"Data plane: wrong or expired ticket from {connection.peer}; connection closed")
+                return
+            group_id, peer_id = bound
+            await self._handler(group_id, peer_id, connection)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            logger.debug(f"Data plane connection from {connection.peer} failed: {e!r}", exc_info=True)
+        finally:
+            connection.close()
+
+    # ---- ticket rpc (both sides) ---------------------------------------------------------------------------------
+
+    @staticmethod
+    def ticket_request(group_id: bytes) -> runtime_pb2.ExpertRequest:
+        return runtime_pb2.ExpertRequest(uid=TICKET_UID, metadata=MSGPackSerializer.dumps(dict(group_id=group_id)))
+
+    async def answer_ticket_request(
+        self, request: runtime_pb2.ExpertRequest, caller: PeerID, policy: TicketPolicy
+    ) -> runtime_pb2.ExpertResponse:
+        """Reducer side of ``rpc_dataplane_ticket``: ``caller`` is the libp2p-authenticated peer."""
+        try:
+            group_id = MSGPackSerializer.loads(request.metadata)["group_id"]
+            assert request.uid == TICKET_UID and isinstance(group_id, bytes)
+        except Exception:
+            return _ticket_reply(error="bad request")
+        if not await policy(group_id, caller):
+            return _ticket_reply(error="not a sender of this group")
+        host, port = self.endpoint
+        return _ticket_reply(token=self.tickets.issue(group_id, caller), host=host, port=port)
+
+    async def connect(
+        self, peer_id: PeerID, request_ticket: Callable[[], Awaitable[runtime_pb2.ExpertResponse]]
+    ) -> Optional[FrameConnection]:
+        """Sender side: ticket over p2p, TCP connect, hello, ack, all within ``connect_timeout``.
+
+        :returns: an authenticated connection to ``peer_id``'s reducer, or None: use p2p for this pair
+        """
+        if self._unreachable.get(peer_id, 0.0) > time.monotonic():
+            return None
+        reachable = True
+        sock = None
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                reply = MSGPackSerializer.loads((await request_ticket()).metadata)
+                if "token" not in reply:
+                    logger.debug(f"{peer_id} gave no data plane ticket: {reply.get('error')}")
+                    return None
+                host, port, token = str(reply["host"]), int(reply["port"]), bytes(reply["token"])
+                reachable = False  # from here on, a failure means the endpoint is unreachable from here
+                sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+                _tune(sock)
+                connection = FrameConnection(sock, f"{host}:{port}")
+                await connection.loop.sock_connect(sock, (host, port))
+                await connection.loop.sock_sendall(sock, HELLO.pack(MAGIC, VERSION, token))
+                if await connection.recv_bytes(1) != ACK_OK:
+                    raise DataPlaneError("hello refused")
+                return connection
+        except asyncio.CancelledError:
+            if sock is not None:
+                sock.close()
+            raise
+        except Exception as e:
+            if sock is not None:
+                sock.close()
+            if not reachable:
+                self._unreachable[peer_id] = time.monotonic() + self.unreachable_ttl
+            logger.info(f"Data plane to {peer_id} unavailable ({e!r}); using p2p for it")
+            return None
+
+
+def _ticket_reply(**fields) -> runtime_pb2.ExpertResponse:
+    return runtime_pb2.ExpertResponse(metadata=MSGPackSerializer.dumps(fields))
+
+
+def bind_host_from_maddrs(maddrs) -> Optional[str]:
+    """The first IPv4 address of this peer's multiaddrs that it can listen on (not 0.0.0.0); None if none."""
+    for maddr in maddrs:
+        parts = str(maddr).split("/")
+        if len(parts) > 2 and parts[1] == "ip4" and parts[2] != "0.0.0.0":
+            return parts[2]
+    return None
+
+
+def decode_payload(frame: Frame, shape: torch.Size) -> torch.Tensor:
+    """The tensor a frame carries (codec NONE: the received tensor itself; other codecs: decoded via athome's
+    codec table)."""
+    if frame.compression == runtime_pb2.CompressionType.NONE:
+        return frame.payload.view(shape)
+    dtype_name = str(frame.dtype).replace("torch.", "")
+    serialized = runtime_pb2.Tensor(
+        compression=frame.compression, buffer=bytes(frame.payload), size=list(shape), dtype=dtype_name
+    )
+    tensor = deserialize_tensor(serialized)
+    if tensor.shape != shape:
+        raise DataPlaneError(f"decoded part has shape {tuple(tensor.shape)}, expected {tuple(shape)}")
+    return tensor
+
+
+def encode_part(
+    tensor: torch.Tensor, codec: CompressionBase, info: Optional[CompressionInfo] = None
+) -> Tuple[int, torch.dtype, object]:
+    """(compression type, dtype, payload) for :meth:`FrameConnection.send_frame`: codec ``none`` sends the tensor's
+    own memory; other codecs send their serialized buffer (same format as in hivemind's protobuf messages)."""
+    if getattr(codec, "compression_type", None) == runtime_pb2.CompressionType.NONE:
+        return runtime_pb2.CompressionType.NONE, tensor.dtype, tensor.detach().contiguous()
+    serialized = codec.compress(tensor, info or CompressionInfo.from_tensor(tensor))
+    if serialized.dtype not in _NUMPY_NAMES:
+        raise DataPlaneError(f"the data plane does not carry {serialized.dtype} tensors")
+    return serialized.compression, _NUMPY_NAMES[serialized.dtype], serialized.buffer
+
+
+def encode_result(delta: torch.Tensor, compression_type: int) -> Tuple[int, torch.dtype, object]:
+    """Encode an averaged part (a delta) with the codec its sender used, like hivemind's reducer does."""
+    return encode_part(delta, codec_for_type(compression_type))
