@@ -771,6 +771,7 @@ class RobustTrainingStateAverager(RobustAveragingMixin, TrainingStateAverager):
             if timeout is not None:  # as hivemind: the caller's timeout becomes a per-message one
                 timeout = self.next_chunk_timeout if self.next_chunk_timeout is not None else self.request_timeout
             own_metadata, own_tensors, _ = await self._get_current_state_from_host_process()
+            own_metadata = self.serializer.loads(own_metadata)  # the host process sends it serialized
             own_tensors = [t.detach().cpu() for t in own_tensors]
             candidates = await self._download_candidates()
             states: List[DownloadedState] = []
