@@ -4,11 +4,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, List
 
+import hypothesis  # noqa: F401  (see below)
 import pytest
 
 from athome.demo import Child
 from athome.testing.scenarios import Swarm
 
+# hypothesis is imported above, at start-up, on purpose: otherwise its pytest plugin imports it at the end of a
+# session that used none of it, pytest's assertion rewriter parses it then, and CPython 3.11.7's ast.parse raises
+# "SystemError: AST constructor recursion depth mismatch" there, turning a green run's exit code into 1.
 LOOPBACK = ["--host_maddrs", "/ip4/127.0.0.1/tcp/0"]
 
 
