@@ -23,7 +23,46 @@ def test_banned_peer_gets_weight_zero_and_reduces_nothing(make_averagers, dhts):
         assert isinstance(result, dict), result
         assert torch.allclose(_flat(_tensors(averager)), expected, atol=1e-5)
         report = averager.last_round
-        assert report.ok and banned_id in report.peers  # it was in the group, and ignored
+        # refused at the door (rpc_join_group) or, if it led the group, in it with its parts ignored
+        assert report.ok and (banned_id not in report.peers or banned_id in report.excluded_senders), report
+
+
+@pytest.mark.timeout(120)
+def test_banned_peer_is_refused_when_it_asks_to_join_a_group(make_averagers, dhts):  # noqa: F811
+    """A leader answers a banned peer's join request with PROTOCOL_VIOLATION; another peer's request reaches
+    hivemind's own checks (this leader is not looking for a group: NOT_LOOKING_FOR_GROUP)."""
+    import asyncio
+    import time
+
+    from hivemind.averaging.averager import compute_schema_hash
+    from hivemind.proto import averaging_pb2
+    from hivemind.utils.timed_storage import get_dht_time
+
+    from athome.averaging import RobustAverager
+
+    (leader,) = make_averagers(_random_sets(1, seed=3))
+    banned, other = dhts[2], dhts[3]
+
+    async def ask(dht) -> int:
+        p2p = await dht.replicate_p2p()
+        stub = RobustAverager.get_stub(p2p, leader.peer_id, namespace=leader.prefix)
+        with leader.get_tensors() as tensors:
+            schema_hash = compute_schema_hash(tensors)
+        request = averaging_pb2.JoinRequest(schema_hash=schema_hash, expiration=get_dht_time() + 5, gather=b"")
+        stream = await stub.rpc_join_group(request)
+        async for message in stream:
+            return message.code
+
+    def code(dht) -> int:
+        return asyncio.run(ask(dht))
+
+    assert code(banned) == averaging_pb2.NOT_LOOKING_FOR_GROUP  # not banned yet: hivemind's usual answer
+    leader.ban_peers([str(banned.peer_id)])
+    deadline = time.monotonic() + 10
+    while code(banned) != averaging_pb2.PROTOCOL_VIOLATION:  # the ban reaches the averager process over its pipe
+        assert time.monotonic() < deadline, "the banned peer was never refused"
+        time.sleep(0.2)
+    assert code(other) == averaging_pb2.NOT_LOOKING_FOR_GROUP
 
 
 def test_trainer_clips_only_aggregates_that_no_honest_group_can_produce():

@@ -661,6 +661,11 @@ class RobustAveragingMixin:
         self, request: averaging_pb2.JoinRequest, context: P2PContext
     ) -> AsyncIterator[averaging_pb2.MessageFromLeader]:
         await admit(context)
+        if str(context.remote_id) in self._banned_peers:
+            # a banned peer would only take a slot in the group (its parts get weight 0 anyway): refuse it at the door
+            logger.debug(f"Refused a join request from banned peer {context.remote_id}")
+            yield averaging_pb2.MessageFromLeader(code=averaging_pb2.PROTOCOL_VIOLATION)
+            return
         async for message in super().rpc_join_group(request, context):
             yield message
 
