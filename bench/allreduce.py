@@ -5,7 +5,8 @@ Every peer is a separate process (forked). Per N, in one run:
 
 * gloo: ``dist.all_reduce`` of the same tensor (after a warm-up), time = slowest rank;
 * hivemind: stock ``DecentralizedAverager`` (no compression, mean), run first and again last (baseline = mean);
-* athome: ``RobustAverager`` with reducer x compression variants (fp16 only with ``--variants all``).
+* athome: ``RobustAverager`` with reducer x compression variants (fp16 only with ``--variants all``), over its
+  direct TCP data plane, and once with the plane off ("athome p2p ...": parts through p2pd, as before the plane).
 
 For the averagers, the group is formed first (``step(require_trigger=True)``), all peers pass a barrier, and the
 clock runs from the trigger to the slowest peer's result: matchmaking is excluded, so the numbers compare the
@@ -49,11 +50,14 @@ VARIANTS = (
     ("hivemind none/mean", "hivemind", "mean", "none"),
     ("athome none/mean", "athome", "mean", "none"),
     ("athome none/centered_clip", "athome", "centered_clip", "none"),
+    ("athome p2p none/centered_clip", "athome", "centered_clip", "none"),
     ("athome fp16/centered_clip", "athome", "centered_clip", "fp16"),
     ("athome uint8/centered_clip", "athome", "centered_clip", "uint8"),
     ("hivemind none/mean (again)", "hivemind", "mean", "none"),
 )
-DEFAULT_VARIANTS = "hivemind,athome none/mean,athome none/centered_clip,uint8"  # fp16 with --variants all
+DEFAULT_VARIANTS = "hivemind,athome none/mean,athome none/centered_clip,p2p,uint8"  # fp16 with --variants all
+# "p2p" variants turn athome's direct TCP data plane off: parts go through p2pd as protobuf (athome before the plane)
+VARIANT_KWARGS = {"athome p2p none/centered_clip": dict(direct_tcp=False)}
 SUMMARY_VARIANT = "athome none/centered_clip"
 ATHOME_KWARGS: dict = {}  # extra RobustAverager arguments for every athome variant (--part_size_bytes)
 
@@ -166,7 +170,8 @@ def _worker(rank, n, size, reps, port, tag, variants, maddr_queue, barrier, resu
                                                       compression=get_codec(compression), **common)
         else:
             averager = RobustAverager([vector.clone()], dht, prefix=prefix, reducer=reducer,
-                                      compression=compression, **common, **ATHOME_KWARGS)
+                                      compression=compression, **common, **ATHOME_KWARGS,
+                                      **VARIANT_KWARGS.get(label, {}))
         times, ratios = [], []
         for rep in range(-1, reps):  # rep -1 is an untimed warm-up (first rounds pay one-off costs, as gloo's does)
             with averager.get_tensors() as tensors:

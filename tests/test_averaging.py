@@ -437,9 +437,9 @@ class _ServesOneSenderThenDies(RobustAllReduceRunner):
 
     signal_number = signal.SIGKILL
 
-    async def _accumulate_parts_streaming(self, stream, sender_index):
+    async def _reduce_stream(self, stream, sender_index):  # the reducer side of both transports (TCP, p2p)
         lucky = min(i for i, peer in enumerate(self.sender_peer_ids) if peer != self.peer_id)
-        async for message in super()._accumulate_parts_streaming(stream, sender_index):
+        async for message in super()._reduce_stream(stream, sender_index):
             if sender_index == lucky:
                 yield message
         if sender_index == lucky:
@@ -518,9 +518,9 @@ class _ServesOnePeerThenDies(RobustAllReduceRunner):
 
     lucky_peer = None
 
-    async def _accumulate_parts_streaming(self, stream, sender_index):
+    async def _reduce_stream(self, stream, sender_index):  # the reducer side of both transports (TCP, p2p)
         lucky = self.sender_peer_ids[sender_index] == self.lucky_peer
-        async for message in super()._accumulate_parts_streaming(stream, sender_index):
+        async for message in super()._reduce_stream(stream, sender_index):
             if lucky:
                 yield message
         if lucky:

@@ -37,6 +37,7 @@ aggregate), the smallest scale, and any rejection. That is what a verification s
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 from dataclasses import dataclass
@@ -270,9 +271,28 @@ class RobustTensorPartReducer(TensorPartReducer):
             future = self.current_part_future
             if self.current_part_accumulated_from == 0:
                 future.cancel()  # every sender of this part failed; nobody awaits it
+            elif self.method == "centered_clip":
+                # CenteredClip takes milliseconds per part: run it in a thread (torch releases the GIL) so that the
+                # event loop keeps moving other parts meanwhile; the next part accumulates concurrently
+                contributions = self._contributions
+                computation = asyncio.get_event_loop().run_in_executor(None, self._clip, contributions)
+                computation.add_done_callback(functools.partial(self._finish_clip, future, contributions))
+                # finalize() after the last part cancels current_part_future: give it a placeholder to cancel
+                self.current_part_future = asyncio.Future()
             else:
                 future.set_result(self._current_result())
             self.reset_accumulators()
+
+    def _finish_clip(self, future: asyncio.Future, contributions, computation: asyncio.Future) -> None:
+        """Event-loop side of an offloaded CenteredClip: record evidence, resolve the part's future."""
+        if future.done():  # the round was aborted meanwhile
+            return
+        if computation.cancelled() or computation.exception() is not None:
+            future.set_exception(computation.exception() or asyncio.CancelledError())
+            return
+        result, weights, scale = computation.result()
+        self._record_clip(contributions, weights, scale)
+        future.set_result(result)
 
     def finalize(self):
         """Stop waiting for parts. Missing parts were already reported (as failed senders), so log at debug only."""
@@ -306,6 +326,13 @@ class RobustTensorPartReducer(TensorPartReducer):
         return self._centered_clip(self._contributions)
 
     def _centered_clip(self, contributions: List[Tuple[int, torch.Tensor, float]]) -> torch.Tensor:
+        result, weights, scale = self._clip(contributions)
+        self._record_clip(contributions, weights, scale)
+        return result
+
+    @torch.no_grad()
+    def _clip(self, contributions: List[Tuple[int, torch.Tensor, float]]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """CenteredClip of one part's contributions (thread-safe: touches no reducer state); (result, weights, scale)"""
         stacked = torch.stack([part.reshape(-1).to(torch.float32) for _, part, _ in contributions])
         claimed = torch.tensor([weight for _, _, weight in contributions], dtype=torch.float32)
         positive = claimed[claimed > 0]
@@ -314,8 +341,10 @@ class RobustTensorPartReducer(TensorPartReducer):
         else:
             weights = torch.minimum(claimed, self.max_weight_ratio * _median(positive))
         result, scale = centered_clip(stacked, weights, self.clip_tau, self.clip_iterations)
+        return result.reshape(contributions[0][1].shape), weights, scale
 
-        numel = stacked.shape[1]
+    def _record_clip(self, contributions, weights: torch.Tensor, scale: torch.Tensor) -> None:
+        numel = contributions[0][1].numel()
         for row, (sender, _, _) in enumerate(contributions):
             record = self.evidence[sender]
             record.used_weight = float(weights[row])
@@ -323,7 +352,6 @@ class RobustTensorPartReducer(TensorPartReducer):
             record.min_scale = min(record.min_scale, part_scale)
             if part_scale < self.heavy_clip_scale:
                 record.clipped_elements += numel
-        return result.reshape(contributions[0][1].shape)
 
     def evidence_by_sender(self, sender_names: Sequence[str]) -> Dict[str, SenderEvidence]:
         """Evidence keyed by sender name (e.g. peer ID string), for senders this reducer heard from."""

@@ -1,0 +1,346 @@
+"""athome.averaging.dataplane: the direct TCP data plane of the all-reduce (tickets, frames, fallback to p2p).
+
+The unit test drives a real DataPlane over real TCP sockets on 127.0.0.1; the others run real hivemind DHTs and
+averager processes (4 DHT nodes shared by the module), as tests/test_averaging.py does.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import signal
+import socket
+import threading
+import time
+import uuid
+
+import hivemind
+import pytest
+import torch
+from hivemind.averaging.control import AveragingStage
+from hivemind.proto import runtime_pb2
+from hivemind.utils import MSGPackSerializer
+
+from athome.averaging import PartialRoundError, RobustAllReduceRunner, RobustAverager
+from athome.averaging.dataplane import (
+    ACK_OK,
+    FRAME,
+    FRAME_MAGIC,
+    HELLO,
+    KIND_PART,
+    KIND_RESULT,
+    MAGIC,
+    RAW,
+    VERSION,
+    DataPlane,
+    DataPlaneError,
+    decode_payload,
+    encode_part,
+)
+from athome.averaging.compression import get_codec
+
+DHT_KWARGS = dict(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+# small parts so that every member of a 4-peer group reduces a slice; short floors so failures show up fast
+AVERAGER_KWARGS = dict(
+    min_matchmaking_time=1.5,
+    request_timeout=0.5,
+    min_group_size=2,
+    target_group_size=4,
+    part_size_bytes=512,
+    min_allreduce_timeout=15.0,
+    min_chunk_timeout=2.0,
+    reducer="mean",
+)
+STEP_TIMEOUT = 30.0
+
+
+# ---- the protocol over real sockets, no averager -----------------------------------------------------------------
+
+
+async def _hello_answer(host: str, port: int, token: bytes) -> bytes:
+    """Connect, present ``token``, return what the server answers before closing (b"": refused)."""
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(HELLO.pack(MAGIC, VERSION, token))
+    try:
+        return await asyncio.wait_for(reader.read(1), 5)
+    finally:
+        writer.close()
+
+
+def test_tickets_hello_and_frames_over_tcp():
+    async def main():
+        plane = DataPlane("127.0.0.1", connect_timeout=2.0)
+        served, received = [], []
+
+        async def handler(group_id, peer_id, connection):
+            served.append((group_id, peer_id))
+            await connection.loop.sock_sendall(connection.sock, ACK_OK)
+            frame = await connection.recv_frame(KIND_PART, 0, 6)
+            received.append(decode_payload(frame, torch.Size([2, 3])))
+            await connection.send_frame(KIND_RESULT, 0, *encode_part(received[-1] * 2, get_codec("none")))
+
+        async def members_only(group_id, caller):
+            return group_id == b"group" and caller == "alice"
+
+        await plane.start(handler)
+        host, port = plane.endpoint
+        request_for = lambda group, caller: lambda: plane.answer_ticket_request(  # noqa: E731
+            DataPlane.ticket_request(group), caller, members_only
+        )
+
+        # a wrong ticket: closed before anything else is read, nothing reaches the handler
+        assert await _hello_answer(host, port, secrets.token_bytes(32)) == b""
+        # a ticket for a group the caller is not a sender of is not issued: no connection (the pair uses p2p)
+        assert await plane.connect("mallory", request_for(b"group", "mallory")) is None
+        assert await plane.connect("bob", request_for(b"other group", "alice")) is None
+        assert not served and plane.refused_hellos == 1
+
+        # a valid ticket: the connection is bound to (group, caller); raw frames go both ways
+        reply = await request_for(b"group", "alice")()
+        token = MSGPackSerializer.loads(reply.metadata)["token"]
+        connection = await plane.connect("carol", lambda: asyncio.sleep(0, reply))
+        assert connection is not None
+        part = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+        sent = await connection.send_frame(KIND_PART, 0, *encode_part(part, get_codec("none")), weight=1.0)
+        assert sent == FRAME.size + 24
+        result = decode_payload(await connection.recv_frame(KIND_RESULT, 0, 6), torch.Size([2, 3]))
+        assert torch.equal(result, part * 2) and torch.equal(received[0], part)
+        assert served == [(b"group", "alice")]
+        connection.close()
+
+        # the same ticket cannot be used twice
+        assert await _hello_answer(host, port, token) == b""
+        assert plane.refused_hellos == 2 and len(served) == 1
+
+        # frames are checked before anything is allocated: an oversize raw part is a protocol violation
+        left, right = socket.socketpair()
+        from athome.averaging.dataplane import FrameConnection
+
+        left.setblocking(False)
+        reader = FrameConnection(left, "test")
+        right.sendall(FRAME.pack(FRAME_MAGIC, KIND_PART, RAW, 1, 0, 1.0, 1 << 40))
+        with pytest.raises(DataPlaneError, match="raw part"):
+            await reader.recv_frame(KIND_PART, 0, 6)
+        right.sendall(FRAME.pack(FRAME_MAGIC, KIND_PART, RAW, 1, 5, 1.0, 24))
+        with pytest.raises(DataPlaneError, match="expected"):
+            await reader.recv_frame(KIND_PART, 0, 6)
+        reader.close()
+        right.close()
+
+        # an endpoint that does not answer: no connection, and p2p is used for that reducer from then on
+        with socket.socket() as closed:
+            closed.bind(("127.0.0.1", 0))
+            dead_port = closed.getsockname()[1]
+        dead = lambda: asyncio.sleep(0, runtime_pb2.ExpertResponse(  # noqa: E731
+            metadata=MSGPackSerializer.dumps(dict(token=b"x" * 32, host="127.0.0.1", port=dead_port))
+        ))
+        assert await plane.connect("dave", dead) is None
+        assert await plane.connect("dave", request_for(b"group", "alice")) is None  # not even asked again
+        await plane.shutdown()
+
+    asyncio.run(main())
+
+
+# ---- real averagers ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dhts():
+    first = hivemind.DHT(**DHT_KWARGS)
+    nodes = [first] + [hivemind.DHT(initial_peers=first.get_visible_maddrs(), **DHT_KWARGS) for _ in range(3)]
+    yield nodes
+    for node in nodes:
+        node.shutdown()
+
+
+def _sets(seed, shapes=((600,), (20, 20))):
+    generator = torch.Generator().manual_seed(seed)
+    return [[torch.randn(*shape, generator=generator) for shape in shapes] for _ in range(4)]
+
+
+def _flat(tensors):
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def _tensors(averager):
+    with averager.get_tensors() as tensors:
+        return [t.clone() for t in tensors]
+
+
+def _step_all(averagers):
+    results = [None] * len(averagers)
+
+    def run(index):
+        try:
+            results[index] = averagers[index].step(timeout=STEP_TIMEOUT)
+        except BaseException as e:  # noqa: B902 - collected and asserted by the test
+            results[index] = e
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(averagers))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results
+
+
+def _averagers(dhts, sets, classes=None, per_peer=None):
+    prefix = f"test_{uuid.uuid4().hex[:12]}"
+    classes = classes or [RobustAverager] * len(sets)
+    per_peer = per_peer or [{} for _ in sets]
+    return [
+        cls([t.clone() for t in tensors], dht, prefix=prefix, start=True, **{**AVERAGER_KWARGS, **own})
+        for cls, tensors, dht, own in zip(classes, sets, dhts, per_peer)
+    ]
+
+
+def _assert_exact_mean(averagers, sets):
+    mean = _flat([torch.stack(ts).mean(0) for ts in zip(*sets)])
+    for averager in averagers:
+        assert float((_flat(_tensors(averager)) - mean).abs().max()) <= 1e-6
+        report = averager.last_round
+        assert report.ok and report.group_size == 4 and report.unreduced_fraction == 0, report
+
+
+def _others(averagers, averager):
+    return {str(a.peer_id) for a in averagers} - {str(averager.peer_id)}
+
+
+@pytest.mark.timeout(120)
+def test_four_peers_reach_the_exact_mean_over_tcp(dhts):
+    sets = _sets(seed=30)
+    averagers = _averagers(dhts, sets)
+    try:
+        results = _step_all(averagers)
+        assert all(isinstance(r, dict) and len(r) == 4 for r in results), results
+        _assert_exact_mean(averagers, sets)
+        for averager in averagers:  # every other member's slice came over TCP
+            assert set(averager.last_round.tcp_reducers) == _others(averagers, averager)
+            assert averager.last_round.bytes_sent > 0
+    finally:
+        for averager in averagers:
+            averager.shutdown()
+
+
+class _ForgingRunner(RobustAllReduceRunner):
+    """Gets real tickets over p2p, then presents random tokens on TCP instead."""
+
+    async def _open_tcp(self, peer_id):
+        stub = self._get_peer_stub(peer_id)
+
+        async def forged_ticket():
+            reply = MSGPackSerializer.loads(
+                (await stub.rpc_dataplane_ticket(DataPlane.ticket_request(self.group_id))).metadata
+            )
+            reply["token"] = secrets.token_bytes(32)
+            return runtime_pb2.ExpertResponse(metadata=MSGPackSerializer.dumps(reply))
+
+        return await self.dataplane.connect(peer_id, forged_ticket)
+
+
+def _averager_with(runner_type):
+    """RobustAverager running ``runner_type``; keeps the class name, which hivemind puts in its p2p handler names."""
+    return type("RobustAverager", (RobustAverager,), dict(runner_type=runner_type))
+
+
+_ForgingAverager = _averager_with(_ForgingRunner)
+
+
+@pytest.mark.timeout(120)
+def test_wrong_ticket_is_refused_and_that_pair_falls_back_to_p2p(dhts):
+    sets = _sets(seed=31)
+    averagers = _averagers(dhts, sets, classes=[RobustAverager] * 3 + [_ForgingAverager])
+    forger = averagers[3]
+    try:
+        results = _step_all(averagers)
+        assert all(isinstance(r, dict) and len(r) == 4 for r in results), results
+        # refused connections carried nothing: the forger's parts arrived once, over p2p, and the mean is exact
+        _assert_exact_mean(averagers, sets)
+        assert forger.last_round.tcp_reducers == ()
+        for averager in averagers[:3]:
+            assert set(averager.last_round.tcp_reducers) == _others(averagers, averager)
+    finally:
+        for averager in averagers:
+            averager.shutdown()
+
+
+@pytest.mark.timeout(120)
+def test_mixed_round_one_member_without_the_plane(dhts):
+    sets = _sets(seed=32)
+    averagers = _averagers(dhts, sets, per_peer=[{}, {}, {}, dict(direct_tcp=False)])
+    try:
+        results = _step_all(averagers)
+        assert all(isinstance(r, dict) and len(r) == 4 for r in results), results
+        _assert_exact_mean(averagers, sets)
+        assert averagers[3].last_round.tcp_reducers == ()
+        for averager in averagers[:3]:  # TCP among the three, p2p to the fourth (it has no endpoint to offer)
+            assert set(averager.last_round.tcp_reducers) == _others(averagers[:3], averager)
+    finally:
+        for averager in averagers:
+            averager.shutdown()
+
+
+class _DiesMidStream(RobustAllReduceRunner):
+    """The victim's reducer answers one part to each sender over TCP, then its process is killed (or frozen)."""
+
+    signal_number = signal.SIGKILL
+
+    async def _reduce_stream(self, parts, sender_index):
+        answered = 0
+        async for item in super()._reduce_stream(parts, sender_index):
+            yield item
+            answered += 1
+            if answered == 1:
+                await asyncio.sleep(0.3)  # let the first results reach every sender
+                os.kill(os.getpid(), self.signal_number)
+
+
+_DyingAverager = _averager_with(_DiesMidStream)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGSTOP"])
+def test_peer_killed_mid_tcp_stream_does_not_hang_the_others(dhts, monkeypatch, how):
+    monkeypatch.setattr(_DiesMidStream, "signal_number", getattr(signal, how))  # inherited by the forked victim
+    sets = _sets(seed=33, shapes=((2000,),))
+    averagers = _averagers(dhts, sets, classes=[RobustAverager] * 3 + [_DyingAverager])
+    survivors, victim = averagers[:3], averagers[3]
+    try:
+        controls = [
+            a.step(wait=False, require_trigger=True, allow_retries=False, timeout=STEP_TIMEOUT) for a in averagers
+        ]
+        deadline = time.monotonic() + 30
+        while not all(c.stage == AveragingStage.AWAITING_TRIGGER for c in controls):
+            assert time.monotonic() < deadline, [c.stage for c in controls]
+            time.sleep(0.05)
+        started = time.monotonic()
+        for control in controls:
+            control.allow_allreduce()
+        outcomes = []
+        for control in controls[:3]:
+            try:
+                outcomes.append(control.result(timeout=60))
+            except BaseException as e:  # noqa: B902
+                outcomes.append(e)
+        elapsed = time.monotonic() - started
+        # bounded: the victim's reducer timeout (4 s) plus the repair window (one more)
+        assert elapsed < 30, f"survivors took {elapsed:.1f}s"
+        # every survivor lost the victim's later parts: nobody completed, nothing was applied
+        assert all(isinstance(o, PartialRoundError) for o in outcomes), outcomes
+        for averager, original in zip(survivors, sets):
+            assert torch.equal(_tensors(averager)[0], original[0]), "a partial round must not be applied"
+        deadline = time.monotonic() + 5
+        while not all(a.last_round is not None for a in survivors) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for averager in survivors:
+            report = averager.last_round
+            assert report.status == "partial" and 0 < report.unreduced_fraction < 1, report
+            assert str(victim.peer_id) in report.failed_reducers and str(victim.peer_id) in report.tcp_reducers
+    finally:
+        try:
+            os.kill(victim.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        victim.join(5)
+        for averager in survivors:
+            averager.shutdown()
