@@ -276,3 +276,60 @@ def test_commitments_and_bans_on_a_real_dht_and_bundles_over_p2p(three_nodes):
     finally:
         for p2p in (server_p2p, client_p2p):
             RemoteExpertWorker.run_coroutine(p2p.shutdown())
+
+
+# ---------------------------------------------------------------------------------------------- hints
+def test_round_reports_become_hints_and_a_suspect_is_checked_first_but_never_banned_for_it():
+    """Trainers name the senders their reducer clipped heavily (RoundReport.suspects); the validator then checks the
+    suspect's next steps ahead of everyone else's, even though its record is long and clean. The suspect is honest
+    here: its checks pass and nothing else happens to it (clipping is not proof)."""
+    from athome.averaging import RoundReport
+    from athome.averaging.reducer import SenderEvidence
+    from athome.dht.schemas import Suspicion, SuspicionRecord
+    from athome.verification.suspicions import SuspicionBook
+
+    swarm = SimSwarm(tiny(n_trainers=3, check_rate=0.0))
+    suspect, reporter, newcomer = (t.peer_id for t in swarm.trainers)
+    validator = swarm.validator
+    validator.max_checks_per_poll = 1
+    for peer in (suspect, reporter):
+        validator.sampler.trust(peer).clean_streak = 10**9  # trusted: sampled with probability ~1e-9
+    swarm.run(2)  # the newcomer's steps are all queued and checked, one per poll
+    assert {r.peer for r in validator.results} == {newcomer}
+
+    book = SuspicionBook(reporter)
+    report = RoundReport(group_id="g", peers=(suspect, reporter, newcomer), status="ok", evidence={
+        suspect: SenderEvidence(elements=100, clipped_elements=90, min_scale=0.01),
+        newcomer: SenderEvidence(elements=100, clipped_elements=0),
+        reporter: SenderEvidence(elements=100, rejected="non-finite part"),  # itself: never reported
+    })
+    assert book.note_round(report) == [suspect]
+    record = book.record()
+    assert [s.peer for s in record.suspects] == [suspect] and record.suspects[0].clip_fraction == pytest.approx(0.9)
+    swarm.hub.board(reporter).publish_suspicions(record)
+    # noise that must not count: a self-report, and a banned reporter's hint
+    swarm.hub.board(newcomer).publish_suspicions(SuspicionRecord(suspects=[
+        Suspicion(peer=newcomer, rounds=1, clip_fraction=1.0, at=time.time())]))
+
+    before = len(validator.results)
+    swarm.run(3)
+    checked = [r.peer for r in validator.results[before:]]
+    assert checked == [suspect] * 3, checked  # ahead of the newcomer, whose steps are queued too
+    swarm.run(2)  # the hint is spent (and the same record does not count twice): back to the newcomer
+    assert [r.peer for r in validator.results[before + 3:]] == [newcomer] * 2
+    assert all(r.passed for r in validator.results) and not swarm.bans  # a hint alone accuses nobody
+
+    swarm.authority.ban(reporter, "gradient", "test")  # a banned reporter's fresh hints are ignored
+    swarm.hub.board(reporter).publish_suspicions(SuspicionRecord(suspects=[
+        Suspicion(peer=suspect, rounds=2, clip_fraction=1.0, at=time.time() + 1)]))
+    assert validator.poll_suspicions() == []
+
+
+def test_suspicion_records_are_signed_dht_records(three_nodes):
+    from athome.dht.schemas import Suspicion, SuspicionRecord
+
+    (coordinator, trainer, liar), (coordinator_dht, trainer_dht, liar_dht) = three_nodes
+    record = SuspicionRecord(suspects=[Suspicion(peer=liar.peer_id, rounds=1, clip_fraction=0.9, at=time.time())])
+    assert DHTBoard(trainer_dht, "demo", coordinator.peer_id).publish_suspicions(record)
+    seen = DHTBoard(coordinator_dht, "demo", coordinator.peer_id).suspicions()
+    assert seen[trainer.peer_id].suspects[0].peer == liar.peer_id

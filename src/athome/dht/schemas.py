@@ -91,6 +91,7 @@ def run_record_keys(run_name: str) -> dict[str, type[Record]]:
         f"{prefix}.commitments": CommitmentRecord,
         f"{prefix}.accusations": AccusationRecord,
         f"{prefix}.bans": BanRecord,
+        f"{prefix}.suspicions": SuspicionRecord,
         f"{prefix}.receipts": ReceiptRecord,
         f"{prefix}.members": MemberRecord,
     }
@@ -176,6 +177,24 @@ class BanRecord(Record):
     """The run's bans. Only the record the *coordinator* signed counts (its subkey names the run's peer ID)."""
 
     bans: list[BanEntry] = Field(max_length=MAX_BANS)
+
+
+MAX_SUSPECTS = 16
+
+
+class Suspicion(Record):
+    """One trainer's observation that ``peer``'s averaging parts were heavily clipped (or rejected) by its reducer."""
+
+    peer: PeerIdText
+    rounds: int = Field(ge=1, description="rounds in which the reporter saw it (since the reporter started)")
+    clip_fraction: Finite = Field(ge=0, le=1, description="share of its parts heavily clipped, latest round")
+    at: Finite = Field(description="when the reporter last saw it (its clock)")
+
+
+class SuspicionRecord(Record):
+    """A trainer's hints for validators: peers to check first. Clipping is not proof; a hint never bans anyone."""
+
+    suspects: list[Suspicion] = Field(max_length=MAX_SUSPECTS)
 
 
 # ------------------------------------------------------------------------------------------------- credit and admission

@@ -9,7 +9,8 @@ Verification (``athome.verification``, see SECURITY.md): each step runs inside `
 expert I/O is recorded by wrapping the dispatchers, and its contribution is committed (signed DHT record) right
 after backward and clipping, *before* ``optimizer.step()`` hands it to averaging. The coordinator's bans reach the
 expert registry (no more requests to a banned host) and the gradient averager (a banned trainer's parts get weight
-0). ``--attack KIND`` (testing only, ``ATHOME_ALLOW_ATTACKS=1``) makes this trainer malicious.
+0), and senders that this trainer's reducer clipped heavily become hints that validators check first.
+``--attack KIND`` (testing only, ``ATHOME_ALLOW_ATTACKS=1``) makes this trainer malicious.
 """
 from __future__ import annotations
 
@@ -182,7 +183,8 @@ class Trainer:
 
         opt = config.optimizer
         robust_opts = dict(reducer=config.averaging.reducer, clip_tau=config.averaging.clip_tau,
-                           clip_iterations=config.averaging.clip_iterations)
+                           clip_iterations=config.averaging.clip_iterations,
+                           on_round=self.verification.note_round)  # heavily clipped senders: hints for validators
         self.optimizer = SwarmOptimizer(
             robust_opts=robust_opts,
             dht=dht,

@@ -1,7 +1,7 @@
 """Where verification records live: the run's DHT (signed records) or, for simulations, memory.
 
 A :class:`Board` is bound to one writer (a peer). Writers replace their own record of each kind; readers get every
-writer's latest record. Bans are special: :meth:`Board.bans` returns only the entries of the record the
+writer's latest record. Suspicions (trainers' hints from averaging) only steer which steps validators check first. Bans are special: :meth:`Board.bans` returns only the entries of the record the
 *coordinator* wrote; anyone may write a ban record under their own name, nobody but the coordinator's key can write
 under the coordinator's (the DHT's :class:`~athome.dht.records.AthomeRecordValidator` checks the signature).
 """
@@ -14,7 +14,15 @@ from typing import Dict, Protocol
 import hivemind
 
 from athome.dht.node import get_records, store_record
-from athome.dht.schemas import AccusationRecord, BanEntry, BanRecord, CommitmentRecord, Record, run_key
+from athome.dht.schemas import (
+    AccusationRecord,
+    BanEntry,
+    BanRecord,
+    CommitmentRecord,
+    Record,
+    SuspicionRecord,
+    run_key,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +42,10 @@ class Board(Protocol):
     def publish_bans(self, record: BanRecord) -> bool: ...
 
     def bans(self) -> Dict[str, BanEntry]: ...
+
+    def publish_suspicions(self, record: SuspicionRecord) -> bool: ...
+
+    def suspicions(self) -> Dict[str, SuspicionRecord]: ...
 
 
 def bans_from(records: Dict[str, BanRecord], coordinator_id: str) -> Dict[str, BanEntry]:
@@ -78,13 +90,21 @@ class DHTBoard:
     def bans(self) -> Dict[str, BanEntry]:
         return bans_from(self._get("bans", BanRecord), self.coordinator_id)
 
+    def publish_suspicions(self, record: SuspicionRecord) -> bool:
+        return self._store("suspicions", record)
+
+    def suspicions(self) -> Dict[str, SuspicionRecord]:
+        return self._get("suspicions", SuspicionRecord)
+
 
 class MemoryHub:
     """Shared in-process storage for :class:`MemoryBoard` s (simulations and tests)."""
 
     def __init__(self, coordinator_id: str):
         self.coordinator_id = coordinator_id
-        self.records: Dict[str, Dict[str, Record]] = {"commitments": {}, "accusations": {}, "bans": {}}
+        self.records: Dict[str, Dict[str, Record]] = {
+            "commitments": {}, "accusations": {}, "bans": {}, "suspicions": {},
+        }
         self.lock = threading.Lock()
 
     def board(self, peer_id: str) -> "MemoryBoard":
@@ -123,3 +143,9 @@ class MemoryBoard:
 
     def bans(self) -> Dict[str, BanEntry]:
         return bans_from(self._get("bans"), self.coordinator_id)
+
+    def publish_suspicions(self, record: SuspicionRecord) -> bool:
+        return self._store("suspicions", record)
+
+    def suspicions(self) -> Dict[str, SuspicionRecord]:
+        return self._get("suspicions")

@@ -4,7 +4,8 @@ Each role gets one object, so the hooks in the peers' own modules stay a few lin
 
 - :class:`TrainerVerification`: records each step (wrap the dispatchers, run the step inside
   :meth:`~TrainerVerification.step`), commits it in a signed DHT record, serves bundles to validators, follows
-  the coordinator's bans, and applies a testing-only ``--attack``.
+  the coordinator's bans, publishes hints from its averaging rounds (:meth:`~TrainerVerification.note_round`),
+  and applies a testing-only ``--attack``.
 - :class:`CoordinatorVerification`: the coordinator's validator and ban desk (recomputation, re-verification of
   accusations, host audits), feeding the ledger: ``store.record_check`` per check and ``store.revoke`` per ban.
 - :func:`guard_for_host` / :func:`attack_host`: the host's gradient guard and testing-only host attacks.
@@ -32,6 +33,7 @@ from athome.verification.board import DHTBoard
 from athome.verification.commitments import CommitmentWindow, commit
 from athome.verification.expert_checks import ExpertAuditor, GradNormGuard, RemoteExpertClient
 from athome.verification.recording import RecordingDispatcher, StepRecorder
+from athome.verification.suspicions import SuspicionBook
 
 logger = logging.getLogger(__name__)
 WINDOW = 16  # steps a trainer's commitment record covers
@@ -99,6 +101,8 @@ class TrainerVerification:
         self._stop = threading.Event()
         self._pending: "queue.Queue" = queue.Queue()
         self._published_version = -1
+        self.suspicions = SuspicionBook(self.peer_id)
+        self._published_suspicions = 0
         self._publisher = threading.Thread(target=self._publish_loop, name="commitment publisher", daemon=True)
         self._ban_thread = PeriodicThread(self.bans.poll, period=5.0, name="ban watcher")
         self._p2p = None
@@ -142,6 +146,15 @@ class TrainerVerification:
         if not scope.finished:
             logger.debug(f"step {step} ended without finish(): not committed")
 
+    def note_round(self, report) -> None:
+        """An averager's ``on_round`` callback: peers whose parts this trainer's reducer clipped heavily become hints
+        for validators (:mod:`.suspicions`), published with the next commitments."""
+        named = self.suspicions.note_round(report)
+        if named:
+            logger.info(f"Averaging round {report.group_id[:8]}: parts of {', '.join(p[-8:] for p in named)} heavily "
+                        f"clipped; asking validators to check them first")
+            self._wake.set()
+
     def commit_soon(self, proof) -> None:
         """Hash and publish ``proof``'s commitment from the publisher thread (BLAKE3 releases the GIL: on a GPU
         trainer this overlaps the next step; it takes ~3 ms for the default model's 6.7 MB bundle)."""
@@ -160,6 +173,7 @@ class TrainerVerification:
                     self.window.add(commit(self._pending.get_nowait()))
                 except queue.Empty:
                     break
+            self._publish_suspicions()
             if self._published_version == self.window.version and self._published_version >= 0 and not self._due():
                 continue
             try:
@@ -170,6 +184,17 @@ class TrainerVerification:
                     logger.warning("No DHT node accepted this trainer's commitments; retrying")
             except Exception as error:
                 logger.warning(f"Publishing commitments failed: {error!r}")
+
+    def _publish_suspicions(self) -> None:
+        version = self.suspicions.version
+        if version == self._published_suspicions:
+            return
+        record = self.suspicions.record()
+        try:
+            if record is None or self.board.publish_suspicions(record):
+                self._published_suspicions = version
+        except Exception as error:
+            logger.warning(f"Publishing suspicions failed: {error!r}")
 
     def _due(self) -> bool:
         return time.monotonic() - getattr(self, "_published_at", 0.0) > self.board.ttl / 3

@@ -38,6 +38,7 @@ from athome.verification.calibration import Tolerances, numerics_platform, toler
 from athome.verification.commitments import CommitmentBook, SeenCommitment
 from athome.verification.proof import StepProof
 from athome.verification.replay import Replayer, ReplayError, compare
+from athome.verification.suspicions import fresh_hints
 from athome.verification.trust import TrustSampler
 
 logger = logging.getLogger(__name__)
@@ -237,6 +238,8 @@ class Validator:
     :param max_checks_per_poll: cap on recomputations per poll (the rest of the sample waits in a queue)
     :param max_unreachable: consecutive checks a trainer may fail to answer (network) before it counts as unable
       to produce its bundles (it would otherwise contribute unverifiable gradients forever)
+    :param suspect_checks: a trainer's fresh hint (:mod:`.suspicions`: the suspect's averaging parts were heavily
+      clipped) makes the suspect's next this many commitments checked, ahead of other queued steps
     """
 
     def __init__(
@@ -252,6 +255,7 @@ class Validator:
         max_checks_per_poll: Optional[int] = None,
         evidence_size: int = 16,
         max_unreachable: int = 5,
+        suspect_checks: int = 3,
     ):
         self.board, self.proofs, self.checker, self.sampler = board, proofs, checker, sampler
         self.peer_id = board.peer_id
@@ -269,6 +273,10 @@ class Validator:
         self.max_unreachable = max_unreachable
         self._unreachable: Dict[str, int] = {}
         self.latest_records: Dict[str, CommitmentRecord] = {}
+        self.suspect_checks = suspect_checks
+        self.suspects: Dict[str, int] = {}  # peer -> commitments still to check because of hints
+        self._hints_seen: Dict[Tuple[str, str], float] = {}  # (reporter, suspect) -> observation time acted on
+        self._hinted: set = set()  # ids of queued commitments queued because of a hint: taken first
 
     # ---------------------------------------------------------------------------------------------- main loop
     def poll_commitments(self):
@@ -282,8 +290,30 @@ class Validator:
             self.sampler.reset(peer)
         return update
 
+    def poll_suspicions(self) -> List[str]:
+        """Read trainers' hints (:mod:`.suspicions`); returns the peers newly suspected. A hint never accuses: it
+        only makes the suspect's next ``suspect_checks`` commitments checked first."""
+        suspicions = getattr(self.board, "suspicions", None)
+        if suspicions is None or self.suspect_checks <= 0:
+            return []
+        try:
+            records = suspicions()
+        except Exception as error:  # hints are optional: checks go on as sampled
+            logger.warning(f"Could not read trainers' suspicions: {error!r}")
+            return []
+        flagged = []
+        for reporter, suspect in fresh_hints(records, self._hints_seen, banned=self.board.bans(),
+                                             own_peer_id=self.peer_id):
+            self.suspects[suspect] = max(self.suspects.get(suspect, 0), self.suspect_checks)
+            flagged.append(suspect)
+            logger.info(f"{reporter[-8:]} saw {suspect[-8:]}'s averaging parts heavily clipped: checking its next "
+                        f"{self.suspect_checks} steps first")
+        return flagged
+
     def poll(self) -> List[CheckResult]:
-        """Read commitments, check the sampled ones (and equivocations), accuse. Returns this poll's results."""
+        """Read commitments and hints, check the sampled ones (and equivocations), accuse. Returns this poll's
+        results."""
+        self.poll_suspicions()
         update = self.poll_commitments()
         results: List[CheckResult] = []
         for first, rewritten in update.equivocations:
@@ -294,7 +324,12 @@ class Validator:
                 commitment=first.commitment,
             ))
         for seen in update.new:
-            if self.sampler.should_check(seen.peer, late=seen.late):
+            sampled = self.sampler.should_check(seen.peer, late=seen.late)
+            if self.suspects.get(seen.peer, 0) > 0:
+                self.suspects[seen.peer] -= 1
+                self._hinted.add(id(seen))
+                sampled = True
+            if sampled:
                 self._queue.append(seen)
         budget = self.max_checks_per_poll if self.max_checks_per_poll is not None else len(self._queue)
         todo = self._take(budget)
@@ -307,22 +342,26 @@ class Validator:
         return results
 
     def _take(self, budget: int) -> List[SeenCommitment]:
-        """Up to ``budget`` queued commitments: newest first, one trainer at a time (round-robin). A validator that
+        """Up to ``budget`` queued commitments: those queued because of a hint (suspects) first; then newest first,
+        one trainer at a time (round-robin). A validator that
         cannot keep up with every newcomer's every step thus spreads its checks over all trainers, instead of falling
         ever further behind on the first ones (measured in ``peer demo --attack``: a FIFO queue caught the attacker
         after 4 minutes). Queued steps whose bundles have already left their trainer's window are dropped: they
         could only be inconclusive."""
         live = [seen for seen in self._queue if not self._expired(seen)]
+        newest_first = sorted(live, key=lambda seen: seen.commitment.step, reverse=True)
+        todo = [seen for seen in newest_first if id(seen) in self._hinted][:budget]  # suspects' steps first
         by_peer: Dict[str, List[SeenCommitment]] = {}
-        for seen in sorted(live, key=lambda seen: seen.commitment.step, reverse=True):
-            by_peer.setdefault(seen.peer, []).append(seen)
-        todo: List[SeenCommitment] = []
+        for seen in newest_first:
+            if id(seen) not in self._hinted:
+                by_peer.setdefault(seen.peer, []).append(seen)
         while len(todo) < budget and any(by_peer.values()):
             for queue in by_peer.values():
                 if queue and len(todo) < budget:
                     todo.append(queue.pop(0))
         taken = {id(seen) for seen in todo}
         self._queue = [seen for seen in live if id(seen) not in taken]
+        self._hinted &= {id(seen) for seen in self._queue}
         return todo
 
     def _expired(self, seen: SeenCommitment) -> bool:
