@@ -475,7 +475,7 @@ def rpc_fuzz_cases(p2p, peer_id: str, d_model: int) -> List[FuzzCase]:
         FuzzCase("hivemind: oversize stream (16385 rows)", hivemind_stream(wire(torch.randn(16385, d_model))), "exceeds"),
         # the host stops reading past the limit: the sender sees the refusal, or a reset if it is still sending
         FuzzCase("hivemind: endless stream (40 MB)", hivemind_stream(wire(torch.randn(80_000, d_model))),
-                 "exceeds|reset by peer"),
+                 "exceeds|reset by peer|broken pipe"),
         FuzzCase("hivemind: garbage protobuf", raw_unary(ConnectionHandler._get_handle_name(None, "rpc_forward"),
                                                          b"\x0a\xff\xff\xff\xff\x0f garbage"), "pars"),
         FuzzCase("direct: wrong width", direct_call(wire(torch.randn(4, d_model + 1)), meta([uid], [1])), "shape"),
@@ -572,14 +572,17 @@ def bad_input_scenario(workdir: Optional[Path] = None) -> Outcome:
                     unclear.append(f"{case.name} -> {text[:160]!r}")
             checks.require(not unclear, f"{len(unclear)} RPCs without a clear error: {unclear}")
             checks.require(host.alive, "the host died under fuzzed RPCs")
-            checks.require(torch.equal(expert(probe), before), "a refused request changed the expert")
+            # not bitwise: the host's runtime may batch the probe with other requests, which moves the last bits
+            after = expert(probe)
+            checks.require(torch.allclose(after, before, rtol=1e-5, atol=1e-6),
+                           f"a refused request changed the expert (max diff {(after - before).abs().max().item():.3g})")
 
             accepted = fuzz_dht_records(swarm.address, swarm.workdir)
             checks.require(accepted == 0, f"{accepted} garbage records were accepted by athome nodes")
             checks.require(coordinator.alive and host.alive, "a peer died under fuzzed DHT records")
             checks.require(servers(dht).get(host_id) == ["ffn.0.0", "ffn.0.1"], "the host's declaration was lost")
             grid = swarm.api("/api/experts")
-            checks.require(host_id in json.dumps(grid), "the dashboard lost the host")
+            checks.require(host_id in json.dumps(grid), f"the dashboard lost the host: /api/experts = {json.dumps(grid)[:600]}")
         finally:
             dht.shutdown()
 
