@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from contextlib import aclosing
 from typing import AsyncIterator, Callable, Dict, Optional, Sequence, Set, Tuple
 
@@ -49,6 +50,7 @@ from athome.averaging.reducer import all_finite
 
 logger = logging.getLogger(__name__)
 
+ACCUMULATE_AHEAD = 4  # parts of one sender handed to the reducer before the oldest one's aggregate is taken
 ReducerFactory = Callable[[Sequence[torch.Size], int], TensorPartReducer]
 
 
@@ -116,13 +118,14 @@ class RobustAllReduceRunner(AllReduceRunner):
         try:  # athome: failures of the local reducer are registered too (hivemind would hang on them)
             if peer_id == self.peer_id:
                 sender_index = self.sender_peer_ids.index(peer_id)
-                for part_index, tensor_part in enumerate(self.parts_for_local_averaging):
-                    averaged_part = await self.tensor_part_reducer.accumulate_part(
-                        sender_index, part_index, tensor_part, weight=self.weight
-                    )
-                    self.tensor_part_container.register_processed_part(
-                        peer_index, part_index, averaged_part - tensor_part
-                    )
+                local_parts = as_aiter(*((part, self.weight, None, 0) for part in self.parts_for_local_averaging))
+                async with aclosing(self._accumulate_ahead(local_parts, sender_index)) as results:
+                    part_index = 0
+                    async for averaged_part, tensor_part, _ in results:
+                        self.tensor_part_container.register_processed_part(
+                            peer_index, part_index, averaged_part - tensor_part
+                        )
+                        part_index += 1
             else:
                 connection = await self._open_tcp(peer_id)
                 if connection is not None:
@@ -341,6 +344,33 @@ class RobustAllReduceRunner(AllReduceRunner):
                 self.bytes_sent += message.ByteSize()
                 yield message
 
+    async def _accumulate_ahead(
+        self, parts: AsyncIterator[Tuple[torch.Tensor, float, Optional[int], int]], sender_index: int
+    ) -> AsyncIterator[Tuple[torch.Tensor, torch.Tensor, Optional[int]]]:
+        """Give one sender's parts to the reducer up to ``ACCUMULATE_AHEAD`` parts before their results are taken,
+        and yield ``(aggregate, part, compression)`` in order. hivemind awaits each part's aggregate before handing
+        over the next part, so a reducer could not start on part k+1 until part k was reduced and its result sent:
+        every part paid a full round trip. Counts ``bytes_received``; raises BannedException like the reducer."""
+        pending: deque = deque()
+        part_index = 0
+        try:
+            async for tensor_part, weight, part_compression, size in parts:
+                self.bytes_received += size
+                task = asyncio.ensure_future(
+                    self.tensor_part_reducer.accumulate_part(sender_index, part_index, tensor_part, weight=weight)
+                )
+                pending.append((task, tensor_part, part_compression))
+                part_index += 1
+                while pending and (len(pending) > ACCUMULATE_AHEAD or pending[0][0].done()):
+                    task, tensor_part, part_compression = pending.popleft()
+                    yield await task, tensor_part, part_compression
+            while pending:
+                task, tensor_part, part_compression = pending.popleft()
+                yield await task, tensor_part, part_compression
+        finally:
+            for task, _, _ in pending:
+                task.cancel()
+
     async def _reduce_stream(
         self, parts: AsyncIterator[Tuple[torch.Tensor, float, int, int]], sender_index: int
     ) -> AsyncIterator[Tuple[torch.Tensor, int]]:
@@ -351,17 +381,14 @@ class RobustAllReduceRunner(AllReduceRunner):
         self._reply_streams += 1  # athome: lets wait_until_served() know results are still being sent
         self._replies_done.clear()
         try:
-            async for tensor_part, weight, part_compression, size in parts:
-                self.bytes_received += size
+            async with aclosing(self._accumulate_ahead(parts, sender_index)) as results:
                 try:
-                    averaged_part = await self.tensor_part_reducer.accumulate_part(
-                        sender_index, part_index, tensor_part, weight=weight
-                    )
-                    part_index += 1
+                    async for averaged_part, tensor_part, part_compression in results:
+                        part_index += 1
+                        yield averaged_part - tensor_part, part_compression
                 except BannedException:
                     logger.debug(f"Sender {sender_index} is banned")
-                    break  # sender was banned (timed out or sent rejected input), we no longer aggregate it
-                yield averaged_part - tensor_part, part_compression
+                    # sender was banned (timed out or sent rejected input), we no longer aggregate it
         finally:
             self._reply_streams -= 1
             if self._reply_streams == 0:
