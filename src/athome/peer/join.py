@@ -135,6 +135,7 @@ def start_replica_averaging(
             target_group_size=averaging.target_group_size, period=averaging.period,
             expected_replicas=len(live_hosts.get(uid, ())) + 1, reducer=averaging.reducer,
             clip_tau=averaging.clip_tau, clip_iterations=averaging.clip_iterations, compression=averaging.compression,
+            direct_tcp=averaging.direct_tcp,
         ))
     logger.info(
         f"Averaging {len(averagers)} experts with their replicas every {averaging.period:.0f}s "

@@ -183,7 +183,7 @@ class Trainer:
 
         opt = config.optimizer
         robust_opts = dict(reducer=config.averaging.reducer, clip_tau=config.averaging.clip_tau,
-                           clip_iterations=config.averaging.clip_iterations,
+                           clip_iterations=config.averaging.clip_iterations, direct_tcp=config.averaging.direct_tcp,
                            on_round=self.verification.note_round)  # heavily clipped senders: hints for validators
         self.optimizer = SwarmOptimizer(
             robust_opts=robust_opts,
