@@ -767,6 +767,26 @@ def test_expert_replica_averager_averages_in_background_without_blocking(dhts):
             helper.shutdown()
 
 
+@pytest.mark.timeout(60)
+def test_lone_replica_skips_rounds_instead_of_failing_matchmaking(dhts):
+    expert = torch.nn.Linear(4, 4)
+    before = expert.weight.detach().clone()
+    asked = []
+    helper = ExpertReplicaAverager(
+        dhts[0], "ffn.1.1", expert.parameters(), run_prefix=f"athome.t{uuid.uuid4().hex[:6]}", period=1.0,
+        min_matchmaking_time=1.5, request_timeout=0.5, has_partners=lambda: asked.append(1) or False,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while helper.rounds_skipped < 2:
+            assert time.monotonic() < deadline, (helper.rounds_skipped, helper.rounds_failed)
+            time.sleep(0.1)
+        assert helper.rounds_failed == helper.rounds_ok == 0 and len(asked) >= 2
+        assert torch.equal(expert.weight, before)
+    finally:
+        helper.shutdown()
+
+
 @pytest.mark.timeout(120)
 def test_gradient_averager_averages_grads_and_plugs_into_hivemind_optimizer(dhts):
     torch.manual_seed(17)

@@ -73,6 +73,8 @@ class ExpertReplicaAverager:
     :param expected_replicas: number of replicas expected; sizes the Moshpit grid (None: one bucket)
     :param round_timeout: how long a round may spend looking for a group (default: ``period / 2``)
     :param on_round: called with each :class:`~athome.averaging.averager.RoundReport` (host-process thread)
+    :param has_partners: called before each scheduled round; when it returns False (no other live replica), the
+      round is skipped instead of spending ``round_timeout`` in matchmaking that cannot succeed (None: always try)
     :param start: start the background thread now
     :param averager_kwargs: passed to :class:`RobustAverager` (reducer, clip_tau, compression, timeouts, ...)
     """
@@ -93,6 +95,7 @@ class ExpertReplicaAverager:
         min_matchmaking_time: float = 5.0,
         request_timeout: float = 3.0,
         on_round: Optional[Callable[[RoundReport], Any]] = None,
+        has_partners: Optional[Callable[[], bool]] = None,
         start: bool = True,
         **averager_kwargs,
     ):
@@ -103,7 +106,8 @@ class ExpertReplicaAverager:
         self.lock = lock if lock is not None else nullcontext()
         self.round_timeout = round_timeout if round_timeout is not None else max(period / 2, 2 * min_matchmaking_time)
         self.prefix = averaging_prefix(f"{run_prefix}.avg.{uid}")
-        self.rounds_ok = self.rounds_failed = 0
+        self.has_partners = has_partners
+        self.rounds_ok = self.rounds_failed = self.rounds_skipped = 0
         self.max_lock_hold = 0.0  # longest time the caller's lock was held by this helper, seconds
 
         with torch.no_grad():
@@ -136,6 +140,10 @@ class ExpertReplicaAverager:
             if self._stop.wait(max(0.0, next_round - now)):
                 break
             try:
+                if self.has_partners is not None and not self.has_partners():
+                    self.rounds_skipped += 1
+                    logger.debug(f"Replica averaging of {self.uid} skipped: no other live replica")
+                    continue
                 self.average_once()
             except Exception:
                 logger.exception(f"Replica averaging of {self.uid} failed unexpectedly")

@@ -12,7 +12,7 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 
@@ -120,14 +120,38 @@ def build_backend(
     return backend
 
 
+def replica_directory(dht, config: RunConfig, own_peer_id: str) -> Callable[[str], bool]:
+    """``has_partners(uid)``: does another live host declare ``uid``? One DHT read per half averaging period,
+    shared by all of this host's experts; when the read fails the answer is True (try the round anyway)."""
+    lock = threading.Lock()
+    cache: Dict[str, object] = {"read_at": -float("inf"), "uids": None}
+
+    def has_partners(uid: str) -> bool:
+        with lock:
+            if time.monotonic() - cache["read_at"] > config.averaging.period / 2:
+                try:
+                    servers = get_records(dht, run_key(config.name, "servers"), ServerRecord)
+                    cache["uids"] = {u for peer, (record, _) in servers.items() if peer != own_peer_id
+                                     for u in record.experts}
+                except Exception as error:
+                    logger.debug(f"Could not read the expert declarations: {error!r}")
+                    cache["uids"] = None
+                cache["read_at"] = time.monotonic()
+            return cache["uids"] is None or uid in cache["uids"]
+
+    return has_partners
+
+
 def start_replica_averaging(
-    dht, config: RunConfig, backends: Dict[str, ExpertBackend], live_hosts: Dict[str, list]
+    dht, config: RunConfig, backends: Dict[str, ExpertBackend], live_hosts: Dict[str, list], own_peer_id: str
 ) -> list[ExpertReplicaAverager]:
     """Average each hosted expert with its replicas on other hosts, every ``averaging.period`` seconds.
 
-    Rounds run in background processes; serving waits only for the copies in and out of the expert.
+    Rounds run in background processes; serving waits only for the copies in and out of the expert. A round is
+    skipped while no other host declares the expert (a lone host would only log failed matchmaking).
     """
     averaging = config.averaging
+    has_partners = replica_directory(dht, config, own_peer_id)
     averagers = []
     for uid, backend in backends.items():
         averagers.append(ExpertReplicaAverager(
@@ -136,6 +160,7 @@ def start_replica_averaging(
             expected_replicas=len(live_hosts.get(uid, ())) + 1, reducer=averaging.reducer,
             clip_tau=averaging.clip_tau, clip_iterations=averaging.clip_iterations, compression=averaging.compression,
             direct_tcp=averaging.direct_tcp,
+            has_partners=lambda uid=uid: has_partners(uid),
         ))
     logger.info(
         f"Averaging {len(averagers)} experts with their replicas every {averaging.period:.0f}s "
@@ -245,7 +270,7 @@ def run_join(args: argparse.Namespace) -> None:
     presence.start()
     saver = CheckpointSaver(backends, checkpoint_dir, every_updates=100, every_seconds=60)
     saver.start()
-    replica_averagers = start_replica_averaging(dht, config, backends, live_hosts)
+    replica_averagers = start_replica_averaging(dht, config, backends, live_hosts, identity.peer_id)
 
     def exclude_banned_replicas() -> None:  # a banned host's parameters never enter our experts' averages
         host_bans.refresh()
