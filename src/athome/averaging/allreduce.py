@@ -54,6 +54,11 @@ ACCUMULATE_AHEAD = 4  # parts of one sender handed to the reducer before the old
 ReducerFactory = Callable[[Sequence[torch.Size], int], TensorPartReducer]
 
 
+def _retrieve_exception(task: asyncio.Future) -> None:
+    if not task.cancelled():
+        task.exception()  # retrieved: an abandoned part's BannedException is expected, not "never retrieved"
+
+
 class PartialRoundError(AllreduceException):
     """Some parts of the vector were not reduced (a reducer failed or timed out); the round did not count and the
     averaged tensors were left exactly as they were before the round."""
@@ -216,9 +221,8 @@ class RobustAllReduceRunner(AllReduceRunner):
                 )
             part_index = 0
             async for codec, dtype, payload in encoded:
-                self.bytes_sent += await connection.send_frame(
-                    KIND_PART, part_index, codec, dtype, payload, weight=self.weight
-                )
+                sent = await connection.send_frame(KIND_PART, part_index, codec, dtype, payload, weight=self.weight)
+                self.bytes_sent += sent  # not `+= await`: that would drop other streams' increments made meanwhile
                 part_index += 1
 
         sender = asyncio.create_task(_send_all())
@@ -299,10 +303,12 @@ class RobustAllReduceRunner(AllReduceRunner):
                     if delayed is not None:
                         delayed.append((part_index, encoded))
                     else:
-                        self.bytes_sent += await connection.send_frame(KIND_RESULT, part_index, *encoded)
+                        sent = await connection.send_frame(KIND_RESULT, part_index, *encoded)
+                        self.bytes_sent += sent
                     part_index += 1
             for index, encoded in delayed or ():
-                self.bytes_sent += await connection.send_frame(KIND_RESULT, index, *encoded)
+                sent = await connection.send_frame(KIND_RESULT, index, *encoded)
+                self.bytes_sent += sent
         except OSError as e:
             logger.debug(f"Data plane: could not return results to {peer_id}: {e!r}")
         finally:
@@ -359,17 +365,19 @@ class RobustAllReduceRunner(AllReduceRunner):
                 task = asyncio.ensure_future(
                     self.tensor_part_reducer.accumulate_part(sender_index, part_index, tensor_part, weight=weight)
                 )
+                task.add_done_callback(_retrieve_exception)
                 pending.append((task, tensor_part, part_compression))
                 part_index += 1
                 while pending and (len(pending) > ACCUMULATE_AHEAD or pending[0][0].done()):
                     task, tensor_part, part_compression = pending.popleft()
-                    yield await task, tensor_part, part_compression
+                    yield await asyncio.shield(task), tensor_part, part_compression
             while pending:
                 task, tensor_part, part_compression = pending.popleft()
-                yield await task, tensor_part, part_compression
+                yield await asyncio.shield(task), tensor_part, part_compression
         finally:
-            for task, _, _ in pending:
-                task.cancel()
+            # never cancel these: a task awaiting a part's future that other senders share would cancel that future
+            # for everyone. Left alone, they end with the part or with BannedException once the caller bans us
+            pending.clear()
 
     async def _reduce_stream(
         self, parts: AsyncIterator[Tuple[torch.Tensor, float, int, int]], sender_index: int
