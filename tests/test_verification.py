@@ -288,7 +288,7 @@ def test_round_reports_become_hints_and_a_suspect_is_checked_first_but_never_ban
     from athome.dht.schemas import Suspicion, SuspicionRecord
     from athome.verification.suspicions import SuspicionBook
 
-    swarm = SimSwarm(tiny(n_trainers=3, check_rate=0.0))
+    swarm = SimSwarm(tiny(n_trainers=3, check_rate=0.0, hints=False))  # this test publishes the hints itself
     suspect, reporter, newcomer = (t.peer_id for t in swarm.trainers)
     validator = swarm.validator
     validator.max_checks_per_poll = 1
@@ -333,3 +333,21 @@ def test_suspicion_records_are_signed_dht_records(three_nodes):
     assert DHTBoard(trainer_dht, "demo", coordinator.peer_id).publish_suspicions(record)
     seen = DHTBoard(coordinator_dht, "demo", coordinator.peer_id).suspicions()
     assert seen[trainer.peer_id].suspects[0].peer == liar.peer_id
+
+
+def test_hints_alone_get_a_trusted_poisoner_checked_and_banned(attacks_allowed):
+    """Check rate 0 and a long clean record: sampling would never check the attacker. Its x-1000 contributions are
+    clipped by CenteredClip, the other trainers publish that as hints, the hinted checks fail, and it is banned."""
+    swarm = SimSwarm(tiny(n_trainers=4, check_rate=0.0, audit_every=0, trainer_attacks={0: "sign_flip"}))
+    for trainer in swarm.trainers:
+        swarm.validator.sampler.trust(trainer.peer_id).clean_streak = 10**9
+    attacker = swarm.trainers[0].peer_id
+    swarm.run(4)
+    assert attacker in swarm.bans and len(swarm.bans) == 1, swarm.bans
+    assert {r.peer for r in swarm.validator.results} == {attacker}  # nobody else was suspected
+
+    quiet = SimSwarm(tiny(n_trainers=4, check_rate=0.0, audit_every=0, trainer_attacks={0: "sign_flip"}, hints=False))
+    for trainer in quiet.trainers:
+        quiet.validator.sampler.trust(trainer.peer_id).clean_streak = 10**9
+    quiet.run(4)
+    assert not quiet.bans  # without hints nothing checked it

@@ -2,7 +2,8 @@
 
 What is real: the model (``MoETransformerLM``), batches from the run's corpus and ``batch_seed``, recording,
 commitments, proof bundles (hashed; serialized where a test asks), the validator's recomputation, the coordinator's
-re-verification and bans, CenteredClip aggregation (``athome.averaging.centered_clip``), host-side gradient guards,
+re-verification and bans, CenteredClip aggregation (``athome.averaging.centered_clip``) and the hints trainers
+derive from it (:mod:`athome.verification.suspicions`), host-side gradient guards,
 replica cross-checks and training probes, and the attack simulators.
 
 What is simulated: the network. Trainers run one after another in this process on one shared copy of the dense
@@ -23,7 +24,8 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from athome.averaging.reducer import centered_clip
+from athome.averaging.averager import RoundReport
+from athome.averaging.reducer import SenderEvidence, centered_clip
 from athome.config import DataConfig, ModelConfig, OptimizerConfig, RunConfig
 from athome.dht.schemas import AccusationRecord, Accusation
 from athome.model.expert import build_expert
@@ -38,6 +40,7 @@ from athome.verification.expert_checks import ExpertAuditor, GradNormGuard
 from athome.verification.proof import StepProof
 from athome.verification.recording import RecordingDispatcher, StepRecorder
 from athome.verification.replay import autocast_for
+from athome.verification.suspicions import SuspicionBook
 from athome.verification.trust import TrustSampler
 from athome.verification.validator import LocalProofSource, StepChecker, Validator
 
@@ -77,6 +80,8 @@ class SimConfig:
     trainer_attacks: Dict[int, str] = field(default_factory=dict)  # trainer index -> attack spec
     host_attacks: Dict[int, str] = field(default_factory=dict)  # host index -> attack spec
     max_false_accusations: int = 3
+    hints: bool = True  # trainers publish heavily clipped senders as hints (verification.suspicions), as real ones do
+    heavy_clip_scale: float = 0.5  # a sender counts as heavily clipped below this CenteredClip scale (the averager's)
     data_bytes: int = 1_000_000
     seed: int = 0
 
@@ -207,6 +212,7 @@ class SimTrainer:
     attack: Optional[TrainerAttack] = None
     banned_at: Optional[int] = None
     steps: int = 0
+    suspicions: Optional[SuspicionBook] = None
 
 
 @dataclass
@@ -264,7 +270,7 @@ class SimSwarm:
             recorder.tamper = attack
             window = CommitmentWindow(precision=config.precision, device=config.device,
                                       corpus=self.corpus.fingerprint, size=16, session=recorder.session)
-            self.trainers.append(SimTrainer(name, peer_id, recorder, window, attack))
+            self.trainers.append(SimTrainer(name, peer_id, recorder, window, attack, suspicions=SuspicionBook(peer_id)))
 
         self.proofs = LocalProofSource()
         self.forged_evidence: Dict[tuple, StepProof] = {}  # what false accusers serve as "evidence"
@@ -345,15 +351,17 @@ class SimSwarm:
         step = self.step_index
         report = StepReport(step)
         contributions = []
-        for trainer in self.active_trainers():
+        senders = self.active_trainers()
+        for trainer in senders:
             contributions.append(self._train_one(trainer, step, report))
         report.train_seconds -= report.verification_seconds
         started = time.perf_counter()
+        scales = None
         if contributions:
             stacked = torch.stack(contributions)
             if self.config.aggregator == "centered_clip" and len(contributions) > 1:
-                aggregate, _ = centered_clip(stacked, torch.ones(len(contributions)), self.config.clip_tau,
-                                             self.config.clip_iterations)
+                aggregate, scales = centered_clip(stacked, torch.ones(len(contributions)), self.config.clip_tau,
+                                                  self.config.clip_iterations)
             else:
                 aggregate = stacked.mean(dim=0)
             offset = 0
@@ -380,12 +388,28 @@ class SimSwarm:
                 self._apply_ban(entry.peer, entry.kind, step)
                 report.new_bans.append(entry.peer)
             report.validation_seconds = time.perf_counter() - started
+        if self.config.hints and scales is not None:
+            # after the validator's poll: as in a real swarm, a hint reaches the validator after the round, so it
+            # steers the checks of the suspect's *next* steps
+            self._publish_hints(senders, scales, step)
         self.totals["train"] += report.train_seconds
         self.totals["verification"] += report.verification_seconds
         self.totals["validation"] += report.validation_seconds
         self.totals["steps"] += 1
         self.step_index += 1
         return report
+
+    def _publish_hints(self, senders: Sequence[SimTrainer], scales: torch.Tensor, step: int) -> None:
+        """Each sender's view of the round's CenteredClip (one part: all or nothing clipped), as a RoundReport."""
+        evidence = {
+            trainer.peer_id: SenderEvidence(elements=1, clipped_elements=int(float(scale) < self.config.heavy_clip_scale),
+                                            min_scale=float(scale))
+            for trainer, scale in zip(senders, scales)
+        }
+        round_report = RoundReport(group_id=f"sim-{step}", peers=tuple(evidence), status="ok", evidence=evidence)
+        for trainer in senders:
+            if trainer.suspicions.note_round(round_report):
+                self.hub.board(trainer.peer_id).publish_suspicions(trainer.suspicions.record())
 
     def run(self, steps: int) -> List[StepReport]:
         return [self.step() for _ in range(steps)]
