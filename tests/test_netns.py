@@ -178,3 +178,25 @@ def test_registry_prefers_direct_replicas():
     assert registry.relay_for("relayed") == "/ip4/10.77.1.2/tcp/1/p2p/RELAY" and registry.relay_for("direct") is None
     registry.stats("direct").record_failure()  # a direct replica in cool-down: the relayed one steps in
     assert registry.choose("ffn.0.0") == "relayed"
+
+
+def _log_text(path) -> str:
+    """A peer's log with rich's line wrapping undone (wrapped lines continue after indentation)."""
+    return " ".join(path.read_text().split()) if path.exists() else ""
+
+
+@needs_netns
+@pytest.mark.timeout(600)
+def test_trainer_behind_nat_detects_it_and_trains_as_a_client(home_network):
+    net = home_network
+    trainer = net.peer(net.trainer_home, "trainer", "train", "--run", net.address, "--max_steps", "2",
+                       "--batch_size", "2", "--no_progress", "--identity_path", net.key("trainer"))
+    deadline = time.monotonic() + 300
+    while "so it trains as a client" not in _log_text(net.log_dir / "trainer.log"):
+        assert trainer.alive, _log_text(net.log_dir / "trainer.log")[-3000:]
+        assert time.monotonic() < deadline, "the NATed trainer never said it trains as a client"
+        time.sleep(1)
+    text = _log_text(net.log_dir / "trainer.log")
+    assert "--client_mode skips this check" in text and "--public_ip/--port" in text  # the flags that override it
+    time.sleep(5)
+    assert trainer.alive, "the trainer died after switching to client mode: " + _log_text(net.log_dir / "trainer.log")[-3000:]

@@ -8,7 +8,8 @@ but itself.
 Peers behind NAT are served through the coordinator's circuit relay (libp2p circuit relay v2): the peer reserves a
 slot with the coordinator (``start_dht(relays=[run address])``), declares itself ``relayed``, and trainers dial it
 at ``<run address>/p2p-circuit`` (:func:`connect_via_relay`). :func:`choose_serving_mode` is what ``peer join``
-decides with: direct, relayed, or (nobody can reach it) client mode.
+decides with: direct, relayed, or (nobody can reach it) client mode; :func:`choose_trainer_mode` is what
+``peer train`` decides with: a DHT server if it can be dialled, else a client.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import argparse
 import asyncio
 import logging
 import re
+import time
 from typing import Callable, List, Optional, Sequence, Tuple
 
 from hivemind.p2p import P2P, P2PContext, PeerID, ServicerBase
@@ -197,8 +199,6 @@ def check_reachable(dht, checker_id: str, timeout: float = 60, via_relay: bool =
 
 def wait_reachable_via_relay(dht, checker_id: str, timeout: float = 45) -> dict:
     """Poll the checker until it reaches this peer through the relay (the reservation takes a moment) or timeout."""
-    import time
-
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -223,6 +223,21 @@ def shutdown_dht(dht) -> None:
         except Exception as error:
             logger.debug(f"closing the p2p replica failed: {error!r}")
     dht.shutdown()
+
+
+def _restart(restart: Callable[..., object], attempts: int = 3, **changes) -> object:
+    """``restart(**changes)``, tried again when p2pd cannot reach the run at once: the coordinator was reachable
+    a moment ago, and on a loaded machine a fresh daemon's bootstrap dial can time out (seen in namespaces)."""
+    from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
+
+    for attempt in range(1, attempts + 1):
+        try:
+            return restart(**changes)
+        except P2PDaemonError as error:
+            if attempt == attempts or "bootstrap" not in str(error):
+                raise
+            logger.warning(f"Restarting the DHT failed ({_last_line(error)}); retrying ({attempt}/{attempts - 1})")
+            time.sleep(2.0 * attempt)
 
 
 def choose_serving_mode(
@@ -257,7 +272,7 @@ def choose_serving_mode(
                 f"instead (slower; open a port and pass --public_ip/--port to serve directly, or --no_relay)"
             )
             shutdown_dht(dht)
-            dht = restart(relays=[args.run], client_mode=True, use_auto_relay=True)
+            dht = _restart(restart, relays=[args.run], client_mode=True, use_auto_relay=True)
             answer = wait_reachable_via_relay(dht, coordinator_id)
             mode = RELAYED if answer.get("relayed_reachable") else CLIENT
     if mode == CLIENT:
@@ -267,8 +282,34 @@ def choose_serving_mode(
             f"in client mode. Run `peer check --run {args.run}` for the steps that fix it"
         )
         shutdown_dht(dht)
-        dht = restart(client_mode=True, relays=[], use_auto_relay=False)
+        dht = _restart(restart, client_mode=True, relays=[], use_auto_relay=False)
     elif mode == RELAYED:
         logger.info("Serving through the run's relay: trainers reach this peer via the coordinator (--no_relay "
                     "to refuse; --public_ip/--port with a forwarded port to serve directly)")
     return dht, mode, answer
+
+
+def choose_trainer_mode(dht, args: argparse.Namespace, coordinator_id: str, restart: Callable[..., object]) -> object:
+    """How ``peer train`` joins: as a DHT server if the run can dial it, else as a client. Returns the DHT to use.
+
+    A trainer serves no experts, so a relay slot buys it nothing; but a DHT server the run cannot dial would
+    announce addresses nobody can reach and stall everyone's lookups that try them. So a trainer the coordinator
+    cannot dial back is restarted as a client (``restart(**start_dht overrides)``), and the log line names the
+    flags: ``--client_mode`` skips the check, ``--public_ip``/``--port`` with a forwarded port make it reachable.
+    """
+    if args.client_mode or dht.client_mode:
+        return dht
+    try:
+        answer = check_reachable(dht, coordinator_id)
+    except Exception as error:
+        logger.warning(f"The coordinator could not check this peer's reachability ({error!r}); assuming reachable")
+        return dht
+    if answer.get("reachable"):
+        return dht
+    logger.warning(
+        f"The run cannot dial this trainer directly ({answer.get('error') or 'no address answered'}), so it trains "
+        f"as a client: it dials the others and announces no address (--client_mode skips this check; to be "
+        f"reachable, forward a TCP port and pass --public_ip/--port; `peer check --run {args.run}` prints the steps)"
+    )
+    shutdown_dht(dht)
+    return _restart(restart, client_mode=True, relays=[], use_auto_relay=False)

@@ -50,6 +50,7 @@ from athome.dht.schemas import MetricsRecord, PeerRecord, run_key
 from athome.lifecycle import PeriodicThread, die, restore_interrupt_handler, shutdown_requested
 from athome.model.lm import MoETransformerLM
 from athome.netflags import dht_kwargs
+from athome.peer.reachability import choose_trainer_mode
 from athome.trainer.data import batch_seed, load_corpus
 from athome.trainer.remote import ExpertRegistry, RemoteDispatcher
 from athome.verification.attacks import AttacksDisabled, check_attack_flag
@@ -384,6 +385,9 @@ def run_train(args: argparse.Namespace) -> None:
         die(f"could not join the run at {address}: {error}\nis the coordinator up? does `peer check` pass?")
     try:
         config = fetch_run_config(dht, address.coordinator_id)
+        dht = choose_trainer_mode(  # a DHT server if the run can dial it back, else (behind NAT) a client
+            dht, args, address.coordinator_id, lambda **changes: start_dht(identity, **{**dht_kwargs(args), **changes})
+        )
         protect_run_keys(dht, identity, config.name)
         start_membership(dht, identity, config.name, address.coordinator_id, args.invite, config.expert_ttl)
         trainer = Trainer(dht, identity, config, args)
