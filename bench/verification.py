@@ -6,12 +6,14 @@ config's default check rate (``verification.check_rate``, 5%) unless told otherw
 
 1. Latency: one attacker per run among 4 trainers and 3 expert hosts. The attacker is *trusted* (its clean record is
    pre-seeded, so it is checked at the base rate, as a patient attacker that behaved for hundreds of steps would be;
-   newcomers are checked on every step and caught at once). Latency = swarm steps from its first attacked step to
-   its ban. Host attacks are found by the coordinator's host audits (one random expert every ``--audit_every`` steps).
+   newcomers are checked on every step and caught at once). Trainers publish the senders CenteredClip clipped
+   heavily as hints (:mod:`athome.verification.suspicions`), so attackers whose contributions stand out are
+   checked on their next steps whatever their trust; subtle ones (``slight``, copies) are found by sampling only.
+   Latency = swarm steps from its first attacked step to its ban. Host attacks are found by the coordinator's host audits (one random expert every ``--audit_every`` steps).
 2. False positives: an honest bf16 swarm where every step of every trainer is checked (rate 1), the validator
    replaying with another thread count than the trainers; plus the host audits of that run.
 3. Overhead: three copies of one swarm (the run config's default model, fp32 as CPU trainers run it, its batch
-   size; 2 trainers), alternated step by step in this process (120 steps each): without any verification; with
+   size; 2 trainers), alternated step by step in this process (300 steps each: a check costs ~0.6 step, so at 5% the count of checks is the main noise): without any verification; with
    recording and commitments only; with validation too (default rate, trusted steady state, host audits every 20
    steps). CPU time of this thread with one torch thread (other processes on a shared machine skew wall time).
    The last line's overhead is that of *validation* (third vs second, as a share of the first); the cost of
@@ -29,9 +31,13 @@ import os
 import sys
 import time
 
-import torch
-
 os.environ.setdefault("ATHOME_ALLOW_ATTACKS", "1")  # this bench drives attack simulators (testing only)
+# before torch loads OpenMP: idle OpenMP workers sleep instead of spinning. On a shared (loaded) 2-core box the spin
+# cost 5x the CPU time and 3-5x the wall time of the honest bf16 run (measured: 40 checks, 36 s -> 7-14 s); results
+# are unchanged (same threads, same kernels)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
 
 from athome.config import RunConfig  # noqa: E402
 from athome.verification.attacks import HOST_KINDS, TRAINER_KINDS  # noqa: E402
@@ -124,7 +130,7 @@ def main() -> None:
     parser.add_argument("--max_steps", type=int, default=400, help="give up on an attack after this many steps")
     parser.add_argument("--audit_every", type=int, default=5, help="steps between host audits")
     parser.add_argument("--fp_checks", type=int, default=1000, help="honest checks for the false-positive rate")
-    parser.add_argument("--overhead_blocks", type=int, default=120, help="alternations of the three swarms")
+    parser.add_argument("--overhead_blocks", type=int, default=300, help="alternations of the three swarms")
     parser.add_argument("--overhead_steps", type=int, default=1, help="steps per alternation")
     parser.add_argument("--overhead_model", choices=["default", "small"], default="default",
                         help="the run config's default model (fp32, its batch size: what a CPU trainer runs) or the "
@@ -156,9 +162,13 @@ def main() -> None:
               f"   ({time.perf_counter() - started:.0f}s)")
         sys.stdout.flush()
 
+    started = time.perf_counter()
     failures, checks, fp_bans, audits, worst_grad, fp_steps = false_positives(args.fp_checks, args.seed + 1000)
     print(f"honest bf16 run: {checks} checks over {fp_steps} steps, {failures} failed, {fp_bans} bans, {audits} host "
-          f"audits; worst honest contribution error {worst_grad:.2g} (same-platform tolerance)")
+          f"audits; worst honest contribution error {worst_grad:.2g} (same-platform tolerance)"
+          f"   ({time.perf_counter() - started:.0f}s)")
+    sys.stdout.flush()
+    started = time.perf_counter()
 
     model = RunConfig().model.model_dump() if args.overhead_model == "default" else SimConfig().model
     result = overhead(args.overhead_blocks, args.overhead_steps, args.rate, args.seed + 2000, args.overhead_audit_every,
@@ -169,7 +179,8 @@ def main() -> None:
           f"{ms['record']:.0f} with recording+commitments (+{result['recording']:.1f}%: every trainer, always), "
           f"{ms['validate']:.0f} with validation too (+{result['validation']:.1f}%: {result['checks']} checks at rate "
           f"{args.rate:g} and host audits); total +{result['total']:.1f}% (wall +{result['wall_total']:.1f}%). "
-          f"Self-timed shares: recording {result['recording_share']:.1f}%, validation {result['validation_share']:.1f}%")
+          f"Self-timed shares: recording {result['recording_share']:.1f}%, validation {result['validation_share']:.1f}%"
+          f"   ({time.perf_counter() - started:.0f}s)")
     fp_total = failures + bad_bans
     print(f"detected: {detected}/{len(kinds)} attacks, max latency {worst} steps, "
           f"false positives: {fp_total}/{checks} checks, overhead: {result['validation']:.1f}%")
