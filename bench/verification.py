@@ -9,13 +9,14 @@ config's default check rate (``verification.check_rate``, 5%) unless told otherw
    newcomers are checked on every step and caught at once). Trainers publish the senders CenteredClip clipped
    heavily as hints (:mod:`athome.verification.suspicions`), so attackers whose contributions stand out are
    checked on their next steps whatever their trust; subtle ones (``slight``, copies) are found by sampling only.
-   Latency = swarm steps from its first attacked step to its ban. Host attacks are found by the coordinator's host audits (one random expert every ``--audit_every`` steps).
+   Latency = swarm steps from its first attacked step to its ban. Host attacks are found by the coordinator's host
+   audits (one random expert every ``--audit_every`` steps).
 2. False positives: an honest bf16 swarm where every step of every trainer is checked (rate 1), the validator
    replaying with another thread count than the trainers; plus the host audits of that run.
 3. Overhead: three copies of one swarm (the run config's default model, fp32 as CPU trainers run it, its batch
-   size; 2 trainers), alternated step by step in this process (300 steps each: a check costs ~0.6 step, so at 5% the count of checks is the main noise): without any verification; with
-   recording and commitments only; with validation too (default rate, trusted steady state, host audits every 20
-   steps). CPU time of this thread with one torch thread (other processes on a shared machine skew wall time).
+   size; 2 trainers), alternated step by step in this process (300 steps each: a check costs ~0.6 step, so at 5%
+   the number of checks drawn is the main noise): without any verification; with recording and commitments only;
+   with validation too (default rate, trusted steady state, host audits every 20 steps). CPU time of this thread with one torch thread (other processes on a shared machine skew wall time).
    The last line's overhead is that of *validation* (third vs second, as a share of the first); the cost of
    recording (what every trainer pays so that its steps can be checked) and the total are printed above it.
 

@@ -122,7 +122,8 @@ def combine_states(
     if len(states) == 2:
         first, second = states
         scale = max(1e-30, max(float(torch.linalg.vector_norm(_flat(s.tensors[:num_parameters]))) for s in states))
-        apart = float(torch.linalg.vector_norm(_flat(first.tensors[:num_parameters]) - _flat(second.tensors[:num_parameters]))) / scale
+        difference = _flat(first.tensors[:num_parameters]) - _flat(second.tensors[:num_parameters])
+        apart = float(torch.linalg.vector_norm(difference)) / scale
         if apart <= bound:
             if fresh:
                 best = first
@@ -131,7 +132,8 @@ def combine_states(
             return best.metadata, list(best.tensors), f"{best.source} (2 sources agree within {apart:.3g})"
         if fresh:
             raise StateRejected(f"the 2 sources {first.source} and {second.source} disagree (relative distance "
-                                f"{apart:.3g} > {bound:g}) and this peer has no state of its own to tell which is right")
+                                f"{apart:.3g} > {bound:g}) and this peer has no state of its own to tell which is "
+                                f"right")
         near = [s for s in states if from_own(s) <= bound]
         if len(near) != 1:
             raise StateRejected(f"the 2 sources {first.source} and {second.source} disagree (relative distance "

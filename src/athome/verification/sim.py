@@ -270,7 +270,8 @@ class SimSwarm:
             recorder.tamper = attack
             window = CommitmentWindow(precision=config.precision, device=config.device,
                                       corpus=self.corpus.fingerprint, size=16, session=recorder.session)
-            self.trainers.append(SimTrainer(name, peer_id, recorder, window, attack, suspicions=SuspicionBook(peer_id)))
+            self.trainers.append(SimTrainer(name, peer_id, recorder, window, attack,
+                                            suspicions=SuspicionBook(peer_id)))
 
         self.proofs = LocalProofSource()
         self.forged_evidence: Dict[tuple, StepProof] = {}  # what false accusers serve as "evidence"
@@ -402,8 +403,8 @@ class SimSwarm:
     def _publish_hints(self, senders: Sequence[SimTrainer], scales: torch.Tensor, step: int) -> None:
         """Each sender's view of the round's CenteredClip (one part: all or nothing clipped), as a RoundReport."""
         evidence = {
-            trainer.peer_id: SenderEvidence(elements=1, clipped_elements=int(float(scale) < self.config.heavy_clip_scale),
-                                            min_scale=float(scale))
+            trainer.peer_id: SenderEvidence(
+                elements=1, clipped_elements=int(float(scale) < self.config.heavy_clip_scale), min_scale=float(scale))
             for trainer, scale in zip(senders, scales)
         }
         round_report = RoundReport(group_id=f"sim-{step}", peers=tuple(evidence), status="ok", evidence=evidence)
