@@ -16,7 +16,8 @@ config's default check rate (``verification.check_rate``, 5%) unless told otherw
 3. Overhead: three copies of one swarm (the run config's default model, fp32 as CPU trainers run it, its batch
    size; 2 trainers), alternated step by step in this process (300 steps each: a check costs ~0.6 step, so at 5%
    the number of checks drawn is the main noise): without any verification; with recording and commitments only;
-   with validation too (default rate, trusted steady state, host audits every 20 steps). CPU time of this thread with one torch thread (other processes on a shared machine skew wall time).
+   with validation too (default rate, trusted steady state, host audits every 20 steps). CPU time of this thread
+   with one torch thread (other processes on a shared machine skew wall time).
    The last line's overhead is that of *validation* (third vs second, as a share of the first); the cost of
    recording (what every trainer pays so that its steps can be checked) and the total are printed above it.
 

@@ -1,9 +1,10 @@
 """Where verification records live: the run's DHT (signed records) or, for simulations, memory.
 
 A :class:`Board` is bound to one writer (a peer). Writers replace their own record of each kind; readers get every
-writer's latest record. Suspicions (trainers' hints from averaging) only steer which steps validators check first. Bans are special: :meth:`Board.bans` returns only the entries of the record the
-*coordinator* wrote; anyone may write a ban record under their own name, nobody but the coordinator's key can write
-under the coordinator's (the DHT's :class:`~athome.dht.records.AthomeRecordValidator` checks the signature).
+writer's latest record. Suspicions (trainers' hints from averaging) only steer which steps validators check first.
+Bans are special: :meth:`Board.bans` returns only the entries of the record the *coordinator* wrote; anyone may write
+a ban record under their own name, nobody but the coordinator's key can write under the coordinator's (the DHT's
+:class:`~athome.dht.records.AthomeRecordValidator` checks the signature).
 """
 from __future__ import annotations
 
