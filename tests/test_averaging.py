@@ -494,7 +494,9 @@ def test_survivors_end_the_round_the_same_way_when_a_reducer_dies_mid_stream(dht
         repaired = [r for r in reports if r.repaired_from is not None]
         complete = [a for a, r in zip(survivors, reports) if r.repaired_from is None]
         assert len(complete) == 1 and len(repaired) == 2, reports
-        assert all(r.repaired_from == str(complete[0].peer_id) for r in repaired)
+        # each copied the complete outcome: from the complete member, or from a member that had already copied it
+        # (both allowed by the protocol; which answers first is a race on a loaded box)
+        assert all(r.repaired_from in {str(a.peer_id) for a in survivors} for r in repaired)
         assert all(str(victim.peer_id) in r.failed_reducers for r in repaired)
         # every survivor holds the same averaged tensors, bit for bit, and they are not the inputs
         final = [_flat(_tensors(a)) for a in survivors]
