@@ -263,11 +263,15 @@ class RobustAllReduceRunner(AllReduceRunner):
             self.all_senders_started.set()
         shapes = self.tensor_part_reducer.part_shapes
         loop = asyncio.get_event_loop()
-        queue: asyncio.Queue = asyncio.Queue(maxsize=max(1, self.tensor_part_container.prefetch))
+        # the reader runs ahead of the reducer by up to `prefetch` parts; the queue itself is unbounded so that the
+        # end-of-stream marker can always be put, even by a cancelled reader
+        queue: asyncio.Queue = asyncio.Queue()
+        slots = asyncio.Semaphore(max(1, self.tensor_part_container.prefetch))
 
-        async def _read_parts():  # runs ahead of the reducer by up to `prefetch` parts
+        async def _read_parts():
             try:
                 for part_index, shape in enumerate(shapes):
+                    await slots.acquire()
                     frame = await asyncio.wait_for(
                         connection.recv_frame(KIND_PART, part_index, shape.numel()), self.sender_timeout
                     )
@@ -275,19 +279,23 @@ class RobustAllReduceRunner(AllReduceRunner):
                         part = decode_payload(frame, shape)
                     else:
                         part = await loop.run_in_executor(None, decode_payload, frame, shape)
-                    await queue.put((part, frame.weight, frame.compression, frame.nbytes))
-            except DataPlaneError as e:
-                logger.warning(f"Data plane: {peer_id} broke the protocol ({e}); its stream is dropped")
+                    queue.put_nowait((part, frame.weight, frame.compression, frame.nbytes))
             except (asyncio.TimeoutError, OSError) as e:
-                logger.debug(f"Data plane: stream from {peer_id} ended early: {e!r}")
+                if isinstance(e, DataPlaneError):
+                    logger.warning(f"Data plane: {peer_id} broke the protocol ({e}); its stream is dropped")
+                else:
+                    logger.debug(f"Data plane: stream from {peer_id} ended early: {e!r}")
+            except Exception as e:  # e.g. a codec that cannot decode what it was sent
+                logger.warning(f"Data plane: undecodable part from {peer_id} ({e!r}); its stream is dropped")
             finally:
-                await queue.put(None)
+                queue.put_nowait(None)
 
         async def _parts():
             while True:
                 item = await queue.get()
                 if item is None:
                     return
+                slots.release()
                 yield item
 
         reader = asyncio.create_task(_read_parts())
