@@ -351,3 +351,30 @@ def test_hints_alone_get_a_trusted_poisoner_checked_and_banned(attacks_allowed):
         quiet.validator.sampler.trust(trainer.peer_id).clean_streak = 10**9
     quiet.run(4)
     assert not quiet.bans  # without hints nothing checked it
+
+
+def test_host_audits_use_real_requests_from_verified_steps(attacks_allowed):
+    """After checks pass, audits probe experts with real rows and the gradients trainers sent for them (b"P"
+    probes): a training probe applies a real gradient, not a random direction, and a non-training host is still
+    caught, re-verified on the same probe and banned."""
+    from athome.verification.expert_checks import ProbePool, decode_probe, decode_probe_grads, encode_probe
+
+    swarm = SimSwarm(tiny(host_attacks={0: "no_train"}, audit_every=0, check_rate=1.0))
+    pool = swarm.validator.checker.probe_pool
+    swarm.run(2)
+    uids = swarm.run_config.model.expert_uids()
+    probes = {uid: pool.take(uid) for uid in uids}
+    assert all(probe is not None and probe[:1] == b"P" for probe in probes.values()), probes
+    d = swarm.run_config.model.d_model
+    inputs, grads = decode_probe(probes[uids[0]], d), decode_probe_grads(probes[uids[0]], d)
+    assert inputs.shape == grads.shape and inputs.shape[0] == pool.rows and float(grads.abs().max()) > 0
+    assert decode_probe(encode_probe(inputs=inputs, grad_outputs=grads), d).equal(inputs)
+    assert len(encode_probe(inputs=inputs, grad_outputs=grads)) <= 2048  # fits Accusation.probe
+    assert ProbePool(swarm.run_config.model.model_copy(update=dict(d_model=1024))).rows == 0  # too wide: Gaussian
+
+    findings = swarm.auditor.audit(uids, count=len(uids))
+    no_train = [f for f in findings if f.kind == "no_train"]
+    assert {f.peer for f in findings} == {swarm.hosts[0].peer_id} and len(no_train) == len(uids)
+    assert all(f.probe[:1] == b"P" for f in no_train)
+    issued = swarm.authority.report_host_findings(findings[:1])
+    assert [entry.peer for entry in issued] == [swarm.hosts[0].peer_id]

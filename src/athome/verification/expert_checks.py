@@ -10,6 +10,8 @@
   simulations): attestation (answers must match the host's own served parameters), parameter cross-checks of
   replicas, training probes. Findings become accusations the coordinator re-verifies by running the same audit on
   the same probe inputs, which travel in the accusation (a seed, or a few fp32 rows of real inputs).
+- :class:`ProbePool`: real requests (inputs and the gradients trainers sent) from steps the validator verified, so
+  that audits look like traffic and training probes apply real gradients instead of random directions.
 """
 from __future__ import annotations
 
@@ -172,20 +174,91 @@ class ExpertClient(Protocol):
         """The expert's current fp32 parameters as the host serves them to new replicas."""
 
 
-def encode_probe(seed: Optional[int] = None, rows: int = 4, inputs: Optional[torch.Tensor] = None) -> bytes:
-    """Probe inputs as accusation evidence: a seed of Gaussian rows (b"S"), or real rows as fp32 (b"R")."""
+MAX_PROBE_BYTES = 2048  # Accusation.probe's limit
+
+
+def encode_probe(seed: Optional[int] = None, rows: int = 4, inputs: Optional[torch.Tensor] = None,
+                 grad_outputs: Optional[torch.Tensor] = None) -> bytes:
+    """Probe inputs as accusation evidence: a seed of Gaussian rows (b"S"), real rows as fp32 (b"R"), or real rows
+    with the gradients a trainer sent for them (b"P": inputs then grad_outputs, fp32)."""
+    if inputs is not None and grad_outputs is not None:
+        rows_bytes = inputs.detach().float().contiguous().numpy().tobytes()
+        return b"P" + rows_bytes + grad_outputs.detach().float().contiguous().numpy().tobytes()
     if inputs is not None:
         return b"R" + inputs.detach().float().contiguous().numpy().tobytes()
     return b"S" + struct.pack(">QH", seed, rows)
 
 
 def decode_probe(probe: bytes, d_model: int) -> torch.Tensor:
+    """The probe's input rows ``[rows, d_model]``; raises ValueError if malformed."""
     if probe[:1] == b"S" and len(probe) == 11:
         seed, rows = struct.unpack(">QH", probe[1:])
         return torch.randn(rows, d_model, generator=torch.Generator().manual_seed(seed))
     if probe[:1] == b"R" and (len(probe) - 1) % (4 * d_model) == 0 and len(probe) > 1:
         return torch.frombuffer(bytearray(probe[1:]), dtype=torch.float32).reshape(-1, d_model).clone()
+    if probe[:1] == b"P" and (len(probe) - 1) % (8 * d_model) == 0 and len(probe) > 1:
+        rows = torch.frombuffer(bytearray(probe[1:]), dtype=torch.float32).reshape(2, -1, d_model)
+        return rows[0].clone()
     raise ValueError("malformed probe")
+
+
+def decode_probe_grads(probe: bytes, d_model: int) -> Optional[torch.Tensor]:
+    """The gradients of a b"P" probe (None for the other kinds, whose training probe uses small random ones)."""
+    if probe[:1] != b"P":
+        return None
+    decode_probe(probe, d_model)  # validates
+    return torch.frombuffer(bytearray(probe[1:]), dtype=torch.float32).reshape(2, -1, d_model)[1].clone()
+
+
+class ProbePool:
+    """Real expert requests to audit hosts with, taken from steps this validator verified.
+
+    A replay (:class:`~athome.verification.replay.ReplayDispatcher`) sees each MoE layer's expert inputs and the
+    ``grad_outputs`` the trainer sent, which the check just found honest. Auditing with them instead of Gaussian rows
+    means (1) a host cannot tell audit requests from traffic, and (2) a training probe's backward call is a real
+    gradient for real data (one sample seen twice), not a step in a random direction. Thread-safe.
+
+    :param model_config: the run's model (expert uids per layer, d_model)
+    :param rows: rows per probe (capped so that inputs and gradients fit an accusation's probe field)
+    :param per_uid: probes kept per expert (the newest)
+    """
+
+    def __init__(self, model_config, rows: int = 4, per_uid: int = 8, seed: Optional[int] = None):
+        self.uids, self.per_layer = model_config.expert_uids(), model_config.experts_per_layer
+        self.d_model = model_config.d_model
+        self.rows = min(rows, (MAX_PROBE_BYTES - 1) // (8 * self.d_model))
+        self.per_uid = per_uid
+        self._probes: Dict[str, Deque[bytes]] = {}
+        self._random = random.Random(seed) if seed is not None else random.SystemRandom()
+        self._lock = threading.Lock()
+
+    def add_step(self, layers: Sequence, inputs: Sequence[Optional[torch.Tensor]]) -> int:
+        """Keep probes from a verified step: its bundle's ``LayerIO`` per MoE layer and the experts' inputs the replay
+        computed for each (``ReplayDispatcher.inputs``); returns how many probes were kept."""
+        if self.rows < 1:
+            return 0
+        added = 0
+        for layer, (io, inputs) in enumerate(zip(layers, inputs)):
+            if inputs is None or io.grad_outputs is None or tuple(inputs.shape[:1]) != tuple(io.expert_index.shape[:1]):
+                continue
+            grads = io.grad_outputs.detach().float()
+            usable = io.answered & (grads.reshape(*grads.shape[:2], -1).abs().amax(dim=-1) > 0)  # zero: no update
+            for expert in range(self.per_layer):
+                tokens, slots = ((io.expert_index == expert) & usable).nonzero(as_tuple=True)
+                if len(tokens) == 0:
+                    continue
+                chosen = self._random.sample(range(len(tokens)), min(self.rows, len(tokens)))
+                probe = encode_probe(inputs=inputs[tokens[chosen]], grad_outputs=grads[tokens[chosen], slots[chosen]])
+                with self._lock:
+                    self._probes.setdefault(self.uids[layer * self.per_layer + expert], deque(maxlen=self.per_uid)).append(probe)
+                added += 1
+        return added
+
+    def take(self, uid: str) -> Optional[bytes]:
+        """A kept probe for expert ``uid`` (a b"P" probe), or None if none was kept yet."""
+        with self._lock:
+            kept = self._probes.get(uid)
+            return self._random.choice(kept) if kept else None
 
 
 @dataclass
@@ -223,6 +296,8 @@ class ExpertAuditor:
     :param replicas: uid -> peer IDs of the hosts currently declaring it
     :param probe_rows: Gaussian rows per probe (LayerNorm outputs, which experts receive, are ~N(0, 1) per coordinate)
     :param training_calls: backward calls per training probe (the run's ``optimizer.expert_accumulation``)
+    :param probe_pool: real requests from verified steps (:class:`ProbePool`); audits use them when the pool has one
+      for the expert, Gaussian rows (and, for training probes, small random gradients) otherwise
     """
 
     def __init__(
@@ -236,16 +311,19 @@ class ExpertAuditor:
         probe_rows: int = 4,
         training_calls: int = 1,
         seed: Optional[int] = None,
+        probe_pool: Optional[ProbePool] = None,
     ):
         self.client, self.replicas, self.model_config = client, replicas, model_config
+        self.probe_pool = probe_pool
         self.d_model = model_config.d_model
         self.attest_tolerance = attest_tolerance
         self.params_check = ReplicaCrossCheck(tolerance=params_tolerance)
         self.probe_rows, self.training_calls = probe_rows, training_calls
         self._random = random.Random(seed) if seed is not None else random.SystemRandom()
 
-    def _probe(self) -> bytes:
-        return encode_probe(self._random.getrandbits(63), self.probe_rows)
+    def _probe(self, uid: Optional[str] = None) -> bytes:
+        real = self.probe_pool.take(uid) if self.probe_pool is not None and uid is not None else None
+        return real if real is not None else encode_probe(self._random.getrandbits(63), self.probe_rows)
 
     def _compute(self, uid: str, state: Dict[str, torch.Tensor], inputs: torch.Tensor) -> torch.Tensor:
         from athome.model.expert import build_expert
@@ -262,7 +340,7 @@ class ExpertAuditor:
         Forward, download the state, forward again: an honest host's state computes at least one of the two
         answers unless it trained in *both* gaps (then :meth:`reverify` tries again before anyone is banned).
         """
-        probe = probe or self._probe()
+        probe = probe or self._probe(uid)
         inputs = decode_probe(probe, self.d_model)
         try:
             before = self.client.forward(peer, uid, inputs).detach().double()
@@ -305,9 +383,11 @@ class ExpertAuditor:
         ]
 
     def probe_training(self, peer: str, uid: str, probe: Optional[bytes] = None) -> Optional[HostFinding]:
-        probe = probe or self._probe()
+        probe = probe or self._probe(uid)
         inputs = decode_probe(probe, self.d_model)
-        grad = torch.randn(inputs.shape, generator=torch.Generator().manual_seed(inputs.numel())) * 1e-3
+        grad = decode_probe_grads(probe, self.d_model)  # real: a verified trainer's gradient for these rows
+        if grad is None:
+            grad = torch.randn(inputs.shape, generator=torch.Generator().manual_seed(inputs.numel())) * 1e-3
         try:
             result = training_probe(
                 lambda x: self.client.forward(peer, uid, x),

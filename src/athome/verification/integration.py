@@ -31,7 +31,7 @@ from athome.verification.attacks import TrainerAttack
 from athome.verification.bans import BanAuthority, BanWatcher
 from athome.verification.board import DHTBoard
 from athome.verification.commitments import CommitmentWindow, commit
-from athome.verification.expert_checks import ExpertAuditor, GradNormGuard, RemoteExpertClient
+from athome.verification.expert_checks import ExpertAuditor, GradNormGuard, ProbePool, RemoteExpertClient
 from athome.verification.recording import RecordingDispatcher, StepRecorder
 from athome.verification.suspicions import SuspicionBook
 
@@ -251,8 +251,9 @@ class CoordinatorVerification:
         self.validator = Validator(self.board, RemoteProofSource(p2p), checker, sampler, accuse=False,
                                    on_result=self._on_result, max_checks_per_poll=max_checks_per_poll)
         self._servers: Dict[str, List[str]] = {}
+        checker.probe_pool = ProbePool(config.model)  # host audits use real requests from verified steps
         self.auditor = ExpertAuditor(RemoteExpertClient(dht), self._replicas, config.model,
-                                     training_calls=config.optimizer.expert_accumulation)
+                                     training_calls=config.optimizer.expert_accumulation, probe_pool=checker.probe_pool)
         self.authority = BanAuthority(self.validator, auditor=self.auditor, on_ban=self._on_ban)
         self.audit_period = audit_period
         self._last_audit = self._last_publish = time.monotonic()

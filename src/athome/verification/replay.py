@@ -81,6 +81,7 @@ class ReplayDispatcher:
         self.io: Optional[LayerIO] = None
         self.route_mismatch = 0.0  # fraction of tokens whose replayed top-k differs from the recorded one
         self.grad_outputs: Optional[torch.Tensor] = None  # recomputed gradient w.r.t. the expert outputs
+        self.inputs: Optional[torch.Tensor] = None  # the experts' inputs in the last replay (fp32, CPU): audit probes
 
     def __call__(self, x: torch.Tensor, expert_index: torch.Tensor):
         io = self.io
@@ -98,6 +99,7 @@ class ReplayDispatcher:
         recorded = io.expert_index.sort(dim=-1).values
         self.route_mismatch = float((replayed != recorded).any(dim=-1).float().mean()) if len(replayed) else 0.0
         self.grad_outputs = None
+        self.inputs = x.detach().float().cpu()
         outputs = _ReplayExperts.apply(x.as_subclass(torch.Tensor), self)
         return outputs, io.answered.to(x.device)
 

@@ -36,7 +36,7 @@ from athome.verification.bans import BanAuthority
 from athome.verification.board import MemoryHub
 from athome.verification.calibration import Tolerances
 from athome.verification.commitments import CommitmentWindow, commit
-from athome.verification.expert_checks import ExpertAuditor, GradNormGuard
+from athome.verification.expert_checks import ExpertAuditor, GradNormGuard, ProbePool
 from athome.verification.proof import StepProof
 from athome.verification.recording import RecordingDispatcher, StepRecorder
 from athome.verification.replay import autocast_for
@@ -82,6 +82,7 @@ class SimConfig:
     max_false_accusations: int = 3
     hints: bool = True  # trainers publish heavily clipped senders as hints (verification.suspicions), as real ones do
     heavy_clip_scale: float = 0.5  # a sender counts as heavily clipped below this CenteredClip scale (the averager's)
+    real_probes: bool = True  # host audits use real requests from verified steps (expert_checks.ProbePool)
     data_bytes: int = 1_000_000
     seed: int = 0
 
@@ -287,7 +288,9 @@ class SimSwarm:
             sampler = TrustSampler(base_rate=config.check_rate, seed=config.seed + 7)
             self.validator = Validator(self.hub.board(self.coordinator_id), self.proofs, checker, sampler, accuse=False)
             self.proofs.add(self.coordinator_id, self.validator.lookup)
-            self.auditor = ExpertAuditor(SimExpertClient(self.hosts), self._replicas, mc, seed=config.seed + 11)
+            checker.probe_pool = ProbePool(mc, seed=config.seed + 13) if config.real_probes else None
+            self.auditor = ExpertAuditor(SimExpertClient(self.hosts), self._replicas, mc, seed=config.seed + 11,
+                                         probe_pool=checker.probe_pool)
             self.authority = BanAuthority(self.validator, auditor=self.auditor,
                                           max_false_accusations=config.max_false_accusations)
         self.bans: Dict[str, int] = {}  # peer -> step banned

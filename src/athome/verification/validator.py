@@ -134,6 +134,7 @@ class StepChecker:
                                  device=device)
         self.replay_seconds = 0.0
         self.replays = 0
+        self.probe_pool = None  # an expert_checks.ProbePool fed with the expert I/O of verified steps, if set
 
     def tolerances(self, precision: str, trainer_platform: str) -> Tolerances:
         if self.fixed_tolerances is not None:
@@ -222,6 +223,11 @@ class StepChecker:
             value, limit = getattr(distances, name), getattr(tolerance, name)
             if not value <= limit:  # also catches NaN
                 return verdict("fail", kind, f"{name} off by {value:.3g} (tolerance {limit:.3g})", **figures)
+        if self.probe_pool is not None:  # verified expert requests: probes for host audits (expert_checks.ProbePool)
+            try:
+                self.probe_pool.add_step(proof.layers, [d.inputs for d in self.replayer.dispatchers])
+            except Exception as error:  # probes are a bonus; the check's verdict stands
+                logger.warning(f"Could not keep audit probes from a verified step: {error!r}")
         return verdict("pass", "ok", **figures)
 
 
