@@ -249,8 +249,9 @@ class ProbePool:
                     continue
                 chosen = self._random.sample(range(len(tokens)), min(self.rows, len(tokens)))
                 probe = encode_probe(inputs=inputs[tokens[chosen]], grad_outputs=grads[tokens[chosen], slots[chosen]])
+                uid = self.uids[layer * self.per_layer + expert]
                 with self._lock:
-                    self._probes.setdefault(self.uids[layer * self.per_layer + expert], deque(maxlen=self.per_uid)).append(probe)
+                    self._probes.setdefault(uid, deque(maxlen=self.per_uid)).append(probe)
                 added += 1
         return added
 
