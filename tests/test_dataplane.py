@@ -34,6 +34,7 @@ from athome.averaging.dataplane import (
     VERSION,
     DataPlane,
     DataPlaneError,
+    bind_host_from_maddrs,
     decode_payload,
     encode_part,
 )
@@ -139,6 +140,12 @@ def test_tickets_hello_and_frames_over_tcp():
         await plane.shutdown()
 
     asyncio.run(main())
+
+
+def test_listen_address_comes_from_own_direct_addresses():
+    maddrs = ["/ip4/1.2.3.4/tcp/5/p2p/QmRelay/p2p-circuit", "/ip4/0.0.0.0/tcp/1", "/ip4/10.0.0.2/tcp/7"]
+    assert bind_host_from_maddrs(maddrs) == "10.0.0.2"
+    assert bind_host_from_maddrs(["/ip6/::1/tcp/1"]) is None  # then the plane stays off and p2p carries the parts
 
 
 # ---- real averagers ----------------------------------------------------------------------------------------------

@@ -367,8 +367,11 @@ def _ticket_reply(**fields) -> runtime_pb2.ExpertResponse:
 
 
 def bind_host_from_maddrs(maddrs) -> Optional[str]:
-    """The first IPv4 address of this peer's multiaddrs that it can listen on (not 0.0.0.0); None if none."""
+    """The first IPv4 address of this peer's multiaddrs that it can listen on (not 0.0.0.0, not a relay's
+    address: a relayed peer is not reachable there); None if none."""
     for maddr in maddrs:
+        if "p2p-circuit" in str(maddr):
+            continue
         parts = str(maddr).split("/")
         if len(parts) > 2 and parts[1] == "ip4" and parts[2] != "0.0.0.0":
             return parts[2]
