@@ -45,6 +45,7 @@ from athome.averaging.dataplane import (
     decode_payload,
     encode_part,
     encode_result,
+    supports,
 )
 from athome.averaging.reducer import all_finite
 
@@ -83,6 +84,9 @@ class RobustAllReduceRunner(AllReduceRunner):
 
     def __init__(self, *, reducer_factory: ReducerFactory, dataplane: Optional[DataPlane] = None, **kwargs):
         super().__init__(**kwargs)
+        if dataplane is not None and not supports(self.tensor_part_container.local_tensors):
+            logger.debug("Data plane not used: some averaged tensors have a dtype it does not carry")
+            dataplane = None
         self.dataplane = dataplane
         self.tcp_peers: Set[PeerID] = set()
         # hivemind's __init__ has already built a plain TensorPartReducer; mark it finished so that its finalize()
