@@ -33,6 +33,7 @@ P2P.FORCE_REACHABILITY_MAPPING.setdefault(BEHIND_RELAYS, {"forceReachabilityPriv
 # namespaces, p2pd otherwise resets a relayed connection after its first 128 KiB, so every MB-sized expert request
 # through it fails. The coordinator relays for its own run only; its bandwidth is the run's to use.
 RELAY_SERVICE = "athome-relay-service"
+RELAY_START_ATTEMPTS = 6  # p2pd starts with the lifted limits ~40% of the time (athome.peer.reachability.relay_carries)
 P2P.FORCE_REACHABILITY_MAPPING.setdefault(
     RELAY_SERVICE, {"forceReachabilityPublic": 1, "relayDataLimit": 1 << 40, "relayTimeLimit": "24h"}
 )
@@ -116,32 +117,66 @@ def start_dht(
             raise InviteError("--invite needs the run's address (--run) to check the invitation against")
         check_invite(invite, coordinator_id, identity.peer_id)
         authorizer = InviteAuthorizer(_raw_private_key(identity), coordinator_id, invite)
-    try:
-        dht = hivemind.DHT(
-            initial_peers=list(initial_peers),
-            start=True,
-            record_validators=[validator],
-            client_mode=client_mode,
-            host_maddrs=list(host_maddrs),
-            announce_maddrs=list(announce_maddrs) or None,
-            identity_path=str(identity.path),
-            check_if_identity_free=False,
-            use_auto_relay=use_auto_relay or bool(relays),
-            use_relay=use_relay or bool(relays),
-            **_relay_kwargs(relays, relay_service and use_relay),
-            await_ready=True,
-            startup_timeout=wait_timeout,
-            authorizer=authorizer,
-        )
-    except Exception as error:
-        reason = diagnose_refusal(list(initial_peers), authorizer) if initial_peers else None
-        if reason:
-            raise NotAdmitted(reason) from error
-        raise
-    if dht.peer_id.to_base58() != identity.peer_id:
-        dht.shutdown()
-        raise IdentityError(f"p2pd started as {dht.peer_id} instead of {identity.peer_id}; is {identity.path} valid?")
+    for attempt in range(1, RELAY_START_ATTEMPTS + 1):
+        try:
+            dht = hivemind.DHT(
+                initial_peers=list(initial_peers),
+                start=True,
+                record_validators=[validator],
+                client_mode=client_mode,
+                host_maddrs=list(host_maddrs),
+                announce_maddrs=list(announce_maddrs) or None,
+                identity_path=str(identity.path),
+                check_if_identity_free=False,
+                use_auto_relay=use_auto_relay or bool(relays),
+                use_relay=use_relay or bool(relays),
+                **_relay_kwargs(relays, relay_service and use_relay),
+                await_ready=True,
+                startup_timeout=wait_timeout,
+                authorizer=authorizer,
+            )
+        except Exception as error:
+            reason = diagnose_refusal(list(initial_peers), authorizer) if initial_peers else None
+            if reason:
+                raise NotAdmitted(reason) from error
+            raise
+        if dht.peer_id.to_base58() != identity.peer_id:
+            dht.shutdown()
+            raise IdentityError(f"p2pd started as {dht.peer_id} instead of {identity.peer_id}; is {identity.path} valid?")
+        if not (relay_service and use_relay) or _relay_limits_lifted(dht, host_maddrs):
+            return dht
+        if attempt < RELAY_START_ATTEMPTS:  # see athome.peer.reachability.relay_carries: a startup race in p2pd
+            logger.info(f"p2pd came up relaying with go-libp2p's default limits (128 KiB per connection); "
+                        f"restarting it ({attempt}/{RELAY_START_ATTEMPTS - 1})")
+            _shutdown(dht)
+    logger.warning(f"After {RELAY_START_ATTEMPTS} starts p2pd still relays with go-libp2p's default limits: peers behind "
+                   f"NAT can serve requests of up to 128 KiB only (serve from a public address, or restart)")
     return dht
+
+
+def _relay_limits_lifted(dht: hivemind.DHT, host_maddrs: Sequence[str]) -> bool:
+    """Whether this relaying node's circuits carry more than go-libp2p's default 128 KiB (a probe on loopback)."""
+    from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
+
+    from athome.peer.reachability import relay_carries
+
+    ports = [str(m).split("/tcp/")[1].split("/")[0] for m in dht.get_visible_maddrs() if "/tcp/" in str(m)]
+    bound = str(host_maddrs[0]).split("/")[2] if host_maddrs and str(host_maddrs[0]).startswith("/ip4/") else "0.0.0.0"
+    if not ports:
+        return True  # nothing to probe: assume the flags won
+    ip = "127.0.0.1" if bound in ("0.0.0.0", "127.0.0.1") else bound
+    relay = f"/ip4/{ip}/tcp/{ports[0]}/p2p/{dht.peer_id}"
+    try:
+        return RemoteExpertWorker.run_coroutine(relay_carries(relay))
+    except Exception as error:
+        logger.warning(f"Could not probe this node's relay limits ({error!r}); assuming the configured ones")
+        return True
+
+
+def _shutdown(dht: hivemind.DHT) -> None:
+    from athome.peer.reachability import shutdown_dht
+
+    shutdown_dht(dht)
 
 
 def _relay_kwargs(relays: Sequence[str], relay_service: bool) -> dict:

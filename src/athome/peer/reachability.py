@@ -61,6 +61,59 @@ async def connect_via_relay(p2p: P2P, peer_id: PeerID, relay: str, timeout: floa
     await asyncio.wait_for(p2p._client.connect(peer_id, [circuit_maddr(relay)]), timeout)
 
 
+# p2pd 0.3x (hivemind 1.1.12) runs *two* circuit relay v2 services when it relays: libp2p's relay manager starts one
+# with the -relayDataLimit/-relayTimeLimit flags once the node is public, and the daemon itself starts another with
+# go-libp2p's defaults (`relay.New(host)` in its EnableRelayV2). Both register the same hop protocol; whichever
+# registers last serves every reservation and circuit. Which one that is depends on goroutine timing at startup: in
+# namespaces ~60% of coordinator starts got the defaults, i.e. 128 KiB per relayed connection and direction (and 2
+# minutes), so relayed expert requests (~0.5 MB) were reset after 128 KiB while small ones passed.
+RELAY_PROBE_BYTES = 256 * 1024  # above the default relay's 128 KiB, far below the lifted limits
+_PROBE_PROTOCOL = "athome.RelayProbe"
+
+
+async def relay_carries(relay: str, nbytes: int = RELAY_PROBE_BYTES, timeout: float = 60.0) -> bool:
+    """Whether a circuit through ``relay`` carries an ``nbytes`` request: two throwaway p2pd daemons on this
+    machine, one holding a reservation at ``relay`` (as a NATed host does), the other calling it through the relay.
+
+    Raises ``TimeoutError`` if the probe could not even set up its circuit within ``timeout`` seconds.
+    """
+    from athome.dht.node import BEHIND_RELAYS
+
+    async def echo_size(request: runtime_pb2.ExpertRequest, _: P2PContext) -> runtime_pb2.ExpertResponse:
+        return runtime_pb2.ExpertResponse(metadata=MSGPackSerializer.dumps(len(request.metadata)))
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    # the target listens nowhere, so the caller cannot reach it but through the relay (on one machine it would
+    # otherwise find its loopback address and bypass the relay)
+    target = await P2P.create(no_listen=True, initial_peers=[relay], trusted_relays=[relay],
+                              force_reachability=BEHIND_RELAYS, use_auto_relay=True, use_relay=True)
+    caller = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    try:
+        await target.add_protobuf_handler(_PROBE_PROTOCOL, echo_size, runtime_pb2.ExpertRequest)
+        while True:  # the target reserves its slot in the background
+            try:
+                await connect_via_relay(caller, target.peer_id, relay)
+                await caller.call_protobuf_handler(target.peer_id, _PROBE_PROTOCOL, runtime_pb2.ExpertRequest(),
+                                                   runtime_pb2.ExpertResponse)
+                break
+            except Exception as error:
+                if loop.time() > deadline:
+                    raise TimeoutError(f"no circuit through {relay} within {timeout:.0f}s: {_last_line(error)}")
+                await asyncio.sleep(0.5)
+        try:
+            response = await asyncio.wait_for(caller.call_protobuf_handler(
+                target.peer_id, _PROBE_PROTOCOL, runtime_pb2.ExpertRequest(metadata=bytes(nbytes)),
+                runtime_pb2.ExpertResponse), max(deadline - loop.time(), 10.0))
+        except Exception as error:
+            logger.debug(f"relay probe: {nbytes} bytes did not pass {relay}: {_last_line(error)}")
+            return False
+        return MSGPackSerializer.loads(response.metadata) == nbytes
+    finally:
+        await caller.shutdown()
+        await target.shutdown()
+
+
 def _last_line(error: BaseException) -> str:
     text = str(error).strip()
     return text.splitlines()[-1][:160] if text else type(error).__name__
