@@ -29,9 +29,10 @@ RecordT = TypeVar("RecordT", bound=Record)
 # hivemind 1.1.12's P2P.create has no argument for it; its reachability table is where extra daemon flags go.
 BEHIND_RELAYS = "athome-behind-relays"
 P2P.FORCE_REACHABILITY_MAPPING.setdefault(BEHIND_RELAYS, {"forceReachabilityPrivate": 1, "relayDiscovery": 0})
-# A relay (the coordinator) is public and lifts circuit relay v2's per-connection limits: as measured in network
-# namespaces, p2pd otherwise resets a relayed connection after its first 128 KiB, so every MB-sized expert request
-# through it fails. The coordinator relays for its own run only; its bandwidth is the run's to use.
+# A relay (the coordinator) is public and sets circuit relay v2's per-connection limits high: a relayed connection
+# past its limit is reset, and MB-sized expert requests cross it. The coordinator relays for its own run only; its
+# bandwidth is the run's to use. p2pd also starts a second relay with go-libp2p's defaults (128 KiB, 2 min) that
+# may serve instead; start_dht checks which one serves (_relay_limits_lifted) and restarts p2pd until it is this one.
 RELAY_SERVICE = "athome-relay-service"
 RELAY_START_ATTEMPTS = 6  # p2pd starts with the lifted limits ~40% of the time (athome.peer.reachability.relay_carries)
 P2P.FORCE_REACHABILITY_MAPPING.setdefault(
