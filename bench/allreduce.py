@@ -11,7 +11,7 @@ Every peer is a separate process (forked). Per N, in one run:
 For the averagers, the group is formed first (``step(require_trigger=True)``), all peers pass a barrier, and the
 clock runs from the trigger to the slowest peer's result: matchmaking is excluded, so the numbers compare the
 all-reduce proper with gloo's. Each averager first runs one untimed warm-up round (gloo too). Bytes are counted by
-athome's runner (serialized messages sent to other peers); S is the vector size *as sent* (after compression), so
+athome's runner (frames, or serialized messages over p2p, sent to other peers); S is the vector size *as sent* (after compression), so
 bytes/optimal measures the protocol, not the codec. ``cpu-s/peer`` is the CPU time one peer's processes (worker,
 DHT, averager, p2pd; for gloo the worker) used per round, counted until every peer finished: on a shared, loaded box
 the CPU ratios are much steadier than the wall-time ones, and a ``allreduce_cpu`` line reports them.
