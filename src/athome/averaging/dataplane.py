@@ -345,6 +345,7 @@ class DataPlane:
                 _tune(sock)
                 connection = FrameConnection(sock, f"{host}:{port}")
                 await connection.loop.sock_connect(sock, (host, port))
+                reachable = True  # a refused hello is about this round's ticket, not about the endpoint
                 await connection.loop.sock_sendall(sock, HELLO.pack(MAGIC, VERSION, token))
                 if await connection.recv_bytes(1) != ACK_OK:
                     raise DataPlaneError("hello refused")
