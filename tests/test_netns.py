@@ -219,3 +219,19 @@ def test_the_coordinators_relay_carries_expert_sized_requests(tmp_path):
         assert RemoteExpertWorker.run_coroutine(relay_carries(relay, nbytes=1_000_000)), "the relay still cuts at 128 KiB"
     finally:
         dht.shutdown()
+
+
+def test_public_ip_and_port_are_the_simple_forms_of_announce_and_host_maddrs():
+    import argparse
+
+    from athome.netflags import NetworkFlagError, add_network_flags, dht_kwargs
+
+    parser = argparse.ArgumentParser()
+    add_network_flags(parser)
+    kwargs = dht_kwargs(parser.parse_args(["--public_ip", "203.0.113.7", "--port", "31337"]))
+    assert kwargs["host_maddrs"] == ["/ip4/0.0.0.0/tcp/31337"]
+    assert kwargs["announce_maddrs"] == ["/ip4/203.0.113.7/tcp/31337"]
+    with pytest.raises(NetworkFlagError, match="--public_ip needs --port"):  # port 0 cannot be forwarded
+        dht_kwargs(parser.parse_args(["--public_ip", "203.0.113.7"]))
+    with pytest.raises(NetworkFlagError, match="is not an IP address"):
+        dht_kwargs(parser.parse_args(["--public_ip", "my-router"]))

@@ -9,6 +9,10 @@ from typing import Any, Optional, Sequence
 logger = logging.getLogger(__name__)
 
 
+class NetworkFlagError(ValueError):
+    """Network flags that cannot work together; the message names the flag and the fix."""
+
+
 def add_network_flags(parser: argparse.ArgumentParser, *, default_port: Optional[int] = None) -> None:
     group = parser.add_argument_group("network")
     group.add_argument(
@@ -46,8 +50,17 @@ def dht_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         logger.info(f"Listening on {host_maddrs[0]} (override with --host_maddrs or --port)")
     announce = list(args.announce_maddrs or ())
     if args.public_ip and not announce:
-        version = ipaddress.ip_address(args.public_ip).version
-        announce = [f"/ip{version}/{args.public_ip}/tcp/{port or _port_of(host_maddrs)}"]
+        try:
+            version = ipaddress.ip_address(args.public_ip).version
+        except ValueError:
+            raise NetworkFlagError(f"--public_ip {args.public_ip!r} is not an IP address (e.g. --public_ip 203.0.113.7)")
+        announce_port = port or _port_of(host_maddrs)
+        if not announce_port:
+            raise NetworkFlagError(
+                "--public_ip needs --port: the TCP port your router forwards to this machine (e.g. --public_ip "
+                f"{args.public_ip} --port 31337); `peer check --run ADDR` prints the exact commands"
+            )
+        announce = [f"/ip{version}/{args.public_ip}/tcp/{announce_port}"]
         logger.info(f"Announcing {announce[0]} (override with --announce_maddrs)")
     run = getattr(args, "run", None)
     relays = [run] if args.use_auto_relay and run and not args.no_relay else []  # the coordinator relays
