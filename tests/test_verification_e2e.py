@@ -103,7 +103,9 @@ def test_sign_flip_trainer_is_banned_its_credit_revoked_and_its_requests_refused
     assert banned_row["banned_reason"].startswith("gradient"), banned_row  # x-1000: the contribution differs
     attacker_log = tmp_path / "attacker.log"
     deadline = time.time() + 60
-    while time.time() < deadline and "BannedCaller" not in attacker_log.read_text():
+    # the host's refusal and the attacker's own ban notice come from two pollers (5 s each): wait for both
+    while time.time() < deadline and not all(phrase in attacker_log.read_text()
+                                              for phrase in ("BannedCaller", "THIS TRAINER IS BANNED")):
         time.sleep(1)
     text = attacker_log.read_text()  # (rich wraps long log lines: look for short phrases)
     assert "THIS TRAINER IS BANNED" in text, text[-3000:]
