@@ -9,10 +9,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import random
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Dict, Optional
+from typing import Callable, Collection, Dict, Optional, Sequence
 
 import torch
 
@@ -47,6 +49,12 @@ from athome.peer.experts import (
 )
 from athome.peer.reachability import CLIENT, RELAYED, choose_serving_mode
 from athome.peer.server import Declarer, ExpertServer, download_expert_state
+from athome.verification.downloads import (
+    DEFAULT_MAX_SOURCES,
+    StateRejected,
+    combine_replica_states,
+    replica_state,
+)
 
 logger = logging.getLogger(__name__)
 MAX_BATCH_SIZE = 16384  # tokens per request; trainers split larger requests
@@ -89,21 +97,16 @@ def choose_experts(args: argparse.Namespace, config: RunConfig, dht, peer_id: st
 
 
 def build_backend(
-    uid: str, config: RunConfig, args: argparse.Namespace, device, precision, checkpoint_dir: Path, dht, live_hosts
+    uid: str, config: RunConfig, args: argparse.Namespace, device, precision, checkpoint_dir: Path, dht, live_hosts,
+    banned: Collection[str] = frozenset(),
 ) -> ExpertBackend:
-    """An expert, restored from our checkpoint, else copied from a live replica, else freshly initialised."""
+    """An expert, restored from our checkpoint, else combined from live replicas (:func:`copy_from_replicas`, never
+    from a ``banned`` host), else freshly initialised."""
     module = build_expert(config.model, uid)
     origin = "a fresh deterministic init"
     has_checkpoint = (checkpoint_dir / f"{uid}.safetensors").exists()
-    if not has_checkpoint:
-        for host in live_hosts.get(uid, []):
-            try:
-                state = download_expert_state(dht, host, uid, timeout=30)
-                module.load_state_dict(state)
-                origin = f"the live replica on {host[-8:]}"
-                break
-            except Exception as error:
-                logger.warning(f"Could not copy {uid} from {host[-8:]}: {error!r}; trying the next replica")
+    if not has_checkpoint and live_hosts.get(uid):
+        origin = copy_from_replicas(dht, uid, module, live_hosts[uid], banned) or origin
     backend = ExpertBackend(
         uid,
         module,
@@ -118,6 +121,50 @@ def build_backend(
         origin = f"checkpoint {checkpoint_dir}"
     logger.info(f"{uid}: starting from {origin}")
     return backend
+
+
+def copy_from_replicas(
+    dht, uid: str, module: torch.nn.Module, hosts: Sequence[str], banned: Collection[str] = frozenset(),
+    sources: int = DEFAULT_MAX_SOURCES, timeout: float = 30.0,
+) -> Optional[str]:
+    """Load ``module`` (the uid's deterministic init) with its live replicas' weights, as trainers download state.
+
+    One malicious replica must not hand its weights to every newcomer, so the weights come from up to ``sources``
+    replicas (random order, never a banned host; a replica that fails or serves weights of other names, shapes,
+    dtypes or with NaN/Inf is skipped, logged, and the next one tried) and are combined by
+    :func:`athome.verification.downloads.combine_replica_states`: the median of three, one of two that agree,
+    one alone with a warning. When they cannot be combined (two that disagree) ``module`` keeps its init.
+
+    :returns: where the weights came from, for the log; None if ``module`` was left as it was
+    """
+    own = module.state_dict()
+    candidates = [host for host in hosts if host not in banned]
+    random.shuffle(candidates)  # no replica chooses to be a source by its place in the DHT record
+    if len(candidates) < len(hosts):
+        logger.info(f"{uid}: not copying from {len(hosts) - len(candidates)} banned replica(s)")
+    states = []
+    with ThreadPoolExecutor(max_workers=sources, thread_name_prefix="replica download") as pool:
+        while candidates and len(states) < sources:
+            batch, candidates = candidates[:sources - len(states)], candidates[sources - len(states):]
+            downloads = [pool.submit(download_expert_state, dht, host, uid, timeout) for host in batch]
+            for host, download in zip(batch, downloads):
+                try:
+                    states.append(replica_state(own, host, download.result()))
+                except StateRejected as error:
+                    logger.error(f"{uid}: refused the weights served by the replica on {host}: {error}")
+                except Exception as error:  # noqa: B902 - one failed replica only removes that source
+                    logger.warning(f"{uid}: could not copy from {host}: {error!r}; trying the next replica")
+    if not states:
+        logger.warning(f"{uid}: no live replica served usable weights; starting from the uid's deterministic init")
+        return None
+    try:
+        combined, how = combine_replica_states(own, states, max_sources=sources)
+    except StateRejected as error:
+        logger.warning(f"{uid}: not copying the live replicas ({error}); starting from the uid's deterministic "
+                       f"init, which replica averaging then pulls towards the swarm's weights")
+        return None
+    module.load_state_dict(combined)
+    return f"the live replicas: {how}" if len(states) > 1 else f"the live replica on {how}"
 
 
 def replica_directory(dht, config: RunConfig, own_peer_id: str) -> Callable[[str], bool]:
@@ -226,8 +273,13 @@ def run_join(args: argparse.Namespace) -> None:
         if peer_id != identity.peer_id:
             for uid in record.experts:
                 live_hosts.setdefault(uid, []).append(peer_id)
+    from athome.verification.integration import follow_bans_on_host
+
+    host_bans = follow_bans_on_host(dht, config.name, address.coordinator_id)  # banned peers' requests are refused
+    host_bans.refresh()  # and banned hosts are no source of our experts' weights
     backends = {
-        uid: build_backend(uid, config, args, device, precision, checkpoint_dir, dht, live_hosts) for uid in uids
+        uid: build_backend(uid, config, args, device, precision, checkpoint_dir, dht, live_hosts, host_bans.banned)
+        for uid in uids
     }
     if getattr(args, "attack", None):
         from athome.verification.integration import attack_host
@@ -250,9 +302,6 @@ def run_join(args: argparse.Namespace) -> None:
         backend = backends.get(uid)
         return None if backend is None else backend.state_dict()["master"]
 
-    from athome.verification.integration import follow_bans_on_host
-
-    host_bans = follow_bans_on_host(dht, config.name, address.coordinator_id)  # banned peers' requests are refused
     declarer = Declarer(dht, run_key(config.name, "servers"), make_record, ttl=config.expert_ttl)
     server = ExpertServer(
         dht, backends, declarer=declarer, get_state=get_state, num_handlers=1, max_batch_size=MAX_BATCH_SIZE,

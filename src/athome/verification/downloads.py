@@ -20,13 +20,18 @@ Distances are measured on the parameters (and hivemind's extra tensors), not on 
 legitimately differ between a restarted peer and the swarm. Not guaranteed: with two colluding sources among
 three, or one source and a fresh start, the result is theirs; the epoch and priority peers advertise are their own
 claims (admission and bans limit who can advertise).
+
+A new expert host copying an expert from its live replicas (``athome.peer.join``) applies the same rule through
+:func:`replica_state` (the names, shapes, dtypes and finiteness of each replica's weights) and
+:func:`combine_replica_states` (always a fresh start: its own weights are the uid's deterministic init, so two
+replicas that disagree are both refused and one replica is trusted with a warning).
 """
 from __future__ import annotations
 
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -62,14 +67,25 @@ def state_problem(own: Sequence[torch.Tensor], state: DownloadedState) -> Option
         return f"epoch {epoch!r} is not a non-negative integer"
     if "optimizer_metadata" not in state.metadata:
         return "no optimizer_metadata"
-    if len(state.tensors) != len(own):
-        return f"{len(state.tensors)} tensors, expected {len(own)}"
-    for index, (mine, theirs) in enumerate(zip(own, state.tensors)):
+    return tensors_problem(own, state.tensors)
+
+
+def tensors_problem(own: Sequence[torch.Tensor], tensors: Sequence[Any], names: Optional[Sequence[str]] = None
+                    ) -> Optional[str]:
+    """Why ``tensors`` cannot replace ``own`` (None if they can): count, type, shape, dtype, finite values.
+
+    :param names: what to call each tensor in the answer (default: its index)
+    """
+    if len(tensors) != len(own):
+        return f"{len(tensors)} tensors, expected {len(own)}"
+    for index, (mine, theirs) in enumerate(zip(own, tensors)):
+        name = f"tensor {index}" if names is None else f"tensor {names[index]!r}"
+        if not isinstance(theirs, torch.Tensor):
+            return f"{name} is a {type(theirs).__name__}, not a tensor"
         if theirs.shape != mine.shape or theirs.dtype != mine.dtype:
-            return (f"tensor {index} is {theirs.dtype} {tuple(theirs.shape)}, expected {mine.dtype} "
-                    f"{tuple(mine.shape)}")
+            return f"{name} is {theirs.dtype} {tuple(theirs.shape)}, expected {mine.dtype} {tuple(mine.shape)}"
         if theirs.is_floating_point() and not bool(torch.isfinite(theirs).all()):
-            return f"tensor {index} has non-finite values"
+            return f"{name} has non-finite values"
     return None
 
 
@@ -101,8 +117,29 @@ def combine_states(
     :param own: this peer's current state tensors (parameters and extras first, then optimizer statistics)
     :param num_parameters: how many leading tensors are parameters/extras (the ones distances are measured on)
     :param fresh: this peer has no state of its own yet (a lone source is then trusted, with a warning)
-    :returns: (metadata, tensors, how) where ``how`` says which rule produced them, for the log
+    :returns: (metadata, tensors, how) where ``how`` says which rule produced them, for the log; after a median,
+        the metadata (epoch, optimizer metadata) of the source with the median epoch
     :raises StateRejected: no state may be applied (the reason says why); the caller keeps its current state
+    """
+    used, tensors, how = combine_tensors(own, states, num_parameters=num_parameters, fresh=fresh, bound=bound,
+                                         max_sources=max_sources)
+    middle = sorted(used, key=lambda s: s.epoch)[(len(used) - 1) // 2]
+    return dict(middle.metadata), tensors, how
+
+
+def combine_tensors(
+    own: Sequence[torch.Tensor],
+    states: Sequence[DownloadedState],
+    *,
+    num_parameters: int,
+    fresh: bool,
+    bound: float = DEFAULT_BOUND,
+    max_sources: int = DEFAULT_MAX_SOURCES,
+) -> Tuple[List[DownloadedState], List[torch.Tensor], str]:
+    """The rule of the module docstring on the tensors alone (metadata is not read; see :func:`combine_states`).
+
+    :returns: (the sources the tensors came from: all those in a median, else the one chosen; tensors; how)
+    :raises StateRejected: no state may be applied (the reason says why)
     """
     if not states:
         raise StateRejected("no peer served a usable state")
@@ -115,9 +152,7 @@ def combine_states(
         chosen = list(states[:max(3, max_sources)])
         # torch.median takes the lower middle for an even count: still inside the honest range with a majority
         tensors = [torch.stack([s.tensors[i] for s in chosen]).median(dim=0).values for i in range(len(own))]
-        middle = sorted(chosen, key=lambda s: s.epoch)[(len(chosen) - 1) // 2]
-        metadata = dict(middle.metadata)  # the median epoch, with that source's (structural) optimizer metadata
-        return metadata, tensors, f"coordinate-wise median of {', '.join(s.source for s in chosen)}"
+        return chosen, tensors, f"coordinate-wise median of {', '.join(s.source for s in chosen)}"
 
     if len(states) == 2:
         first, second = states
@@ -129,7 +164,7 @@ def combine_states(
                 best = first
             else:
                 best = min(states, key=from_own)
-            return best.metadata, list(best.tensors), f"{best.source} (2 sources agree within {apart:.3g})"
+            return [best], list(best.tensors), f"{best.source} (2 sources agree within {apart:.3g})"
         if fresh:
             raise StateRejected(f"the 2 sources {first.source} and {second.source} disagree (relative distance "
                                 f"{apart:.3g} > {bound:g}) and this peer has no state of its own to tell which is "
@@ -139,15 +174,48 @@ def combine_states(
             raise StateRejected(f"the 2 sources {first.source} and {second.source} disagree (relative distance "
                                 f"{apart:.3g} > {bound:g}) and {len(near)} of them are within {bound:g} of this "
                                 f"peer's own parameters")
-        return near[0].metadata, list(near[0].tensors), f"{near[0].source} (2 sources disagree; the one near ours)"
+        return [near[0]], list(near[0].tensors), f"{near[0].source} (2 sources disagree; the one near ours)"
 
     (only,) = states
     if fresh:
         logger.warning(f"Loading the whole state from ONE peer ({only.source}) without any check against other "
                        f"peers: this peer has no state of its own yet and no other peer served one")
-        return only.metadata, list(only.tensors), f"{only.source} (single source, fresh start: trusted)"
+        return [only], list(only.tensors), f"{only.source} (single source, fresh start: trusted)"
     distance = from_own(only)
     if distance > bound:
         raise StateRejected(f"the only source {only.source} is {distance:.3g} (relative) away from this peer's own "
                             f"parameters, more than {bound:g}; with no second source to confirm it, it is refused")
-    return only.metadata, list(only.tensors), f"{only.source} (single source within {distance:.3g} of ours)"
+    return [only], list(only.tensors), f"{only.source} (single source within {distance:.3g} of ours)"
+
+
+def replica_state(own: Mapping[str, torch.Tensor], source: str, served: Any) -> DownloadedState:
+    """An expert's weights as one replica served them (name -> tensor), ordered like ``own``.
+
+    :raises StateRejected: they cannot replace ``own`` (other names, a shape or dtype that differs, NaN/Inf)
+    """
+    if not isinstance(served, Mapping) or set(served) != set(own):
+        names = sorted(served) if isinstance(served, Mapping) else type(served).__name__
+        raise StateRejected(f"served tensors {names}, expected {sorted(own)}")
+    names = list(own)
+    tensors = [served[name] for name in names]
+    problem = tensors_problem([own[name] for name in names], tensors, names)
+    if problem is not None:
+        raise StateRejected(problem)
+    return DownloadedState(source, None, tensors)
+
+
+def combine_replica_states(
+    own: Mapping[str, torch.Tensor], states: Sequence[DownloadedState], *, bound: float = DEFAULT_BOUND,
+    max_sources: int = DEFAULT_MAX_SOURCES,
+) -> Tuple[Dict[str, torch.Tensor], str]:
+    """Combine an expert's weights from its replicas (each from :func:`replica_state`) for a new host.
+
+    The host is always on a fresh start (``own`` is the uid's deterministic init, not progress): 3 replicas give
+    their median, 2 that agree give the first, 2 that disagree are both refused, 1 is trusted with a warning.
+
+    :returns: (name -> tensor, how) for ``load_state_dict``
+    :raises StateRejected: no combination may be applied; the host keeps its own weights
+    """
+    _, tensors, how = combine_tensors(list(own.values()), states, num_parameters=len(own), fresh=True, bound=bound,
+                                      max_sources=max_sources)
+    return dict(zip(own, tensors)), how
