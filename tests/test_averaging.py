@@ -904,10 +904,10 @@ def _swarm_optimizer_worker(initial_peers, value, results, done):
     with torch.no_grad():
         model.weight.fill_(value)
     robust = dict(reducer="centered_clip", clip_tau=1.0, clip_iterations=20)
-    # the attacker serves no state downloads: a trainer that falls behind copies one peer's whole state, which this
-    # test does not cover (it is a known gap: SECURITY.md, "State downloads are trusted")
+    # every peer serves its state, the attacker too: a trainer that falls behind downloads from the others, and the
+    # robust download (athome.verification.downloads) must not hand it the attacker's parameters either
     optimizer = SwarmOptimizer(
-        robust_opts=dict(robust, allow_state_sharing=value < 100), dht=dht, run_id="swarm_optimizer_test", params=model.parameters(),
+        robust_opts=robust, dht=dht, run_id="swarm_optimizer_test", params=model.parameters(),
         optimizer=partial(torch.optim.SGD, lr=0.0), target_batch_size=12, batch_size_per_step=4,
         matchmaking_time=3.0, averaging_timeout=60.0, averager_opts=dict(request_timeout=1.0),
         grad_averager_factory=partial(RobustGradientAverager, **robust), verbose=False,
@@ -930,8 +930,8 @@ def _swarm_optimizer_worker(initial_peers, value, results, done):
 @pytest.mark.timeout(300)
 def test_trainers_parameter_averaging_is_robust_too():
     """hivemind.Optimizer averages trainers' parameters every epoch; through SwarmOptimizer that round is a
-    CenteredClip one, so a trainer holding x1000 parameters cannot drag the honest ones to its values in averaging
-    (state downloads are another path, excluded here: see the worker)."""
+    CenteredClip one, so a trainer holding x1000 parameters cannot drag the honest ones to its values in averaging,
+    nor hand them over through state downloads (every peer, the attacker too, serves its state)."""
     root = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
     context = mp.get_context("fork")
     results, done = context.Queue(), context.Event()
