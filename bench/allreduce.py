@@ -27,7 +27,10 @@ default reducer (centered_clip) and no compression, at N=4 (or the first N given
 With ``--link_mbit M`` (root; :mod:`athome.testing.netlab`), every peer runs in its own network namespace whose
 uplink is shaped with tc tbf to M Mbit/s in each direction, and each variant's time is also divided by the time the
 link allows, ``2(N-1)/N * S / (M/8 MB/s)`` (S = vector bytes as sent): column ``/link``, and a line
-``allreduce_link N=4 athome/link: X.XX, gloo/link: Y.YY`` before the last line.
+``allreduce_link N=4 athome/link: X.XX, gloo/link: Y.YY`` before the last line. That formula is the right limit
+for this topology (each peer sends and receives 2(N-1)/N * S through its own link, both directions shaped) but it
+counts payload only: tbf shapes whole Ethernet frames, so TCP/IP/Ethernet headers (66 B per 1448 B segment) put
+the reachable floor near 1.05 (measured: 61-63 MB left each peer's veth per round for 60 MB of parts and results).
 """
 from __future__ import annotations
 
