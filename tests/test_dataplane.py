@@ -10,11 +10,9 @@ import os
 import secrets
 import signal
 import socket
-import threading
 import time
 import uuid
 
-import hivemind
 import pytest
 import torch
 from hivemind.averaging.control import AveragingStage
@@ -40,19 +38,11 @@ from athome.averaging.dataplane import (
 )
 from athome.averaging.compression import get_codec
 
-DHT_KWARGS = dict(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
-# small parts so that every member of a 4-peer group reduces a slice; short floors so failures show up fast
-AVERAGER_KWARGS = dict(
-    min_matchmaking_time=1.5,
-    request_timeout=0.5,
-    min_group_size=2,
-    target_group_size=4,
-    part_size_bytes=512,
-    min_allreduce_timeout=15.0,
-    min_chunk_timeout=2.0,
-    reducer="mean",
-)
-STEP_TIMEOUT = 30.0
+import test_averaging
+from test_averaging import STEP_TIMEOUT, _flat, _random_sets, _step_all, _tensors, dhts  # noqa: F401 (fixture)
+
+# small parts so that every member of a 4-peer group reduces a slice; the mean so that results are exact
+AVERAGER_KWARGS = dict(test_averaging.AVERAGER_KWARGS, target_group_size=4, reducer="mean")
 
 
 # ---- the protocol over real sockets, no averager -----------------------------------------------------------------
@@ -151,46 +141,6 @@ def test_listen_address_comes_from_own_direct_addresses():
 # ---- real averagers ----------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def dhts():
-    first = hivemind.DHT(**DHT_KWARGS)
-    nodes = [first] + [hivemind.DHT(initial_peers=first.get_visible_maddrs(), **DHT_KWARGS) for _ in range(3)]
-    yield nodes
-    for node in nodes:
-        node.shutdown()
-
-
-def _sets(seed, shapes=((600,), (20, 20))):
-    generator = torch.Generator().manual_seed(seed)
-    return [[torch.randn(*shape, generator=generator) for shape in shapes] for _ in range(4)]
-
-
-def _flat(tensors):
-    return torch.cat([t.reshape(-1) for t in tensors])
-
-
-def _tensors(averager):
-    with averager.get_tensors() as tensors:
-        return [t.clone() for t in tensors]
-
-
-def _step_all(averagers):
-    results = [None] * len(averagers)
-
-    def run(index):
-        try:
-            results[index] = averagers[index].step(timeout=STEP_TIMEOUT)
-        except BaseException as e:  # noqa: B902 - collected and asserted by the test
-            results[index] = e
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(averagers))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return results
-
-
 def _averagers(dhts, sets, classes=None, per_peer=None):
     prefix = f"test_{uuid.uuid4().hex[:12]}"
     classes = classes or [RobustAverager] * len(sets)
@@ -215,7 +165,7 @@ def _others(averagers, averager):
 
 @pytest.mark.timeout(120)
 def test_four_peers_reach_the_exact_mean_over_tcp(dhts):
-    sets = _sets(seed=30)
+    sets = _random_sets(4, seed=30)
     averagers = _averagers(dhts, sets)
     try:
         results = _step_all(averagers)
@@ -255,7 +205,7 @@ _ForgingAverager = _averager_with(_ForgingRunner)
 
 @pytest.mark.timeout(120)
 def test_wrong_ticket_is_refused_and_that_pair_falls_back_to_p2p(dhts):
-    sets = _sets(seed=31)
+    sets = _random_sets(4, seed=31)
     averagers = _averagers(dhts, sets, classes=[RobustAverager] * 3 + [_ForgingAverager])
     forger = averagers[3]
     try:
@@ -273,7 +223,7 @@ def test_wrong_ticket_is_refused_and_that_pair_falls_back_to_p2p(dhts):
 
 @pytest.mark.timeout(120)
 def test_mixed_round_one_member_without_the_plane(dhts):
-    sets = _sets(seed=32)
+    sets = _random_sets(4, seed=32)
     averagers = _averagers(dhts, sets, per_peer=[{}, {}, {}, dict(direct_tcp=False)])
     try:
         results = _step_all(averagers)
@@ -309,7 +259,7 @@ _DyingAverager = _averager_with(_DiesMidStream)
 @pytest.mark.parametrize("how", ["SIGKILL", "SIGSTOP"])
 def test_peer_killed_mid_tcp_stream_does_not_hang_the_others(dhts, monkeypatch, how):
     monkeypatch.setattr(_DiesMidStream, "signal_number", getattr(signal, how))  # inherited by the forked victim
-    sets = _sets(seed=33, shapes=((2000,),))
+    sets = _random_sets(4, seed=33, shapes=((2000,),))
     averagers = _averagers(dhts, sets, classes=[RobustAverager] * 3 + [_DyingAverager])
     survivors, victim = averagers[:3], averagers[3]
     try:
