@@ -16,8 +16,9 @@ def test_banned_peer_gets_weight_zero_and_reduces_nothing(make_averagers, dhts):
     averagers = make_averagers(honest + poison, reducer="mean")
     for averager in averagers[:2]:
         averager.ban_peers([banned_id])  # after start: sent to the averager process
-    # the banned peer tries once (its round cannot complete: nobody reduces its parts), honest peers complete
-    results = _step_all(averagers, step_kwargs=[{}, {}, {"allow_retries": False}], timeout=60)
+    # the banned peer tries once (its round cannot complete: nobody reduces its parts), honest peers complete;
+    # refused at every door, it would wait out its whole step timeout, hence a shorter one
+    results = _step_all(averagers, step_kwargs=[{}, {}, {"allow_retries": False, "timeout": 10}], timeout=60)
     expected = _flat([torch.stack(ts).mean(0) for ts in zip(*honest)])
     for averager, result in zip(averagers[:2], results[:2]):
         assert isinstance(result, dict), result
