@@ -263,6 +263,27 @@ def _flat(tensors):
     return torch.cat([t.reshape(-1) for t in tensors])
 
 
+def _form_group(averagers, within: float = 30.0):
+    """Start a triggered step on every averager; return their controls once all of them await the trigger."""
+    controls = [a.step(wait=False, require_trigger=True, allow_retries=False, timeout=STEP_TIMEOUT) for a in averagers]
+    deadline = time.monotonic() + within
+    while not all(c.stage == AveragingStage.AWAITING_TRIGGER for c in controls):
+        assert time.monotonic() < deadline, [c.stage for c in controls]
+        time.sleep(0.05)
+    return controls
+
+
+def _outcomes(controls, timeout: float) -> list:
+    """Each control's result, or the exception it ended with."""
+    outcomes = []
+    for control in controls:
+        try:
+            outcomes.append(control.result(timeout=timeout))
+        except BaseException as e:  # noqa: B902 - collected and asserted by the test
+            outcomes.append(e)
+    return outcomes
+
+
 @pytest.mark.timeout(120)
 def test_four_peers_reach_the_mean(make_averagers):
     sets = _random_sets(4, seed=10)
@@ -383,23 +404,14 @@ def test_nan_sender_is_excluded_and_repairs_from_a_complete_member(make_averager
 def test_dead_peer_mid_round_does_not_hang_and_partial_round_is_not_applied(make_averagers, how):
     sets = _random_sets(4, seed=15, shapes=((600,),))
     averagers = make_averagers(sets, reducer="mean")
-    controls = [a.step(wait=False, require_trigger=True, allow_retries=False, timeout=STEP_TIMEOUT) for a in averagers]
-    deadline = time.monotonic() + 20
-    while not all(c.stage == AveragingStage.AWAITING_TRIGGER for c in controls):
-        assert time.monotonic() < deadline, [c.stage for c in controls]
-        time.sleep(0.05)
+    controls = _form_group(averagers)
 
     victim = averagers[3]
     os.kill(victim.pid, getattr(signal, how))  # the group is formed; the victim dies (or freezes) before all-reduce
     started = time.monotonic()
     for control in controls[:3]:
         control.allow_allreduce()
-    outcomes = []
-    for control in controls[:3]:
-        try:
-            outcomes.append(control.result(timeout=60))
-        except BaseException as e:  # noqa: B902
-            outcomes.append(e)
+    outcomes = _outcomes(controls[:3], timeout=60)
     elapsed = time.monotonic() - started
     try:
         # bounded: a reducer timeout (4 s) for the victim's part, then the repair window (one more reducer timeout)
@@ -463,23 +475,11 @@ def test_survivors_end_the_round_the_same_way_when_a_reducer_dies_mid_stream(dht
     monkeypatch.undo()
     survivors = [RobustAverager([t.clone() for t in s], dht, **kwargs) for s, dht in zip(sets[:3], dhts[:3])]
     try:
-        controls = [
-            a.step(wait=False, require_trigger=True, allow_retries=False, timeout=STEP_TIMEOUT)
-            for a in survivors + [victim]
-        ]
-        deadline = time.monotonic() + 30
-        while not all(c.stage == AveragingStage.AWAITING_TRIGGER for c in controls):
-            assert time.monotonic() < deadline, [c.stage for c in controls]
-            time.sleep(0.05)
+        controls = _form_group(survivors + [victim])
         started = time.monotonic()
         for control in controls:
             control.allow_allreduce()
-        outcomes = []
-        for control in controls[:3]:
-            try:
-                outcomes.append(control.result(timeout=90))
-            except BaseException as e:  # noqa: B902
-                outcomes.append(e)
+        outcomes = _outcomes(controls[:3], timeout=90)
         elapsed = time.monotonic() - started
         # bounded: the all-reduce (victim's part times out after the reducer timeout) plus the repair window
         assert elapsed < 45, f"survivors took {elapsed:.1f}s"
@@ -572,21 +572,10 @@ def test_a_repaired_member_repairs_the_others_when_the_complete_one_dies(monkeyp
     survivors = [RobustAverager([s[0].clone()], dht, **kwargs) for s, dht in zip(sets[2:], dhts[2:])]
     everyone = [reducer, complete] + survivors
     try:
-        controls = [
-            a.step(wait=False, require_trigger=True, allow_retries=False, timeout=STEP_TIMEOUT) for a in everyone
-        ]
-        deadline = time.monotonic() + 30
-        while not all(c.stage == AveragingStage.AWAITING_TRIGGER for c in controls):
-            assert time.monotonic() < deadline, [c.stage for c in controls]
-            time.sleep(0.05)
+        controls = _form_group(everyone)
         for control in controls:
             control.allow_allreduce()
-        outcomes = []
-        for control in controls[2:]:
-            try:
-                outcomes.append(control.result(timeout=90))
-            except BaseException as e:  # noqa: B902
-                outcomes.append(e)
+        outcomes = _outcomes(controls[2:], timeout=90)
         assert all(isinstance(o, dict) for o in outcomes), outcomes
         deadline = time.monotonic() + 5
         while not all(a.last_round is not None for a in survivors) and time.monotonic() < deadline:

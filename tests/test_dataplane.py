@@ -15,7 +15,6 @@ import uuid
 
 import pytest
 import torch
-from hivemind.averaging.control import AveragingStage
 from hivemind.proto import runtime_pb2
 from hivemind.utils import MSGPackSerializer
 
@@ -39,7 +38,9 @@ from athome.averaging.dataplane import (
 from athome.averaging.compression import get_codec
 
 import test_averaging
-from test_averaging import STEP_TIMEOUT, _flat, _random_sets, _step_all, _tensors, dhts  # noqa: F401 (fixture)
+from test_averaging import (  # noqa: F401 (dhts: fixture)
+    STEP_TIMEOUT, _flat, _form_group, _outcomes, _random_sets, _step_all, _tensors, dhts,
+)
 
 # small parts so that every member of a 4-peer group reduces a slice; the mean so that results are exact
 AVERAGER_KWARGS = dict(test_averaging.AVERAGER_KWARGS, target_group_size=4, reducer="mean")
@@ -263,22 +264,11 @@ def test_peer_killed_mid_tcp_stream_does_not_hang_the_others(dhts, monkeypatch, 
     averagers = _averagers(dhts, sets, classes=[RobustAverager] * 3 + [_DyingAverager])
     survivors, victim = averagers[:3], averagers[3]
     try:
-        controls = [
-            a.step(wait=False, require_trigger=True, allow_retries=False, timeout=STEP_TIMEOUT) for a in averagers
-        ]
-        deadline = time.monotonic() + 30
-        while not all(c.stage == AveragingStage.AWAITING_TRIGGER for c in controls):
-            assert time.monotonic() < deadline, [c.stage for c in controls]
-            time.sleep(0.05)
+        controls = _form_group(averagers)
         started = time.monotonic()
         for control in controls:
             control.allow_allreduce()
-        outcomes = []
-        for control in controls[:3]:
-            try:
-                outcomes.append(control.result(timeout=60))
-            except BaseException as e:  # noqa: B902
-                outcomes.append(e)
+        outcomes = _outcomes(controls[:3], timeout=60)
         elapsed = time.monotonic() - started
         # bounded: the victim's reducer timeout (4 s) plus the repair window (one more)
         assert elapsed < 30, f"survivors took {elapsed:.1f}s"
