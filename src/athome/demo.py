@@ -316,6 +316,8 @@ def run_demo(args: argparse.Namespace) -> None:
         leaderboard = None
     finally:
         shutdown(children)
+        if not stderr_console.is_terminal:  # off a terminal, Live's last render ends without a newline
+            stderr_console.line()
 
     failed = [t for t in trainers if t.process is not None and t.process.returncode not in (0, None, -15)]
     summary = summarize_loss(curves)
