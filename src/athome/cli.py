@@ -5,7 +5,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from athome.lifecycle import guard_against_orphans, setup_logging
+from athome.lifecycle import exit_without_finalizers, guard_against_orphans, setup_logging
 from athome.netflags import add_network_flags
 
 
@@ -135,6 +135,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
     handler = getattr(importlib.import_module(module_name), function_name)
     handler(args)
+    if argv is None:  # run as the `peer` program, not called as a library function
+        exit_without_finalizers()
 
 
 if __name__ == "__main__":

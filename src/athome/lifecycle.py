@@ -171,3 +171,21 @@ def die(message: str, code: int = 1) -> None:
     sys.unraisablehook = lambda unraisable: None
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     sys.exit(code)
+
+
+def exit_without_finalizers(code: int = 0) -> None:
+    """End the program after a clean shutdown without running the interpreter's teardown.
+
+    hivemind's P2P clients in this process, and the event loop of its expert-worker thread, outlive every command;
+    finalized during interpreter teardown they print tracebacks ("There is no current event loop", "Task was
+    destroyed") on every clean exit, which reads like a crash. By the time a command returns it has shut down
+    everything it started (and forked children get SIGTERM if anything is left: :func:`guard_against_orphans`), so
+    logs and standard streams are flushed and the process ends here.
+    """
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
