@@ -167,6 +167,16 @@ def copy_from_replicas(
     return f"the live replicas: {how}" if len(states) > 1 else f"the live replica on {how}"
 
 
+def other_hosts_by_uid(dht, config: RunConfig, own_peer_id: str) -> Dict[str, list]:
+    """uid -> peer IDs of the other live hosts that declare it (from the run's server records)."""
+    hosts: Dict[str, list] = {}
+    for peer_id, (record, _) in get_records(dht, run_key(config.name, "servers"), ServerRecord).items():
+        if peer_id != own_peer_id:
+            for uid in record.experts:
+                hosts.setdefault(uid, []).append(peer_id)
+    return hosts
+
+
 def replica_directory(dht, config: RunConfig, own_peer_id: str) -> Callable[[str], bool]:
     """``has_partners(uid)``: does another live host declare ``uid``? One DHT read per half averaging period,
     shared by all of this host's experts; when the read fails the answer is True (try the round anyway)."""
@@ -177,9 +187,7 @@ def replica_directory(dht, config: RunConfig, own_peer_id: str) -> Callable[[str
         with lock:
             if time.monotonic() - cache["read_at"] > config.averaging.period / 2:
                 try:
-                    servers = get_records(dht, run_key(config.name, "servers"), ServerRecord)
-                    cache["uids"] = {u for peer, (record, _) in servers.items() if peer != own_peer_id
-                                     for u in record.experts}
+                    cache["uids"] = set(other_hosts_by_uid(dht, config, own_peer_id))
                 except Exception as error:
                     logger.debug(f"Could not read the expert declarations: {error!r}")
                     cache["uids"] = None
@@ -267,12 +275,7 @@ def run_join(args: argparse.Namespace) -> None:
     precision = resolve_precision(args.precision, device)
     uids = choose_experts(args, config, dht, identity.peer_id, device, precision)
     checkpoint_dir = Path(args.checkpoint_dir or DEFAULT_IDENTITY_DIR / config.name / identity.peer_id)
-    servers = get_records(dht, run_key(config.name, "servers"), ServerRecord)
-    live_hosts: Dict[str, list] = {}
-    for peer_id, (record, _) in servers.items():
-        if peer_id != identity.peer_id:
-            for uid in record.experts:
-                live_hosts.setdefault(uid, []).append(peer_id)
+    live_hosts = other_hosts_by_uid(dht, config, identity.peer_id)
     from athome.verification.integration import follow_bans_on_host
 
     host_bans = follow_bans_on_host(dht, config.name, address.coordinator_id)  # banned peers' requests are refused
