@@ -4,7 +4,9 @@ checks and byte counting.
 ``hivemind.averaging.allreduce.AllReduceRunner`` builds its ``TensorPartReducer`` in ``__init__`` and decodes with
 hivemind's global codec table, so :class:`RobustAllReduceRunner` subclasses it and overrides exactly:
 
-* ``__init__``: swaps the reducer for one built by ``reducer_factory`` (e.g. CenteredClip);
+* ``__init__``: swaps the reducer for one built by ``reducer_factory`` (e.g. CenteredClip), and hivemind's part
+  container for :class:`~athome.averaging.outputs.AveragedPartContainer` (results land in reusable output buffers
+  and the runner yields aggregates, not deltas);
 * ``_communicate_with_peer`` (copied from hivemind 1.1.12, changed where marked): decodes results with athome's
   codecs, rejects non-finite results from a reducer (that reducer is treated as failed), counts bytes, and records
   which reducers failed (hivemind only logs at debug level and silently keeps the local values);
@@ -14,7 +16,7 @@ hivemind's global codec table, so :class:`RobustAllReduceRunner` subclasses it a
 With a :class:`~athome.averaging.dataplane.DataPlane`, each (sender, reducer) pair first tries the direct TCP data
 plane (raw frames, :mod:`.dataplane`) and falls back to hivemind's p2p ``rpc_aggregate_part`` for that pair if it
 cannot be used. Both transports share the bookkeeping below: :meth:`RobustAllReduceRunner._reduce_stream` (reducer
-side: accumulate, ban on failure, deltas) and :meth:`RobustAllReduceRunner._register_result` (sender side: result
+side: accumulate, ban on failure) and :meth:`RobustAllReduceRunner._register_result` (sender side: result
 checks, byte counts), and ``_communicate_with_peer``'s failure accounting.
 
 hivemind itself is not modified.
@@ -36,6 +38,7 @@ from hivemind.utils.asyncio import aiter_with_timeout, amap_in_executor, as_aite
 
 from athome.averaging.compression import deserialize_tensor, serialize_tensor
 from athome.averaging.dataplane import (
+    KIND_AVERAGE,
     KIND_PART,
     KIND_RESULT,
     RAW,
@@ -47,6 +50,7 @@ from athome.averaging.dataplane import (
     encode_result,
     supports,
 )
+from athome.averaging.outputs import AveragedPartContainer
 from athome.averaging.reducer import all_finite
 
 logger = logging.getLogger(__name__)
@@ -75,6 +79,9 @@ class RobustAllReduceRunner(AllReduceRunner):
     :param reducer_factory: ``(part_shapes, num_senders) -> TensorPartReducer`` used instead of hivemind's reducer
     :param dataplane: this process's direct TCP data plane (None: p2p only); its server hands authenticated
       connections to :meth:`serve_tcp_sender`
+    :param outputs: where the aggregates go (:class:`~athome.averaging.outputs.AveragedPartContainer`): one tensor
+      per averaged tensor, same shape and dtype; None allocates them. Iterating the runner yields these tensors
+      holding the **aggregates** (hivemind's runner yields deltas), with local values where a reducer failed
     :param kwargs: everything ``hivemind.averaging.allreduce.AllReduceRunner`` accepts
 
     After the run: ``bytes_sent`` / ``bytes_received`` (bytes exchanged with *other* peers: serialized protobuf
@@ -82,8 +89,30 @@ class RobustAllReduceRunner(AllReduceRunner):
     ``tensor_part_container.failed_size`` (elements left unreduced), ``tcp_peers`` (reducers reached over TCP).
     """
 
-    def __init__(self, *, reducer_factory: ReducerFactory, dataplane: Optional[DataPlane] = None, **kwargs):
+    def __init__(
+        self,
+        *,
+        reducer_factory: ReducerFactory,
+        dataplane: Optional[DataPlane] = None,
+        outputs: Optional[Sequence[torch.Tensor]] = None,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
+        hivemind_container = self.tensor_part_container  # same split, but results as deltas in fresh tensors
+        tensors = hivemind_container.local_tensors
+        self.tensor_part_container = AveragedPartContainer(
+            tensors,
+            hivemind_container.peer_fractions,
+            outputs=outputs if outputs is not None else [torch.empty_like(t) for t in tensors],
+            compression=hivemind_container.compression,
+            part_size_bytes=hivemind_container.part_size_bytes,
+            tensor_infos=hivemind_container.tensor_infos,
+            prefetch=hivemind_container.prefetch,
+        )
+        hivemind_container.finalize()
+        self.parts_for_local_averaging = self.tensor_part_container.get_raw_input_parts(
+            self.ordered_peer_ids.index(self.peer_id)
+        )
         if dataplane is not None and not supports(self.tensor_part_container.local_tensors):
             logger.debug("Data plane not used: some averaged tensors have a dtype it does not carry")
             dataplane = None
@@ -130,10 +159,8 @@ class RobustAllReduceRunner(AllReduceRunner):
                 local_parts = as_aiter(*((part, self.weight, None, 0) for part in self.parts_for_local_averaging))
                 async with aclosing(self._accumulate_ahead(local_parts, sender_index)) as results:
                     part_index = 0
-                    async for averaged_part, tensor_part, _ in results:
-                        self.tensor_part_container.register_processed_part(
-                            peer_index, part_index, averaged_part - tensor_part
-                        )
+                    async for averaged_part, _, _ in results:
+                        self.tensor_part_container.register_processed_part(peer_index, part_index, averaged_part)
                         part_index += 1
             else:
                 connection = await self._open_tcp(peer_id)
@@ -156,12 +183,16 @@ class RobustAllReduceRunner(AllReduceRunner):
             self.tensor_part_container.register_failed_reducer(peer_index)
             raise
 
-    def _register_result(self, peer_id: PeerID, peer_index: int, part_index: int, delta: torch.Tensor, size: int):
-        """Sender side, both transports: check one averaged part from ``peer_id``'s reducer and register it."""
-        if not all_finite(delta):  # athome: never let a reducer inject NaN/Inf
+    def _register_result(
+        self, peer_id: PeerID, peer_index: int, part_index: int, result: torch.Tensor, size: int, *, delta: bool
+    ):
+        """Sender side, both transports: check one result from ``peer_id``'s reducer (an aggregate, or a delta from
+        it) and register it. A rejected result was at most written into its own output slice, which the failure
+        path then resets to the local values."""
+        if not all_finite(result):  # athome: never let a reducer inject NaN/Inf
             raise AllreduceException(f"{peer_id} returned a non-finite averaged part")
         self.bytes_received += size
-        self.tensor_part_container.register_processed_part(peer_index, part_index, delta)
+        self.tensor_part_container.register_processed_part(peer_index, part_index, result, delta=delta)
 
     def _check_parts_count(self, peer_id: PeerID, peer_index: int, received: int):
         if received != self.tensor_part_container.num_parts_by_peer[peer_index]:
@@ -190,7 +221,7 @@ class RobustAllReduceRunner(AllReduceRunner):
             aiter_with_timeout(stream, self.reducer_timeout),
             max_prefetch=self.tensor_part_container.prefetch,
         ):
-            self._register_result(peer_id, peer_index, part_index, delta, size)
+            self._register_result(peer_id, peer_index, part_index, delta, size, delta=True)
             part_index += 1
         self._check_parts_count(peer_id, peer_index, part_index)
 
@@ -233,15 +264,19 @@ class RobustAllReduceRunner(AllReduceRunner):
         try:
             if self.should_delay_results(self.peer_id):
                 await sender
+            # raw aggregates are read from the socket straight into their output slice; coded results are deltas
+            raw = getattr(compression, "compression_type", None) == RAW
             for part_index, (part, _) in enumerate(parts):
+                into = container.output_slice(peer_index, part_index) if raw else None
                 frame = await asyncio.wait_for(
-                    connection.recv_frame(KIND_RESULT, part_index, part.numel()), self.reducer_timeout
+                    connection.recv_frame(KIND_AVERAGE if raw else KIND_RESULT, part_index, part.numel(), into=into),
+                    self.reducer_timeout,
                 )
                 if frame.compression == RAW:
-                    delta = decode_payload(frame, part.shape)
+                    result = decode_payload(frame, part.shape)
                 else:
-                    delta = await loop.run_in_executor(None, decode_payload, frame, part.shape)
-                self._register_result(peer_id, peer_index, part_index, delta, frame.nbytes)
+                    result = await loop.run_in_executor(None, decode_payload, frame, part.shape)
+                self._register_result(peer_id, peer_index, part_index, result, frame.nbytes, delta=not raw)
             await sender  # surfaces a send failure (all results arrived, so it has finished)
         except BaseException:
             if sender.done() and not sender.cancelled() and sender.exception() is not None:
@@ -256,7 +291,8 @@ class RobustAllReduceRunner(AllReduceRunner):
         """Reducer side of the data plane: ``peer_id`` (authenticated by its ticket) streams its parts of our slice.
 
         Mirrors hivemind's ``rpc_aggregate_part``: the sender becomes active, its parts go through the reducer
-        (:meth:`_reduce_stream`, which bans it if it stops early or sends rejected input), deltas go back.
+        (:meth:`_reduce_stream`, which bans it if it stops early or sends rejected input), results go back: the
+        aggregate itself for raw parts, the delta from the sender's part for coded ones.
         """
         if peer_id not in self.sender_peer_ids or self._future.done():
             connection.close()
@@ -306,20 +342,24 @@ class RobustAllReduceRunner(AllReduceRunner):
         delayed = [] if self.should_delay_results(peer_id) else None
         part_index = 0
         try:
-            async with aclosing(self._reduce_stream(_parts(), sender_index)) as deltas:
-                async for delta, compression in deltas:
-                    if compression == RAW:
-                        encoded = encode_result(delta, compression)
-                    else:
-                        encoded = await loop.run_in_executor(None, encode_result, delta, compression)
+            async with aclosing(self._reduce_stream(_parts(), sender_index)) as results:
+                async for averaged_part, tensor_part, compression in results:
+                    if compression == RAW:  # the aggregate itself, the same tensor for every sender: no copy
+                        kind = KIND_AVERAGE
+                        encoded = (RAW, tensor_part.dtype, averaged_part.to(tensor_part.dtype))
+                    else:  # coded: the delta, whose codec error is relative to the (small) change
+                        kind = KIND_RESULT
+                        encoded = await loop.run_in_executor(
+                            None, encode_result, averaged_part - tensor_part, compression
+                        )
                     if delayed is not None:
-                        delayed.append((part_index, encoded))
+                        delayed.append((kind, part_index, encoded))
                     else:
-                        sent = await connection.send_frame(KIND_RESULT, part_index, *encoded)
+                        sent = await connection.send_frame(kind, part_index, *encoded)
                         self.bytes_sent += sent
                     part_index += 1
-            for index, encoded in delayed or ():
-                sent = await connection.send_frame(KIND_RESULT, index, *encoded)
+            for kind, index, encoded in delayed or ():
+                sent = await connection.send_frame(kind, index, *encoded)
                 self.bytes_sent += sent
         except OSError as e:
             logger.debug(f"Data plane: could not return results to {peer_id}: {e!r}")
@@ -355,9 +395,10 @@ class RobustAllReduceRunner(AllReduceRunner):
             stream,
             max_prefetch=self.tensor_part_container.prefetch,
         )
-        async with aclosing(self._reduce_stream(parts, sender_index)) as deltas:
-            async for delta, part_compression in deltas:
-                serialized_delta = await loop.run_in_executor(None, lambda: serialize_tensor(delta, part_compression))
+        async with aclosing(self._reduce_stream(parts, sender_index)) as results:
+            async for averaged_part, tensor_part, part_compression in results:
+                delta = averaged_part - tensor_part  # hivemind's protocol returns deltas
+                serialized_delta = await loop.run_in_executor(None, serialize_tensor, delta, part_compression)
                 message = averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART, tensor_part=serialized_delta)
                 self.bytes_sent += message.ByteSize()
                 yield message
@@ -393,9 +434,10 @@ class RobustAllReduceRunner(AllReduceRunner):
 
     async def _reduce_stream(
         self, parts: AsyncIterator[Tuple[torch.Tensor, float, int, int]], sender_index: int
-    ) -> AsyncIterator[Tuple[torch.Tensor, int]]:
+    ) -> AsyncIterator[Tuple[torch.Tensor, torch.Tensor, int]]:
         """Reducer side, both transports: ``parts`` yields decoded ``(part, weight, compression, wire bytes)`` of one
-        sender in order; yields ``(averaged - part, compression)``. A sender that stops early or is rejected is
+        sender in order; yields ``(aggregate, part, compression)`` (the aggregate is shared by all senders: read
+        only). A sender that stops early or is rejected is
         banned (hivemind's rule), so the other senders' parts do not wait for it."""
         part_index = 0
         self._reply_streams += 1  # athome: lets wait_until_served() know results are still being sent
@@ -405,7 +447,7 @@ class RobustAllReduceRunner(AllReduceRunner):
                 try:
                     async for averaged_part, tensor_part, part_compression in results:
                         part_index += 1
-                        yield averaged_part - tensor_part, part_compression
+                        yield averaged_part, tensor_part, part_compression
                 except BannedException:
                     logger.debug(f"Sender {sender_index} is banned")
                     # sender was banned (timed out or sent rejected input), we no longer aggregate it

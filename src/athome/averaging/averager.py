@@ -37,8 +37,9 @@ What a round guarantees (a "round" = one all-reduce in one group):
    ``rpc_dataplane_ticket``) where both members of a pair have it, else over hivemind's p2p streams; 1-5 hold for
    either transport (they share the runner's bookkeeping). ``direct_tcp=False`` turns the plane off.
 
-Not guaranteed: bit-identical values between members that each completed the round: each adds its own delta to its
-own copy (float rounding; with a lossy codec up to twice the codec's error). A sender that failed mid-round is
+Not guaranteed: bit-identical values between members that each completed the round when a codec is used: each adds
+its own decoded delta to its own copy (up to twice the codec's error). Without a codec, members receive the same
+aggregate bits over the data plane (over p2p, hivemind's deltas: float rounding). A sender that failed mid-round is
 dropped by the reducers (each part then averages the senders that delivered it).
 """
 from __future__ import annotations
@@ -75,6 +76,7 @@ from hivemind.utils.timed_storage import ValueWithExpiration, get_dht_time
 from athome.averaging.allreduce import PartialRoundError, RobustAllReduceRunner, RoundTimeoutError
 from athome.averaging.compression import Quantile8BitCodec, Uniform8BitCodec, get_codec
 from athome.averaging.consistency import RoundOutcomes, agreement_tolerance, fetch_round_result
+from athome.averaging.outputs import OutputBufferPool
 from athome.averaging.dataplane import ACK_OK, ACK_REFUSED, DataPlane, FrameConnection, bind_host_from_maddrs
 from athome.averaging.reducer import ReducerMethod, ReducerSettings, SenderEvidence
 from athome.averaging.timeouts import AdaptiveTimeouts, RoundTimeouts
@@ -267,6 +269,8 @@ class RobustAveragingMixin:
         self._current_report: Optional[RoundReport] = None
         self._current_timeouts: Optional[RoundTimeouts] = None
         self._round_outcomes = RoundOutcomes()
+        # a round's buffers are reused two rounds later, when RoundOutcomes has dropped that round's outcome
+        self._output_buffers = OutputBufferPool(sets=self._round_outcomes.max_rounds)
         self._banned_peers: set = set()  # peer IDs (base58) banned by the run's coordinator: see ban_peers()
 
         super().__init__(*args, compression=codec, start=False, **kwargs)
@@ -431,6 +435,7 @@ class RobustAveragingMixin:
         runner = (self.runner_type or RobustAllReduceRunner)(
             reducer_factory=self.reducer_settings.build,
             dataplane=await self._get_dataplane(),
+            outputs=self._output_buffers.take(tensors),
             p2p=self._p2p,
             servicer_type=type(self),
             prefix=self.prefix,
@@ -446,24 +451,24 @@ class RobustAveragingMixin:
         self._running_groups[group_id].set_result(runner)
         is_aux = runner.modes[group_info.peer_ids.index(self.peer_id)] == AveragingMode.AUX
 
-        async def _collect_deltas() -> List[torch.Tensor]:
-            deltas = []
+        async def _collect_aggregates() -> List[torch.Tensor]:
+            aggregates = []
             try:
-                async for delta in runner:
+                async for aggregate in runner:
                     if is_aux:
                         raise ValueError("aux peers should not receive averaged tensors")
-                    deltas.append(delta)
+                    aggregates.append(aggregate)
             except asyncio.TimeoutError as e:  # keep TimeoutError meaning "our limit expired" below
                 raise AllreduceException(f"all-reduce step timed out: {e!r}") from e
             # our results are in; finish serving the other senders (bounded) so that the report counts every byte
             sender_timeout = kwargs.get("sender_timeout")
             await runner.wait_until_served(timeout=sender_timeout)
-            return deltas
+            return aggregates
 
         started = time.perf_counter()
         failure: Optional[AllreduceException] = None
         try:
-            deltas = await asyncio.wait_for(_collect_deltas(), timeout=limit)
+            aggregates = await asyncio.wait_for(_collect_aggregates(), timeout=limit)
             container = runner.tensor_part_container
             if container.failed_size > 0:
                 failed = ", ".join(f"{peer}: {reason}" for peer, reason in runner.failed_reducers.items())
@@ -473,11 +478,11 @@ class RobustAveragingMixin:
                     f"(failed reducers: {failed or 'unknown'})"
                 )
         except asyncio.TimeoutError:
-            deltas, failure = None, RoundTimeoutError(
+            aggregates, failure = None, RoundTimeoutError(
                 f"All-reduce with {len(group_info.peer_ids)} peers did not finish in {limit:.1f}s"
             )
         except AllreduceException as e:
-            deltas, failure = None, e
+            aggregates, failure = None, e
         except BaseException:
             self._round_outcomes.publish(group_id, None)  # cancelled: nothing to repair, don't keep askers waiting
             raise
@@ -490,17 +495,13 @@ class RobustAveragingMixin:
                 raise failure
             return
         if failure is None:
-            # atomic: no await between the first and the last update. The delta buffers become the published
+            # atomic: no await between the first and the last update. The output buffers become the published
             # outcome (what we now hold), so that members whose round was incomplete can copy it
-            outcome = []
-            for tensor, delta in zip(tensors, deltas):
-                averaged = delta.to(tensor.dtype)
-                if self._averaging_alpha != 1:
-                    averaged.mul_(self._averaging_alpha)
-                averaged.add_(tensor)
+            for tensor, averaged in zip(tensors, aggregates):
+                if self._averaging_alpha != 1:  # tensor + alpha * (aggregate - tensor)
+                    averaged.lerp_(tensor, 1 - self._averaging_alpha)
                 tensor.copy_(averaged)
-                outcome.append(averaged)
-            self._round_outcomes.publish(group_id, outcome)
+            self._round_outcomes.publish(group_id, aggregates)
             self._mark_updated()
             return
 
@@ -508,7 +509,9 @@ class RobustAveragingMixin:
         # members that have not asked it yet can still copy the same outcome from us
         repaired = None
         try:
-            repaired = await self._repair_from_members(tensors, group_info, group_id, runner, deltas, failure, report)
+            repaired = await self._repair_from_members(
+                tensors, group_info, group_id, runner, aggregates, failure, report
+            )
         finally:
             self._round_outcomes.publish(group_id, repaired)
 
@@ -518,7 +521,7 @@ class RobustAveragingMixin:
         group_info: GroupInfo,
         group_id: bytes,
         runner: RobustAllReduceRunner,
-        deltas: Optional[List[torch.Tensor]],
+        aggregates: Optional[List[torch.Tensor]],
         failure: AllreduceException,
         report: RoundReport,
     ) -> List[torch.Tensor]:
@@ -528,8 +531,9 @@ class RobustAveragingMixin:
         :returns: the copied outcome (views of a private buffer, not of ``tensors``), for :class:`RoundOutcomes`
         """
         own = torch.cat([t.detach().reshape(-1).float() for t in tensors])
-        if deltas is not None:  # the aggregate we did receive, to cross-check the member's answer against
-            own.add_(torch.cat([d.reshape(-1).float() for d in deltas]), alpha=self._averaging_alpha)
+        if aggregates is not None:  # the aggregate we did receive, to cross-check the member's answer against
+            # (local values where a reducer failed, which received_mask excludes)
+            own.lerp_(torch.cat([a.reshape(-1).float() for a in aggregates]), self._averaging_alpha)
             received = runner.received_mask()
         else:
             received = torch.zeros(own.numel(), dtype=torch.bool)

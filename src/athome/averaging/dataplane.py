@@ -50,13 +50,13 @@ from athome.averaging.compression import codec_for_type, deserialize_tensor
 
 logger = logging.getLogger(__name__)
 
-MAGIC, VERSION = b"ATDP", 1
+MAGIC, VERSION = b"ATDP", 2  # 2: raw results are aggregates (KIND_AVERAGE), not deltas
 HELLO = struct.Struct("!4sB32s")  # magic, version, ticket token
 ACK_OK, ACK_REFUSED = b"\x01", b"\x00"
 # magic, kind, compression (runtime_pb2.CompressionType), dtype code, part index, weight, payload bytes
 FRAME = struct.Struct("!2sBBBxxxIdQ")
 FRAME_MAGIC = b"DF"
-KIND_PART, KIND_RESULT = 1, 2
+KIND_PART, KIND_RESULT, KIND_AVERAGE = 1, 2, 3  # a sender's part, a coded delta, a raw aggregate
 RAW = runtime_pb2.CompressionType.NONE  # codec whose parts travel as the tensor's own bytes
 DTYPES: Tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.float64, torch.bfloat16)
 _DTYPE_CODES = {dtype: code for code, dtype in enumerate(DTYPES, start=1)}
@@ -132,8 +132,13 @@ class FrameConnection:
             await self.loop.sock_sendall(self.sock, data)
         return FRAME.size + data.nbytes
 
-    async def recv_frame(self, kind: int, part_index: int, numel: int) -> Frame:
+    async def recv_frame(
+        self, kind: int, part_index: int, numel: int, into: Optional[torch.Tensor] = None
+    ) -> Frame:
         """Receive the next frame, which must be of ``kind`` for part ``part_index`` of ``numel`` values.
+
+        :param into: a contiguous tensor of ``numel`` values: a raw payload of its dtype is received into it (the
+          frame's payload is then ``into`` itself); otherwise a new tensor or buffer is allocated
 
         :raises DataPlaneError: on any mismatch or an oversize payload (the connection must then be closed)
         """
@@ -150,7 +155,8 @@ class FrameConnection:
             expected = numel * torch.empty((), dtype=dtype).element_size()
             if length != expected:
                 raise DataPlaneError(f"{self.peer} sent a raw part of {length} bytes, expected {expected}")
-            payload = torch.empty(numel, dtype=dtype)
+            use_into = into is not None and into.dtype == dtype and into.numel() == numel and into.is_contiguous()
+            payload = into.view(-1) if use_into else torch.empty(numel, dtype=dtype)
             if length:
                 await self.recv_exactly_into(memoryview(payload.view(torch.uint8).numpy()))
         else:

@@ -1,0 +1,90 @@
+"""AveragedPartContainer and OutputBufferPool: results land in the right place of the output buffers."""
+import asyncio
+
+import pytest
+import torch
+from hivemind.averaging.partition import AllreduceException, TensorPartContainer
+
+from athome.averaging.outputs import AveragedPartContainer, OutputBufferPool
+
+
+def _tensors():
+    generator = torch.Generator().manual_seed(0)
+    return [torch.randn(shape, generator=generator) for shape in ((1000,), (7, 13), (301,))]
+
+
+def test_results_of_every_kind_land_in_their_slices():
+    tensors = _tensors()
+    aggregate = [t * 3 + 1 for t in tensors]  # what a round would produce
+    flat_aggregate = torch.cat([a.reshape(-1) for a in aggregate])
+    outputs = [torch.full_like(t, float("nan")) for t in tensors]
+    fractions = (0.2, 0.5, 0.3)
+    container = AveragedPartContainer(tensors, fractions, outputs=outputs, part_size_bytes=256)
+    reference = TensorPartContainer(tensors, fractions, part_size_bytes=256)
+    assert container.num_parts_by_peer == reference.num_parts_by_peer  # the same split as hivemind's
+
+    offset = 0
+    for peer_index, count in enumerate(container.num_parts_by_peer):
+        for part_index in range(count):
+            local = container.local_part(peer_index, part_index)
+            target = flat_aggregate[offset : offset + local.numel()]
+            offset += local.numel()
+            if peer_index == 0:  # a delta from the local part (p2p or a codec)
+                container.register_processed_part(peer_index, part_index, target - local, delta=True)
+            elif peer_index == 1:  # received in place (raw over the data plane)
+                container.output_slice(peer_index, part_index).copy_(target)
+                container.register_processed_part(
+                    peer_index, part_index, container.output_slice(peer_index, part_index)
+                )
+            elif part_index == 0:  # an aggregate from elsewhere (the local reducer)
+                container.register_processed_part(peer_index, part_index, target.clone())
+    container.register_failed_reducer(2)  # the last reducer failed after its first part
+
+    async def collect():
+        return [t async for t in container.iterate_output_tensors()]
+
+    results = asyncio.run(collect())
+    assert [r.data_ptr() for r in results] == [o.data_ptr() for o in outputs]
+    flat = torch.cat([r.reshape(-1) for r in results])
+    flat_local = torch.cat([t.reshape(-1) for t in tensors])
+    failed_from = sum(p.numel() for p in container.get_raw_input_parts(0)) + sum(
+        p.numel() for p in container.get_raw_input_parts(1)
+    ) + container.local_part(2, 0).numel()
+    assert torch.allclose(flat[:failed_from], flat_aggregate[:failed_from], atol=1e-6)
+    assert torch.equal(flat[failed_from:], flat_local[failed_from:])  # a failed reducer's parts: local values
+    assert container.failed_size == flat.numel() - failed_from
+
+
+def test_iteration_stops_when_the_round_is_finalized():
+    tensors = _tensors()
+    container = AveragedPartContainer(tensors, (0.5, 0.5), outputs=[torch.empty_like(t) for t in tensors])
+
+    async def run():
+        iterator = container.iterate_output_tensors().__aiter__()
+        waiting = asyncio.ensure_future(iterator.__anext__())
+        await asyncio.sleep(0.01)
+        assert not waiting.done()
+        container.finalize()
+        with pytest.raises(AllreduceException):
+            await waiting
+
+    asyncio.run(run())
+
+
+def test_outputs_must_match_the_tensors():
+    tensors = _tensors()
+    with pytest.raises(ValueError):
+        AveragedPartContainer(tensors, (1.0,), outputs=[torch.empty_like(t) for t in tensors[:2]])
+    with pytest.raises(ValueError):
+        AveragedPartContainer(tensors, (1.0,), outputs=[torch.empty_like(t, dtype=torch.float64) for t in tensors])
+
+
+def test_pool_hands_each_set_out_every_other_time():
+    tensors = _tensors()
+    pool = OutputBufferPool(sets=2)
+    first, second, third = pool.take(tensors), pool.take(tensors), pool.take(tensors)
+    assert first[0].data_ptr() != second[0].data_ptr()
+    assert third[0].data_ptr() == first[0].data_ptr()
+    assert [(b.shape, b.dtype) for b in first] == [(t.shape, t.dtype) for t in tensors]
+    changed = [t.double() for t in tensors]
+    assert pool.take(changed)[0].dtype == torch.float64  # new shapes or dtypes get new buffers
