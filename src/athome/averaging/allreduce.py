@@ -268,10 +268,10 @@ class RobustAllReduceRunner(AllReduceRunner):
             raw = getattr(compression, "compression_type", None) == RAW
             for part_index, (part, _) in enumerate(parts):
                 into = container.output_slice(peer_index, part_index) if raw else None
-                frame = await asyncio.wait_for(
-                    connection.recv_frame(KIND_AVERAGE if raw else KIND_RESULT, part_index, part.numel(), into=into),
-                    self.reducer_timeout,
-                )
+                async with asyncio.timeout(self.reducer_timeout):  # unlike wait_for, no task per part
+                    frame = await connection.recv_frame(
+                        KIND_AVERAGE if raw else KIND_RESULT, part_index, part.numel(), into=into
+                    )
                 if frame.compression == RAW:
                     result = decode_payload(frame, part.shape)
                 else:
@@ -312,9 +312,8 @@ class RobustAllReduceRunner(AllReduceRunner):
             try:
                 for part_index, shape in enumerate(shapes):
                     await slots.acquire()
-                    frame = await asyncio.wait_for(
-                        connection.recv_frame(KIND_PART, part_index, shape.numel()), self.sender_timeout
-                    )
+                    async with asyncio.timeout(self.sender_timeout):
+                        frame = await connection.recv_frame(KIND_PART, part_index, shape.numel())
                     if frame.compression == RAW:
                         part = decode_payload(frame, shape)
                     else:
