@@ -21,6 +21,7 @@ from hivemind.utils import MSGPackSerializer
 from athome.averaging import PartialRoundError, RobustAllReduceRunner, RobustAverager
 from athome.averaging.dataplane import (
     ACK_OK,
+    ACK_REFUSED,
     FRAME,
     FRAME_MAGIC,
     HELLO,
@@ -133,6 +134,51 @@ def test_tickets_hello_and_frames_over_tcp():
     asyncio.run(main())
 
 
+def test_a_clean_connection_carries_the_next_round_without_a_ticket():
+    async def main():
+        plane = DataPlane("127.0.0.1", connect_timeout=2.0)
+        rounds, tickets = [], []
+
+        async def handler(group_id, peer_id, connection):
+            if group_id == b"refused":
+                await connection.loop.sock_sendall(connection.sock, ACK_REFUSED)
+                return False
+            rounds.append(group_id)
+            await connection.loop.sock_sendall(connection.sock, ACK_OK)
+            frame = await connection.recv_frame(KIND_PART, 0, 2)
+            await connection.send_frame(KIND_RESULT, 0, *encode_part(frame.payload + 1, get_codec("none")))
+            return True  # clean: the sender may start its next round here
+
+        async def members(group_id, caller):
+            return True
+
+        async def ticket(group_id):
+            tickets.append(group_id)
+            return await plane.answer_ticket_request(DataPlane.ticket_request(group_id), "alice", members)
+
+        async def one_round(group_id):
+            connection = await plane.connect("bob", lambda: ticket(group_id), group_id)
+            assert connection is not None
+            await connection.send_frame(KIND_PART, 0, *encode_part(torch.zeros(2), get_codec("none")), weight=1.0)
+            result = await connection.recv_frame(KIND_RESULT, 0, 2)
+            assert torch.equal(result.payload, torch.ones(2))
+            plane.keep("bob", connection)
+            return connection
+
+        await plane.start(handler)
+        first = await one_round(b"round 1")
+        second = await one_round(b"round 2")
+        assert second is first and tickets == [b"round 1"]  # the kept connection, no new ticket
+        assert rounds == [b"round 1", b"round 2"]
+
+        # a round the reducer refuses on the kept connection: that connection is dropped and a fresh one is tried
+        assert await plane.connect("bob", lambda: ticket(b"refused"), b"refused") is None
+        assert first.closed and tickets == [b"round 1", b"refused"]
+        await plane.shutdown()
+
+    asyncio.run(main())
+
+
 def test_listen_address_comes_from_own_direct_addresses():
     maddrs = ["/ip4/1.2.3.4/tcp/5/p2p/QmRelay/p2p-circuit", "/ip4/0.0.0.0/tcp/1", "/ip4/10.0.0.2/tcp/7"]
     assert bind_host_from_maddrs(maddrs) == "10.0.0.2"
@@ -174,7 +220,20 @@ def test_four_peers_reach_the_exact_mean_over_tcp(dhts):
         _assert_exact_mean(averagers, sets)
         for averager in averagers:  # every other member's slice came over TCP
             assert set(averager.last_round.tcp_reducers) == _others(averagers, averager)
+            assert averager.last_round.kept_reducers == ()
             assert averager.last_round.bytes_sent > 0
+
+        # the next round goes over the same connections (no ticket, no handshake) and is exact too
+        sets = _random_sets(4, seed=31)
+        for averager, tensors in zip(averagers, sets):
+            with averager.get_tensors() as local:
+                for target, source in zip(local, tensors):
+                    target.copy_(source)
+        results = _step_all(averagers)
+        assert all(isinstance(r, dict) and len(r) == 4 for r in results), results
+        _assert_exact_mean(averagers, sets)
+        for averager in averagers:
+            assert set(averager.last_round.kept_reducers) == _others(averagers, averager)
     finally:
         for averager in averagers:
             averager.shutdown()

@@ -86,7 +86,8 @@ class RobustAllReduceRunner(AllReduceRunner):
 
     After the run: ``bytes_sent`` / ``bytes_received`` (bytes exchanged with *other* peers: serialized protobuf
     messages on p2p, frame headers and payloads on TCP), ``failed_reducers`` (peer -> reason),
-    ``tensor_part_container.failed_size`` (elements left unreduced), ``tcp_peers`` (reducers reached over TCP).
+    ``tensor_part_container.failed_size`` (elements left unreduced), ``tcp_peers`` (reducers reached over TCP),
+    ``kept_peers`` (of those, over a connection kept from an earlier round).
     """
 
     def __init__(
@@ -118,6 +119,7 @@ class RobustAllReduceRunner(AllReduceRunner):
             dataplane = None
         self.dataplane = dataplane
         self.tcp_peers: Set[PeerID] = set()
+        self.kept_peers: Set[PeerID] = set()  # of tcp_peers, those reached over a connection kept from a past round
         # hivemind's __init__ has already built a plain TensorPartReducer; mark it finished so that its finalize()
         # (run from __del__) does not log a bogus "received 0% of input tensors", then replace it.
         self.tensor_part_reducer.finished.set()
@@ -166,6 +168,8 @@ class RobustAllReduceRunner(AllReduceRunner):
                 connection = await self._open_tcp(peer_id)
                 if connection is not None:
                     self.tcp_peers.add(peer_id)
+                    if connection.rounds > 1:
+                        self.kept_peers.add(peer_id)
                     await self._exchange_over_tcp(peer_id, peer_index, connection)
                 else:
                     await self._exchange_over_p2p(peer_id, peer_index)
@@ -233,7 +237,7 @@ class RobustAllReduceRunner(AllReduceRunner):
         if not hasattr(stub, "rpc_dataplane_ticket"):
             return None
         return await self.dataplane.connect(
-            peer_id, lambda: stub.rpc_dataplane_ticket(DataPlane.ticket_request(self.group_id))
+            peer_id, lambda: stub.rpc_dataplane_ticket(DataPlane.ticket_request(self.group_id)), self.group_id
         )
 
     async def _exchange_over_tcp(self, peer_id: PeerID, peer_index: int, connection: FrameConnection):
@@ -261,6 +265,7 @@ class RobustAllReduceRunner(AllReduceRunner):
                 part_index += 1
 
         sender = asyncio.create_task(_send_all())
+        clean = False
         try:
             if self.should_delay_results(self.peer_id):
                 await sender
@@ -278,6 +283,7 @@ class RobustAllReduceRunner(AllReduceRunner):
                     result = await loop.run_in_executor(None, decode_payload, frame, part.shape)
                 self._register_result(peer_id, peer_index, part_index, result, frame.nbytes, delta=not raw)
             await sender  # surfaces a send failure (all results arrived, so it has finished)
+            clean = True  # every frame of both directions is consumed: the connection can carry the next round
         except BaseException:
             if sender.done() and not sender.cancelled() and sender.exception() is not None:
                 raise sender.exception()  # the cause (e.g. a codec error), not its symptom (a closed connection)
@@ -285,18 +291,24 @@ class RobustAllReduceRunner(AllReduceRunner):
         finally:
             if not sender.done():
                 sender.cancel()
-            connection.close()
+            if clean:
+                self.dataplane.keep(peer_id, connection)
+            else:
+                connection.close()
 
-    async def serve_tcp_sender(self, peer_id: PeerID, connection: FrameConnection) -> None:
+    async def serve_tcp_sender(self, peer_id: PeerID, connection: FrameConnection) -> bool:
         """Reducer side of the data plane: ``peer_id`` (authenticated by its ticket) streams its parts of our slice.
 
         Mirrors hivemind's ``rpc_aggregate_part``: the sender becomes active, its parts go through the reducer
         (:meth:`_reduce_stream`, which bans it if it stops early or sends rejected input), results go back: the
         aggregate itself for raw parts, the delta from the sender's part for coded ones.
+
+        :returns: True if every part was read and every result sent (the connection may carry the sender's next
+          round); otherwise the connection is closed
         """
         if peer_id not in self.sender_peer_ids or self._future.done():
             connection.close()
-            return
+            return False
         sender_index = self.sender_peer_ids.index(peer_id)
         self.active_senders.add(peer_id)
         if len(self.active_senders) == len(self.sender_peer_ids):
@@ -340,6 +352,7 @@ class RobustAllReduceRunner(AllReduceRunner):
         reader = asyncio.create_task(_read_parts())
         delayed = [] if self.should_delay_results(peer_id) else None
         part_index = 0
+        clean = False
         try:
             async with aclosing(self._reduce_stream(_parts(), sender_index)) as results:
                 async for averaged_part, tensor_part, compression in results:
@@ -360,11 +373,14 @@ class RobustAllReduceRunner(AllReduceRunner):
             for kind, index, encoded in delayed or ():
                 sent = await connection.send_frame(kind, index, *encoded)
                 self.bytes_sent += sent
+            clean = part_index == len(shapes)  # a result for every part: every part of the sender was read
         except OSError as e:
             logger.debug(f"Data plane: could not return results to {peer_id}: {e!r}")
         finally:
             reader.cancel()
-            connection.close()
+            if not clean:
+                connection.close()
+        return clean
 
     def received_mask(self) -> torch.Tensor:
         """Bool mask over the flattened vector: True where this peer received the element's aggregate."""

@@ -121,6 +121,7 @@ class RoundReport:
     repair_failures: Dict[str, str] = field(default_factory=dict)  # member -> why it could not repair us
     throughput: float = 0.0  # this peer's throughput estimate after the round, bytes/s
     tcp_reducers: Tuple[str, ...] = ()  # reducers this peer reached over the direct TCP data plane (others: p2p)
+    kept_reducers: Tuple[str, ...] = ()  # of those, reached over a connection kept from an earlier round
     error: Optional[str] = None
 
     @property
@@ -648,17 +649,22 @@ class RobustAveragingMixin:
 
         return await dataplane.answer_ticket_request(request, context.remote_id, _policy)
 
-    async def _serve_dataplane_connection(self, group_id: bytes, peer_id, connection: FrameConnection) -> None:
-        """An authenticated TCP connection from ``peer_id`` for round ``group_id``: hand it to that round's runner."""
-        future = self._running_groups.get(group_id)
-        runner = None
-        if future is not None and future.done() and not future.cancelled() and future.exception() is None:
-            runner = future.result()
-        if not isinstance(runner, RobustAllReduceRunner) or runner._future.done():
+    async def _serve_dataplane_connection(self, group_id: bytes, peer_id, connection: FrameConnection) -> bool:
+        """An authenticated TCP connection from ``peer_id`` for round ``group_id`` (its ticket's, or the next round on
+        a kept connection, which may arrive before our runner starts): hand it to that round's runner if ``peer_id``
+        is one of its senders. True if the round ended clean on this connection."""
+        dataplane = await self._get_dataplane()
+        runner = await self._running_runner(group_id, dataplane.connect_timeout if dataplane else 0.0)
+        if (
+            runner is None
+            or runner._future.done()
+            or peer_id not in runner.sender_peer_ids
+            or str(peer_id) in self._banned_peers
+        ):
             await connection.loop.sock_sendall(connection.sock, ACK_REFUSED)
-            return
+            return False
         await connection.loop.sock_sendall(connection.sock, ACK_OK)
-        await runner.serve_tcp_sender(peer_id, connection)
+        return await runner.serve_tcp_sender(peer_id, connection)
 
     # invite-only runs: only members may join our groups, send us parts or download our state (athome.dht.auth)
     async def rpc_join_group(
@@ -695,6 +701,7 @@ class RobustAveragingMixin:
         report.failed_reducers = {str(peer): reason for peer, reason in runner.failed_reducers.items()}
         report.excluded_senders = tuple(str(peer) for peer in runner.banned_senders)
         report.tcp_reducers = tuple(str(peer) for peer in runner.tcp_peers)
+        report.kept_reducers = tuple(str(peer) for peer in runner.kept_peers)
         reducer = runner.tensor_part_reducer
         if hasattr(reducer, "evidence_by_sender"):
             report.evidence = reducer.evidence_by_sender([str(peer) for peer in runner.sender_peer_ids])
