@@ -90,6 +90,16 @@ def test_codec_uint8_error_bound(shape):
     assert torch.equal(_roundtrip("uint8", constant), constant)
 
 
+@pytest.mark.parametrize("values", [[3e38, -3e38, 1.0, 0.0], [1e-44, 2e-44, 0.0], [65504.0, -1e-3, 7.0]])
+def test_codec_uint8_error_bound_at_float32_extremes(values):
+    """A range that overflows float32 or a bucket width that underflows it still meets the bound."""
+    tensor = torch.tensor(values)
+    decoded = _roundtrip("uint8", tensor)
+    bound = (tensor.double().max() - tensor.double().min()) / 255
+    assert bool(torch.isfinite(decoded).all())
+    assert float((decoded.double() - tensor.double()).abs().max()) <= float(bound) * (1 + 1e-5) + 1e-45
+
+
 def test_codec_uint8_keeps_nan_visible():
     tensor = torch.tensor([1.0, float("nan"), 3.0])
     assert bool(torch.isnan(_roundtrip("uint8", tensor)).all())

@@ -57,38 +57,42 @@ def _extract_codebook_format(codec: Uniform8BitQuantization, serialized: runtime
     codebook_size = int(np.frombuffer(buffer, count=1, dtype=np.int64)[0])
     codebook = np.frombuffer(buffer, offset=8, count=codebook_size, dtype=codec.codebook_dtype)
     indices = np.frombuffer(buffer, offset=8 + codebook.nbytes, dtype=codec.indices_dtype)
-    # astype/copy give writable arrays (torch warns about read-only buffers); both copies are needed anyway
-    indices = torch.from_numpy(indices.astype(np.int64)).reshape(tuple(serialized.size))
-    codebook = torch.from_numpy(codebook.copy()).to(dtype=getattr(torch, serialized.dtype))
-    return codebook[indices].requires_grad_(serialized.requires_grad)
+    # np.take gathers straight from the uint8 indices (3x faster than widening them to int64 for torch indexing)
+    values = torch.from_numpy(np.take(codebook, indices)).reshape(tuple(serialized.size))
+    return values.to(dtype=getattr(torch, serialized.dtype)).requires_grad_(serialized.requires_grad)
 
 
 class Uniform8BitCodec(Uniform8BitQuantization):
     """Min-max 8-bit quantization; wire-compatible with hivemind's UNIFORM_8BIT. Error <= (max - min) / 255."""
 
     def quantize(self, tensor: torch.Tensor, allow_inplace: bool = False) -> Tuple[np.ndarray, np.ndarray]:
-        values = tensor.detach().reshape(-1).to(torch.float32)
+        values = tensor.detach().reshape(-1).to(torch.float32).numpy()
         n_bins = self.n_bins
-        if values.numel() == 0:
+        if values.size == 0:
             return np.zeros(0, dtype=self.indices_dtype), np.zeros(n_bins, dtype=self.codebook_dtype)
-        if not bool(torch.isfinite(values).all()):
+        low, high = values.min(), values.max()  # NaN if any value is NaN, ±inf if any is infinite
+        if not (np.isfinite(low) and np.isfinite(high)):
             # keep NaN visible to the receiver: a NaN codebook decodes to NaN everywhere
-            return (
-                np.zeros(values.numel(), dtype=self.indices_dtype),
-                np.full(n_bins, np.nan, dtype=self.codebook_dtype),
-            )
-        low, high = torch.aminmax(values)
-        width = (high - low) / (n_bins - 1)
-        if float(width) > 0:
-            indices = torch.round((values - low) / width).clamp_(0, n_bins - 1).to(torch.int64)
+            return np.zeros(values.size, dtype=self.indices_dtype), np.full(n_bins, np.nan, dtype=self.codebook_dtype)
+        span = float(high) - float(low)
+        # float32 arithmetic (half the memory traffic) unless the range overflows it (values near ±3.4e38) or the
+        # bucket width underflows it (denormal inputs)
+        work_dtype = np.float32 if span < 3.0e38 and (span == 0 or span / (n_bins - 1) > 1e-30) else np.float64
+        low, width = work_dtype(low), work_dtype(span / (n_bins - 1))
+        if width > 0:
+            scaled = np.subtract(values, low, dtype=work_dtype)
+            np.divide(scaled, width, out=scaled)
+            np.rint(scaled, out=scaled)
+            np.clip(scaled, 0, n_bins - 1, out=scaled)
+            indices = scaled.astype(self.indices_dtype)
         else:
-            indices = torch.zeros_like(values, dtype=torch.int64)
-        centers = low + width * torch.arange(n_bins, dtype=torch.float32)
-        sums = torch.zeros(n_bins, dtype=torch.float64).scatter_add_(0, indices, values.double())
-        counts = torch.bincount(indices, minlength=n_bins)
+            indices = np.zeros(values.size, dtype=self.indices_dtype)
         # a bucket decodes to the mean of its members (lower MSE than the center, still inside the bucket)
-        codebook = torch.where(counts > 0, (sums / counts.clamp_min(1)).float(), centers)
-        return indices.to(torch.uint8).numpy(), codebook.numpy().astype(self.codebook_dtype)
+        counts = np.bincount(indices, minlength=n_bins)
+        sums = np.bincount(indices, weights=values, minlength=n_bins)  # float64 sums
+        centers = low + width * np.arange(n_bins, dtype=work_dtype)
+        codebook = np.where(counts > 0, sums / np.maximum(counts, 1), centers)
+        return indices, codebook.astype(self.codebook_dtype)
 
     def extract(self, serialized_tensor: runtime_pb2.Tensor) -> torch.Tensor:
         return _extract_codebook_format(self, serialized_tensor)
