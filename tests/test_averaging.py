@@ -199,6 +199,61 @@ def test_reducer_equals_mean_without_attacker():
     assert torch.allclose(torch.stack(exact[0]), mean, atol=1e-6)
 
 
+@pytest.mark.parametrize("method", ["centered_clip", "mean"])
+def test_reducer_rejects_non_finite_parts_when_it_reduces_them(method):
+    """Finiteness is checked when a part is reduced, not when it arrives, with the same contract: the sender of a
+    NaN/Inf part gets no result for it, is excluded from it and every later part, and the other senders get the
+    aggregate of the finite parts alone (what a reducer that never saw the rejected parts returns)."""
+    torch.manual_seed(4)
+    shapes = [torch.Size([8, 8])] * 3
+    honest = [[torch.randn(8, 8) for _ in shapes] for _ in range(3)]
+    inf_sender, heavy_nan_sender, idle_nan_sender = ([part.clone() for part in honest[i]] for i in range(3))
+    inf_sender[0][1, 7] = float("-inf")  # rejected in part 0
+    heavy_nan_sender[1][0, 0] = float("nan")  # rejected in part 1; claims weight 1e6 (mean adds it to the sum)
+    idle_nan_sender[2][7, 7] = float("nan")  # rejected in part 2; claims weight 0 (mean keeps it out of the sum)
+    inputs = [*honest, inf_sender, heavy_nan_sender, idle_nan_sender]
+    weights = [1.0, 2.0, 1.0, 1.0, 1e6, 0.0]
+    results, reducer = _run_reducer(lambda: RobustTensorPartReducer(shapes, 6, method=method), inputs, weights)
+
+    assert results[3:] == [None, None, None]
+    assert reducer.sender_failed_after[3:] == [0, 1, 2] and reducer.finished.is_set()
+    assert [record.elements for record in reducer.evidence] == [192, 192, 192, 0, 64, 128]
+    assert all("non-finite" in reducer.evidence[i].rejected for i in (3, 4, 5))
+    assert all(reducer.evidence[i].rejected is None for i in range(3))
+    for part_index, senders in enumerate(([0, 1, 2, 4, 5], [0, 1, 2, 5], [0, 1, 2])):
+        expected, _ = _run_reducer(
+            lambda: RobustTensorPartReducer(shapes[:1], len(senders), method=method),
+            [[inputs[sender][part_index]] for sender in senders],
+            [weights[sender] for sender in senders],
+        )
+        for sender in range(3):
+            assert torch.allclose(results[sender][part_index], expected[0][0], rtol=1e-6, atol=1e-6), part_index
+            assert bool(torch.isfinite(results[sender][part_index]).all())
+
+
+@pytest.mark.parametrize("method", ["centered_clip", "mean"])
+def test_reducer_rejects_every_sender_of_a_non_finite_part(method):
+    parts = [[torch.ones(16), torch.full((16,), value)] for value in (float("nan"), float("inf"))]
+    results, reducer = _run_reducer(
+        lambda: RobustTensorPartReducer([torch.Size([16])] * 2, 2, method=method), parts, [1.0, 1.0]
+    )
+    assert results == [None, None] and reducer.finished.is_set()
+    assert reducer.sender_failed_after == [1, 1] and all(record.elements == 16 for record in reducer.evidence)
+
+
+def test_all_finite_sees_every_non_finite_element():
+    from athome.averaging.reducer import all_finite
+
+    for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        values = torch.randn(40, 50).to(dtype)
+        large = torch.full((100,), 6e4 if dtype == torch.float16 else 3e38).to(dtype)  # finite; squares overflow
+        assert all_finite(values) and all_finite(values.T) and all_finite(large) and all_finite(values[:0])
+        for bad in (float("nan"), float("inf"), float("-inf")):
+            poisoned = values.clone()
+            poisoned[39, 49] = bad
+            assert not all_finite(poisoned) and not all_finite(poisoned.T), (dtype, bad)
+
+
 def test_helpers_for_prefixes_and_grid():
     prefix = averaging_prefix("athome.demo.avg.ffn.0.3")
     assert "." not in prefix and prefix.startswith("athome_demo_avg_ffn_0_3_")
