@@ -174,6 +174,12 @@ def test_a_clean_connection_carries_the_next_round_without_a_ticket():
         # a round the reducer refuses on the kept connection: that connection is dropped and a fresh one is tried
         assert await plane.connect("bob", lambda: ticket(b"refused"), b"refused") is None
         assert first.closed and tickets == [b"round 1", b"refused"]
+
+        # a connection kept for most of the server's idle time is closed, not resumed (the server may hang up)
+        third = await one_round(b"round 3")
+        plane.idle_ttl = 0.0
+        plane.keep("carol", await plane.connect("carol", lambda: ticket(b"round 4"), b"round 4"))
+        assert third.closed and "bob" not in plane._kept
         await plane.shutdown()
 
     asyncio.run(main())

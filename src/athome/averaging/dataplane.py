@@ -383,8 +383,14 @@ class DataPlane:
         previous = self._kept.pop(peer_id, None)
         if previous is not None:
             previous[0].close()
+        self._drop_stale_kept()  # reducers we stopped meeting (Moshpit groups change): their server has hung up
         if not connection.closed:
             self._kept[peer_id] = (connection, time.monotonic())
+
+    def _drop_stale_kept(self) -> None:
+        now = time.monotonic()
+        for peer_id in [p for p, (_, since) in self._kept.items() if now - since >= 0.8 * self.idle_ttl]:
+            self._kept.pop(peer_id)[0].close()
 
     async def connect(
         self,
@@ -398,9 +404,10 @@ class DataPlane:
         :returns: an authenticated connection to ``peer_id``'s reducer, or None: use p2p for this pair
         """
         deadline = time.monotonic() + self.connect_timeout
-        kept, since = self._kept.pop(peer_id, (None, 0.0))
+        self._drop_stale_kept()
+        kept, _ = self._kept.pop(peer_id, (None, 0.0))
         if kept is not None:
-            if group_id is not None and time.monotonic() - since < 0.8 * self.idle_ttl:
+            if group_id is not None:
                 try:
                     async with asyncio.timeout(self.connect_timeout):
                         await kept.send_round(group_id)
