@@ -654,7 +654,13 @@ class RobustAveragingMixin:
         a kept connection, which may arrive before our runner starts): hand it to that round's runner if ``peer_id``
         is one of its senders. True if the round ended clean on this connection."""
         dataplane = await self._get_dataplane()
-        runner = await self._running_runner(group_id, dataplane.connect_timeout if dataplane else 0.0)
+        deadline = time.monotonic() + (dataplane.connect_timeout if dataplane else 0.0)
+        runner = await self._running_runner(group_id, max(0.0, deadline - time.monotonic()))
+        while runner is None and time.monotonic() < deadline:
+            # a kept connection's next round can arrive before we have even started matchmaking for it (then
+            # _running_runner returns at once): give the round until the sender's connect timeout to appear
+            await asyncio.sleep(0.05)
+            runner = await self._running_runner(group_id, max(0.0, deadline - time.monotonic()))
         if (
             runner is None
             or runner._future.done()
