@@ -304,19 +304,9 @@ def test_mixed_round_one_member_without_the_plane(dhts):
 
 
 class _DiesMidStream(RobustAllReduceRunner):
-    """The victim's reducer answers one part to each sender over TCP, then its process is killed (or frozen).
-
-    The victim's own round never completes: completing it sends the step's result through hivemind's MPFuture, under
-    a lock that every process forked from the test process shares, and a victim frozen or killed holding it hangs
-    every later test (seen once in ~20 runs when the victim's round finished within its last 0.3 s).
-    """
+    """The victim's reducer answers one part to each sender over TCP, then its process is killed (or frozen)."""
 
     signal_number = signal.SIGKILL
-
-    async def run(self):
-        async for aggregate in super().run():
-            await asyncio.Event().wait()  # until the signal
-            yield aggregate
 
     async def _reduce_stream(self, parts, sender_index):
         answered = 0
