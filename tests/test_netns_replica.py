@@ -10,9 +10,7 @@ import time
 import pytest
 
 from athome.testing import netlab
-
-AVAILABLE, WHY_NOT = netlab.available()
-needs_netns = pytest.mark.skipif(not AVAILABLE, reason=f"network namespaces unavailable: {WHY_NOT}")
+from test_netns import needs_netns  # the same environment guard
 
 
 def _node(host: netlab.Host, log_dir, name: str, *argv: str) -> subprocess.Popen:

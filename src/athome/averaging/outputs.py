@@ -48,32 +48,23 @@ class AveragedPartContainer(TensorPartContainer):
         self.outputs = outputs
         # hivemind splits each tensor in order and hands the parts to peers in order, so walking the tensors' parts
         # in the same order pairs every input part with the matching slice of the output buffers
-        flat_slices = []
-        for output, info in zip(outputs, self.tensor_infos):
+        flat_slices, tensor_of_slice = [], []
+        for tensor_index, (output, info) in enumerate(zip(outputs, self.tensor_infos)):
             bytes_per_value = output.element_size() * self.compression.estimate_compression_ratio(info)
-            flat_slices.extend(output.view(-1).split(int(self.part_size_bytes / bytes_per_value)))
+            pieces = output.view(-1).split(int(self.part_size_bytes / bytes_per_value))
+            flat_slices.extend(pieces)
+            tensor_of_slice.extend([tensor_index] * len(pieces))
         self._output_slices_by_peer: List[List[torch.Tensor]] = []
+        self._tensor_of_part_by_peer: List[List[int]] = []
         start = 0
         for count in self.num_parts_by_peer:
             self._output_slices_by_peer.append(flat_slices[start : start + count])
+            self._tensor_of_part_by_peer.append(tensor_of_slice[start : start + count])
             start += count
         for peer_inputs, peer_outputs in zip(self._input_parts_by_peer, self._output_slices_by_peer):
             assert [p.shape for p, _ in peer_inputs] == [o.shape for o in peer_outputs], "output split mismatch"
         self._tensor_ready = [asyncio.Event() for _ in outputs]
         self._parts_left_by_tensor = list(self.num_parts_by_tensor)
-        self._tensor_of_part_by_peer = self._tensor_index_by_part()
-
-    def _tensor_index_by_part(self) -> List[List[int]]:
-        indices, tensor_index, left = [], 0, list(self.num_parts_by_tensor)
-        for count in self.num_parts_by_peer:
-            peer_indices = []
-            for _ in range(count):
-                while left[tensor_index] == 0:
-                    tensor_index += 1
-                peer_indices.append(tensor_index)
-                left[tensor_index] -= 1
-            indices.append(peer_indices)
-        return indices
 
     def output_slice(self, peer_index: int, part_index: int) -> torch.Tensor:
         """The flat view of the output buffers where the aggregate of that part goes (to receive into directly)."""
