@@ -45,6 +45,7 @@ dropped by the reducers (each part then averages the senders that delivered it).
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import multiprocessing as mp
 import random
@@ -59,7 +60,7 @@ import torch
 from hivemind.averaging import DecentralizedAverager
 from hivemind.averaging.allreduce import AllreduceException, AveragingMode
 from hivemind.averaging.group_info import GroupInfo
-from hivemind.averaging.load_balancing import load_balance_peers
+from hivemind.averaging.load_balancing import hagenbach_bishoff, load_balance_peers
 from hivemind.averaging.matchmaking import MatchmakingException
 from hivemind.compression import CompressionBase, CompressionInfo
 from hivemind.compression import deserialize_torch_tensor
@@ -189,6 +190,27 @@ def _forward_reports(connection, log_ref: "weakref.ref[RoundLog]") -> None:
             return
         log.add(report)
         del log
+
+
+def keep_freed_memory_mapped() -> None:
+    """Make this process's malloc (glibc) reuse freed multi-megabyte blocks instead of returning them to the OS.
+
+    A round allocates its received parts and the reducer's temporaries afresh (megabytes each); by default glibc
+    serves such blocks with mmap, or trims them off the heap when freed, so every round faulted the same memory in
+    again: 4000-7000 page faults per peer per round of 10M floats, and element-wise ops on fresh 1 MB tensors ran
+    5x slower than on reused ones (measured: a 4-row coordinate median 1.40 vs 0.29 ms). Fixed thresholds keep
+    blocks up to 32 MB on the heap and the heap's free top mapped up to 256 MB. Only the averager process, which
+    hivemind runs on its own, is changed; elsewhere (no glibc) this does nothing.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        logger.debug("malloc thresholds left alone: no glibc")
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's <malloc.h>
+    if not (mallopt(m_mmap_threshold, 32 << 20) and mallopt(m_trim_threshold, 256 << 20)):
+        logger.debug("malloc thresholds left alone: mallopt refused them")
 
 
 class RobustAveragingMixin:
@@ -361,6 +383,7 @@ class RobustAveragingMixin:
             # save when the cores are busy serving/training (measured 5x slower sums on a loaded 2-core box), and
             # the averager already runs (de)serialization in parallel executor threads
             torch.set_num_threads(self._torch_threads)
+        keep_freed_memory_mapped()
         super()._run_internal()
 
     async def _aggregate_with_group(self, group_info: GroupInfo, min_vector_size: int, **kwargs):
@@ -383,9 +406,16 @@ class RobustAveragingMixin:
                 thr if mode != AveragingMode.CLIENT and str(peer) not in self._banned_peers else 0.0
                 for thr, mode, peer in zip(bandwidths, modes, group_info.peer_ids)
             ]  # athome: a banned peer reduces nothing (it could return anything)
-            peer_fractions = await asyncio.get_event_loop().run_in_executor(
-                None, load_balance_peers, self.total_size, download_bandwidths, min_vector_size
-            )
+            bandwidth = download_bandwidths[0]
+            if len(set(download_bandwidths)) == 1 and (bandwidth is None or bandwidth > 0):
+                # equal (or all unspecified) bandwidths: load_balance_peers would return the equal split (checked
+                # for 1-16 peers and odd sizes); skipping scipy's linear program saves ~1.5 ms of CPU in an
+                # executor thread, inside the timed round
+                peer_fractions = tuple(hagenbach_bishoff(self.total_size, [1.0] * len(download_bandwidths)))
+            else:
+                peer_fractions = await asyncio.get_event_loop().run_in_executor(
+                    None, load_balance_peers, self.total_size, download_bandwidths, min_vector_size
+                )
             async with enter_asynchronously(self.get_tensors()) as local_tensors:
                 await self._run_allreduce_inplace_(local_tensors, group_info, peer_fractions=peer_fractions, **kwargs)
             report.status = "ok"
