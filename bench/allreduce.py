@@ -3,7 +3,8 @@ hivemind, plus athome's bytes sent per peer relative to the bandwidth-optimal 2(
 
 Every peer is a separate process (forked). Per N, in one run:
 
-* gloo: ``dist.all_reduce`` of the same tensor (after a warm-up), time = slowest rank;
+* gloo: ``dist.all_reduce`` of the same tensor (after a warm-up), time = slowest rank, median of at least
+  ``GLOO_MIN_REPS`` reps on loopback;
 * hivemind: stock ``DecentralizedAverager`` (no compression, mean), run first and again last (baseline = mean);
 * athome: ``RobustAverager`` with reducer x compression variants (fp16 only with ``--variants all``), over its
   direct TCP data plane, and once with the plane off ("athome p2p ...": parts through p2pd, as before the plane).
@@ -62,6 +63,7 @@ DEFAULT_VARIANTS = "hivemind,athome none/mean,athome none/centered_clip,p2p,uint
 # "p2p" variants turn athome's direct TCP data plane off: parts go through p2pd as protobuf (athome before the plane)
 VARIANT_KWARGS = {"athome p2p none/centered_clip": dict(direct_tcp=False)}
 SUMMARY_VARIANT = "athome none/centered_clip"
+GLOO_MIN_REPS = 10  # timed gloo all-reduces on loopback, whatever --reps says
 ATHOME_KWARGS: dict = {}  # extra RobustAverager arguments for every athome variant (--part_size_bytes)
 
 
@@ -134,7 +136,9 @@ def _worker(rank, n, size, reps, port, tag, variants, maddr_queue, barrier, resu
     buffer = vector.clone()
     dist.all_reduce(buffer)  # warm-up (connections)
     times, cpus = [], []
-    for _ in range(reps):
+    # on loopback gloo's all-reduce takes ~0.05 s and one slow rep on a shared box moves it 1.5x: the denominator of
+    # every ratio gets at least GLOO_MIN_REPS reps (a second in all); over a shaped link one rep is steady and 5 s long
+    for _ in range(reps if place is not None else max(reps, GLOO_MIN_REPS)):
         buffer.copy_(vector)
         dist.barrier()
         started, cpu_started = time.perf_counter(), time.process_time()  # gloo's threads live in this process
