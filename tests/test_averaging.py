@@ -739,6 +739,16 @@ def test_centered_clip_matches_the_textbook_iteration():
             stacked[-1] = 1e30
             result, scale = centered_clip(stacked, torch.ones(n), 1.0, 5)
             assert float((result - base).abs().max()) < 1.0 and float(scale[-1]) < 1e-20, n
+    # values so small that their float32 squares are denormal: the Gram matrix falls back to float64, and the
+    # result still matches the textbook iteration relative to the (tiny) spread
+    for attack in (False, True):
+        stacked = 1e-22 * torch.randn(4, 5000, generator=generator)
+        if attack:
+            stacked[-1] = -1000 * stacked[0]
+        result, _ = centered_clip(stacked, torch.ones(4), 1.0, 5)
+        expected = textbook(stacked.double(), torch.ones(4, dtype=torch.float64), 1.0, 5)
+        spread = float(stacked[:3].double().std())
+        assert float((result.double() - expected).abs().max()) <= 1e-4 * spread, attack
 
 
 def test_adaptive_timeouts_follow_measured_throughput():
