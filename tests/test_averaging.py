@@ -39,6 +39,7 @@ from athome.averaging import (
     install_fixed_8bit_codecs_in_hivemind,
     moshpit_initial_bits,
 )
+from athome.dht import RobustDHT
 
 DHT_KWARGS = dict(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
 # small parts so that every peer of a 4-peer group reduces a slice; short floors so failures show up fast
@@ -266,25 +267,35 @@ def test_helpers_for_prefixes_and_grid():
 
 @pytest.fixture(scope="module")
 def dhts():
-    first = hivemind.DHT(**DHT_KWARGS)
-    nodes = [first] + [hivemind.DHT(initial_peers=first.get_visible_maddrs(), **DHT_KWARGS) for _ in range(3)]
+    first = RobustDHT(**DHT_KWARGS)
+    nodes = [first] + [RobustDHT(initial_peers=first.get_visible_maddrs(), **DHT_KWARGS) for _ in range(3)]
     yield nodes
     for node in nodes:
         node.shutdown()
 
 
 @pytest.fixture
+def victim_dht(dhts):
+    """A DHT node of its own for a peer that a test kills or freezes: a process frozen while calling its DHT leaves
+    that DHT process waiting for it (fetching the request's reply pipe from the frozen process), so the module's
+    shared nodes must not serve it."""
+    node = RobustDHT(initial_peers=dhts[0].get_visible_maddrs(), **DHT_KWARGS)
+    yield node
+    node.shutdown()
+
+
+@pytest.fixture
 def make_averagers(dhts):
     created = []
 
-    def make(tensor_sets, per_peer=None, **kwargs):
+    def make(tensor_sets, per_peer=None, nodes=None, **kwargs):
         prefix = f"test_{uuid.uuid4().hex[:12]}"
         per_peer = per_peer or [{} for _ in tensor_sets]
         averagers = [
             RobustAverager(
                 [t.clone() for t in tensors], dht, prefix=prefix, start=True, **{**AVERAGER_KWARGS, **kwargs, **own}
             )
-            for tensors, dht, own in zip(tensor_sets, dhts, per_peer)
+            for tensors, dht, own in zip(tensor_sets, nodes or dhts, per_peer)
         ]
         created.extend(averagers)
         return averagers
@@ -466,9 +477,9 @@ def test_nan_sender_is_excluded_and_repairs_from_a_complete_member(make_averager
 
 @pytest.mark.timeout(150)
 @pytest.mark.parametrize("how", ["SIGKILL", "SIGSTOP"])
-def test_dead_peer_mid_round_does_not_hang_and_partial_round_is_not_applied(make_averagers, how):
+def test_dead_peer_mid_round_does_not_hang_and_partial_round_is_not_applied(make_averagers, dhts, victim_dht, how):
     sets = _random_sets(4, seed=15, shapes=((600,),))
-    averagers = make_averagers(sets, reducer="mean")
+    averagers = make_averagers(sets, nodes=dhts[:3] + [victim_dht], reducer="mean")
     controls = _form_group(averagers)
 
     victim = averagers[3]
@@ -527,7 +538,7 @@ class _ServesOneSenderThenDies(RobustAllReduceRunner):
 
 @pytest.mark.timeout(150)
 @pytest.mark.parametrize("how", ["SIGKILL", "SIGSTOP"])
-def test_survivors_end_the_round_the_same_way_when_a_reducer_dies_mid_stream(dhts, monkeypatch, how):
+def test_survivors_end_the_round_the_same_way_when_a_reducer_dies_mid_stream(dhts, victim_dht, monkeypatch, how):
     sets = _random_sets(4, seed=19, shapes=((600,), (7, 9)))
     prefix = f"test_{uuid.uuid4().hex[:12]}"
     kwargs = dict(
@@ -536,7 +547,7 @@ def test_survivors_end_the_round_the_same_way_when_a_reducer_dies_mid_stream(dht
     monkeypatch.setattr(_ServesOneSenderThenDies, "signal_number", getattr(signal, how))
     # the patched runner is inherited only by the victim's averager process (forked in its constructor)
     monkeypatch.setattr(athome_averager_module, "RobustAllReduceRunner", _ServesOneSenderThenDies)
-    victim = RobustAverager([t.clone() for t in sets[3]], dhts[3], **kwargs)
+    victim = RobustAverager([t.clone() for t in sets[3]], victim_dht, **kwargs)
     monkeypatch.undo()
     survivors = [RobustAverager([t.clone() for t in s], dht, **kwargs) for s, dht in zip(sets[:3], dhts[:3])]
     try:
@@ -620,8 +631,8 @@ def test_a_repaired_member_repairs_the_others_when_the_complete_one_dies(monkeyp
     """Reducer R delivers only to V, so V alone completes the round; V dies after answering the first of A and B.
     The other one copies the outcome from whoever V answered: A and B still end with the same tensors."""
     # fresh DHT nodes: two averager processes die hard here, and the module's shared nodes must not see that
-    first = hivemind.DHT(**DHT_KWARGS)
-    dhts = [first] + [hivemind.DHT(initial_peers=first.get_visible_maddrs(), **DHT_KWARGS) for _ in range(3)]
+    first = RobustDHT(**DHT_KWARGS)
+    dhts = [first] + [RobustDHT(initial_peers=first.get_visible_maddrs(), **DHT_KWARGS) for _ in range(3)]
     sets = _random_sets(4, seed=22, shapes=((600,),))
     prefix = f"test_{uuid.uuid4().hex[:12]}"
     kwargs = dict(
@@ -900,10 +911,11 @@ def test_gradient_averager_averages_grads_and_plugs_into_hivemind_optimizer(dhts
 # ---- shaped links (network namespaces, root) ----------------------------------------------------------------------
 
 _LINK_PEER = r"""
-import json, sys, torch, hivemind
+import json, sys, torch
 from athome.averaging import RobustAverager
+from athome.dht import RobustDHT
 ip, prefix, initial = sys.argv[1], sys.argv[2], sys.argv[3:]
-dht = hivemind.DHT(start=True, host_maddrs=[f"/ip4/{ip}/tcp/0"], initial_peers=initial or None)
+dht = RobustDHT(start=True, host_maddrs=[f"/ip4/{ip}/tcp/0"], initial_peers=initial or None)
 print(json.dumps([str(a) for a in dht.get_visible_maddrs()]), flush=True)
 averager = RobustAverager([torch.randn(2_000_000)], dht, prefix=prefix, target_group_size=2, min_group_size=2,
                           min_matchmaking_time=2.0, request_timeout=1.0, reducer="mean", initial_throughput=1e6,
@@ -963,7 +975,7 @@ def _swarm_optimizer_worker(initial_peers, value, results, done):
 
     from athome.trainer.train import SwarmOptimizer
 
-    dht = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=initial_peers)
+    dht = RobustDHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=initial_peers)
     model = torch.nn.Linear(4, 1, bias=False)
     with torch.no_grad():
         model.weight.fill_(value)
@@ -997,7 +1009,7 @@ def test_trainers_parameter_averaging_is_robust_too():
     CenteredClip one, so a trainer holding x1000 parameters cannot drag the honest ones to its values in averaging.
     Every peer serves its state, the attacker too (a peer that falls behind takes the robust download path; in the
     runs measured none fell behind: downloads are tested in test_state_download.py)."""
-    root = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    root = RobustDHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
     context = mp.get_context("fork")
     results, done = context.Queue(), context.Event()
     values = [0.0, 1.0, 1000.0]

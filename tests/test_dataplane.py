@@ -39,8 +39,8 @@ from athome.averaging.dataplane import (
 from athome.averaging.compression import get_codec
 
 import test_averaging
-from test_averaging import (  # noqa: F401 (dhts: fixture)
-    STEP_TIMEOUT, _flat, _form_group, _outcomes, _random_sets, _step_all, _tensors, dhts,
+from test_averaging import (  # noqa: F401 (dhts, victim_dht: fixtures)
+    STEP_TIMEOUT, _flat, _form_group, _outcomes, _random_sets, _step_all, _tensors, dhts, victim_dht,
 )
 
 # small parts so that every member of a 4-peer group reduces a slice; the mean so that results are exact
@@ -323,12 +323,13 @@ _DyingAverager = _averager_with(_DiesMidStream)
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("how", ["SIGKILL", "SIGSTOP"])
-def test_peer_killed_mid_tcp_stream_does_not_hang_the_others(dhts, monkeypatch, how):
+def test_peer_killed_mid_tcp_stream_does_not_hang_the_others(dhts, victim_dht, monkeypatch, how):
     monkeypatch.setattr(_DiesMidStream, "signal_number", getattr(signal, how))  # inherited by the forked victim
     sets = _random_sets(4, seed=33, shapes=((2000,),))
     # min_group_size=4: the round always includes the victim (with 2, the survivors could form a group without it)
     averagers = _averagers(
-        dhts, sets, classes=[RobustAverager] * 3 + [_DyingAverager], per_peer=[dict(min_group_size=4)] * 4
+        dhts[:3] + [victim_dht], sets, classes=[RobustAverager] * 3 + [_DyingAverager],
+        per_peer=[dict(min_group_size=4)] * 4,
     )
     survivors, victim = averagers[:3], averagers[3]
     try:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import logging
 import re
 
-import hivemind
 import pytest
 import torch
 from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
 
 from athome.config import RunConfig
+from athome.dht import RobustDHT
 from athome.model.expert import build_expert
 from athome.peer.join import copy_from_replicas
 from athome.peer.server import ExpertStateServicer
@@ -46,8 +46,8 @@ def _distance(state: dict, reference: dict) -> float:
 def replicas():
     """One DHT per replica, each serving its weights through the hosts' ``ExpertStateServicer``, and a newcomer's
     DHT; yields (newcomer dht, replica name -> peer ID)."""
-    first = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
-    dhts = [first] + [hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"],
+    first = RobustDHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    dhts = [first] + [RobustDHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"],
                                    initial_peers=first.get_visible_maddrs()) for _ in SERVED]
     peers = {}
     try:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 import signal
 import subprocess
 import sys
@@ -27,6 +28,7 @@ from athome.dht import (
 )
 from athome.dht.identity import IdentityError, peer_id_from_public_key, public_key_from_peer_id
 from athome.dht.node import config_signing_message
+from athome.dht.process import RobustDHT
 from athome.dht.schemas import CONFIG_KEY, MetricsRecord, RunConfigRecord
 from conftest import session_alive
 
@@ -226,3 +228,28 @@ def test_check_asks_the_run_to_dial_back(coordinator):
     assert "cannot dial this peer directly" in unreachable.stdout
     assert f"peer join --run {address} --port" in unreachable.stdout
     assert "reaches this peer through its relay" in unreachable.stdout  # the coordinator relays for it
+
+
+class _SenderGone:
+    """Unpickles the way a request does whose sender died before the DHT process fetched its reply pipe."""
+
+    def __reduce__(self):
+        return _raise_eof, ()
+
+
+def _raise_eof():
+    raise EOFError  # multiprocessing.resource_sharer, when the process sharing the descriptor is gone
+
+
+@pytest.mark.timeout(60)
+def test_dht_process_survives_requests_it_cannot_unpickle():
+    dht = RobustDHT(start=True, host_maddrs=LOOPBACK)  # hivemind.DHT's process exits on either request
+    try:
+        dht._outer_pipe.send(("_get", [], dict(key="k", future=_SenderGone())))
+        dht._outer_pipe.send_bytes(pickle.dumps(("_get", [], dict(key="k")))[:-4])  # a sender killed mid-write
+        time.sleep(1.0)
+        assert dht.is_alive()
+        assert dht.store("key", "value", get_dht_time() + 60)
+        assert dht.get("key", latest=True).value == "value"
+    finally:
+        dht.shutdown()

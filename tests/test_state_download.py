@@ -8,12 +8,12 @@ import time
 import uuid
 from functools import partial
 
-import hivemind
 import pytest
 import torch
 from hivemind.averaging import DecentralizedAverager
 
 from athome.averaging import RobustTrainingStateAverager
+from athome.dht import RobustDHT
 from athome.verification.downloads import (
     DownloadedState,
     StateRejected,
@@ -96,8 +96,8 @@ def test_relative_distance():
 def swarm():
     """Three trainers serving their state at epoch 5 (two honest, one x1000 attacker advertising the highest
     priority, as an attacker would), each with its own DHT node; yields (prefix, dhts, servers by name)."""
-    first = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
-    dhts = [first] + [hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"],
+    first = RobustDHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    dhts = [first] + [RobustDHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"],
                                    initial_peers=first.get_visible_maddrs()) for _ in range(4)]
     prefix = f"download_{uuid.uuid4().hex[:8]}"
     servers = {}

@@ -12,4 +12,5 @@ from athome.dht.node import (
     store_record,
     withdraw_record,
 )
+from athome.dht.process import RobustDHT
 from athome.dht.records import AthomeRecordValidator, owner_subkey, subkey_owner

@@ -1,6 +1,6 @@
 """Joining a run's DHT, and reading and writing athome's signed records on it.
 
-One :class:`hivemind.DHT` per peer, started with the peer's Ed25519 identity and athome's record validator.
+One :class:`~athome.dht.process.RobustDHT` (a ``hivemind.DHT``) per peer, started with the peer's Ed25519 identity and athome's record validator.
 Records are read back as parsed pydantic models, keyed by the writer's peer ID.
 """
 from __future__ import annotations
@@ -18,6 +18,7 @@ from pydantic import ValidationError
 
 from athome.config import RunConfig
 from athome.dht.identity import Identity, IdentityError, public_key_from_peer_id, verify
+from athome.dht.process import RobustDHT
 from athome.dht.records import AthomeRecordValidator, owner_subkey, subkey_owner
 from athome.dht.schemas import CONFIG_KEY, Record, RunConfigRecord, run_record_keys
 
@@ -120,7 +121,7 @@ def start_dht(
         authorizer = InviteAuthorizer(_raw_private_key(identity), coordinator_id, invite)
     for attempt in range(1, RELAY_START_ATTEMPTS + 1):
         try:
-            dht = hivemind.DHT(
+            dht = RobustDHT(
                 initial_peers=list(initial_peers),
                 start=True,
                 record_validators=[validator],
