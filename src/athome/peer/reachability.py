@@ -20,7 +20,7 @@ import re
 import time
 from typing import Callable, List, Optional, Sequence, Tuple
 
-from hivemind.p2p import P2P, P2PContext, PeerID, ServicerBase
+from hivemind.p2p import P2P, P2PContext, P2PDaemonError, PeerID, ServicerBase
 from hivemind.proto import runtime_pb2
 from hivemind.utils import MSGPackSerializer
 from hivemind.utils.multiaddr import Multiaddr
@@ -86,8 +86,15 @@ async def relay_carries(relay: str, nbytes: int = RELAY_PROBE_BYTES, timeout: fl
     deadline = loop.time() + timeout
     # the target listens nowhere, so the caller cannot reach it but through the relay (on one machine it would
     # otherwise find its loopback address and bypass the relay)
-    target = await P2P.create(no_listen=True, initial_peers=[relay], trusted_relays=[relay],
-                              force_reachability=BEHIND_RELAYS, use_auto_relay=True, use_relay=True)
+    while True:  # p2pd exits if it cannot reach its bootstrap peer (a relay that is starting, a loaded machine)
+        try:
+            target = await P2P.create(no_listen=True, initial_peers=[relay], trusted_relays=[relay],
+                                      force_reachability=BEHIND_RELAYS, use_auto_relay=True, use_relay=True)
+            break
+        except P2PDaemonError as error:
+            if loop.time() > deadline:
+                raise TimeoutError(f"could not reach {relay} within {timeout:.0f}s: {_last_line(error)}") from error
+            await asyncio.sleep(0.5)
     caller = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"])
     try:
         await target.add_protobuf_handler(_PROBE_PROTOCOL, echo_size, runtime_pb2.ExpertRequest)

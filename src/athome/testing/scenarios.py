@@ -581,7 +581,10 @@ def bad_input_scenario(workdir: Optional[Path] = None) -> Outcome:
             checks.require(accepted == 0, f"{accepted} garbage records were accepted by athome nodes")
             checks.require(coordinator.alive and host.alive, "a peer died under fuzzed DHT records")
             checks.require(servers(dht).get(host_id) == ["ffn.0.0", "ffn.0.1"], "the host's declaration was lost")
-            grid = swarm.api("/api/experts")
+            grid, deadline = swarm.api("/api/experts"), time.monotonic() + 20
+            while host_id not in json.dumps(grid) and time.monotonic() < deadline:  # it polls the DHT every 5 s
+                time.sleep(1)
+                grid = swarm.api("/api/experts")
             checks.require(host_id in json.dumps(grid), f"the dashboard lost the host: /api/experts = {json.dumps(grid)[:600]}")
         finally:
             dht.shutdown()
