@@ -242,6 +242,24 @@ def test_reducer_rejects_every_sender_of_a_non_finite_part(method):
     assert reducer.sender_failed_after == [1, 1] and all(record.elements == 16 for record in reducer.evidence)
 
 
+def test_coordinate_median_matches_sorting_for_every_group_size():
+    """The selection networks (n <= 16) and the sort (larger n) give the sorted median, ties included, and leave
+    their inputs alone."""
+    from athome.averaging.reducer import coordinate_median
+
+    generator = torch.Generator().manual_seed(5)
+    for n in range(1, 21):
+        rows = [torch.randn(3000, generator=generator) for _ in range(n)]
+        if n > 2:
+            rows[0][:100] = rows[1][:100]
+            rows[2][100:200] = rows[1][100:200]
+        inputs = [row.clone() for row in rows]
+        ordered = torch.stack(rows).double().sort(dim=0).values
+        expected = ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
+        assert torch.allclose(coordinate_median(rows).double(), expected, atol=1e-6), n
+        assert all(torch.equal(row, original) for row, original in zip(rows, inputs)), n
+
+
 def test_all_finite_sees_every_non_finite_element():
     from athome.averaging.reducer import all_finite
 

@@ -39,6 +39,7 @@ aggregate), the smallest scale, and any rejection. That is what a verification s
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 from dataclasses import dataclass
@@ -116,16 +117,56 @@ def coordinate_median(stacked: Union[torch.Tensor, Sequence[torch.Tensor]]) -> t
         torch.minimum(high, torch.maximum(c, d, out=scratch), out=high)
         return low.add_(high).div_(2)
     if n <= 16:
-        # an odd-even transposition sorting network of elementwise min/max: ~10x faster than torch.sort along a
-        # short leading dimension (which dominated the all-reduce time with 128K-element parts)
-        for round_index in range(n):
-            for i in range(round_index % 2, n - 1, 2):
-                rows[i], rows[i + 1] = torch.minimum(rows[i], rows[i + 1]), torch.maximum(rows[i], rows[i + 1])
+        # a selection network of elementwise min/max: ~10x faster than torch.sort along a short leading dimension
+        # (which dominated the all-reduce time with 128K-element parts)
+        for low, high, need_min, need_max in _median_network(n):
+            a, b = rows[low], rows[high]
+            if need_min:
+                rows[low] = torch.minimum(a, b)
+            if need_max:
+                rows[high] = torch.maximum(a, b)
     else:
         rows = torch.stack(rows).sort(dim=0).values
     if n % 2:
         return rows[n // 2].clone()
     return (rows[n // 2 - 1] + rows[n // 2]) / 2
+
+
+@functools.lru_cache(maxsize=None)
+def _median_network(n: int) -> Tuple[Tuple[int, int, bool, bool], ...]:
+    """Comparators ``(low, high, need_min, need_max)`` that bring the middle value of ``n`` wires to wire ``n // 2``
+    (for even ``n``, the two middle values to wires ``n // 2 - 1`` and ``n // 2``, in either order).
+
+    Batcher's odd-even merge sort network, less what no middle output depends on: whole comparators, the halves of
+    comparators whose other output nothing reads, and (even ``n``) the last one, which only orders the two middle
+    values. For n = 8: 26 min/max ops instead of the 56 of an odd-even transposition sort, n = 16: 90 instead of
+    240 (measured, 262144 values per row: 2.1 vs 4.1 ms and 10 vs 23 ms). A 4-row median is hand-written in
+    :func:`coordinate_median`.
+    """
+    size = 1 << max(n - 1, 0).bit_length()
+    pairs = []
+    merge = 1
+    while merge < size:
+        step = merge
+        while step >= 1:
+            for start in range(step % merge, size - step, 2 * step):
+                for offset in range(min(step, size - start - step)):
+                    low, high = start + offset, start + offset + step
+                    # same merge block, and both wires real (a wire past n holds +inf and never moves)
+                    if low // (2 * merge) == high // (2 * merge) and high < n:
+                        pairs.append((low, high))
+            step //= 2
+        merge *= 2
+    needed = {n // 2} if n % 2 else {n // 2 - 1, n // 2}
+    last = max((index for index, pair in enumerate(pairs) if set(pair) & needed), default=None)
+    if last is not None and set(pairs[last]) == needed:
+        del pairs[last]
+    kept = []
+    for low, high in reversed(pairs):
+        if low in needed or high in needed:
+            kept.append((low, high, low in needed, high in needed))
+            needed |= {low, high}
+    return tuple(reversed(kept))
 
 
 def _median_of_floats(values: Sequence[float]) -> float:
