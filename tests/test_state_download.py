@@ -174,8 +174,12 @@ def test_lagging_trainer_downloads_the_honest_state_where_stock_hivemind_copies_
 @pytest.mark.timeout(120)
 def test_single_or_non_finite_sources_are_refused_and_own_state_kept(swarm):
     prefix, dhts, servers = swarm
-    lagging = _averager(RobustTrainingStateAverager, dhts[3], prefix, 1.01, allow_state_sharing=False)
-    fresh = _averager(RobustTrainingStateAverager, dhts[4], prefix, 0.0, allow_state_sharing=False)
+    # DHT nodes of their own: the previous test's averagers, shut down, used the module's spare nodes (a download
+    # here once waited its whole 30 s in the full suite, and never when this file ran alone)
+    own = [RobustDHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=dhts[0].get_visible_maddrs())
+           for _ in range(2)]
+    lagging = _averager(RobustTrainingStateAverager, own[0], prefix, 1.01, allow_state_sharing=False)
+    fresh = _averager(RobustTrainingStateAverager, own[1], prefix, 0.0, allow_state_sharing=False)
     try:
         for name in ("a", "b"):
             servers[name].allow_state_sharing = False
@@ -187,7 +191,7 @@ def test_single_or_non_finite_sources_are_refused_and_own_state_kept(swarm):
         servers["a"].allow_state_sharing = True
         with torch.no_grad():
             servers["attacker"].main_parameters[0][7] = math.nan  # a non-finite state is refused outright
-        _wait_declared(dhts[3], prefix, 2)
+        _wait_declared(own[0], prefix, 2)
         lagging.load_state_from_peers(timeout=30)
         assert torch.equal(_params(lagging), torch.full((SIZE,), HONEST[0])) and lagging.local_epoch == EPOCH
 
@@ -200,3 +204,5 @@ def test_single_or_non_finite_sources_are_refused_and_own_state_kept(swarm):
             servers[name].allow_state_sharing = True
         lagging.shutdown()
         fresh.shutdown()
+        for node in own:
+            node.shutdown()
