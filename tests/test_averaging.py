@@ -796,6 +796,53 @@ def test_adaptive_timeouts_follow_measured_throughput():
     assert timeouts.for_round(4, 1e3, 2**19).allreduce == 1.0  # floors apply to tiny vectors
 
 
+def test_parts_shrink_on_slow_links_and_stay_configured_until_measured():
+    from athome.averaging.timeouts import MIN_PART_BYTES, PART_SECONDS
+
+    timeouts = AdaptiveTimeouts(initial_throughput=1e3)
+    assert timeouts.part_bytes(2**20) == 2**20  # nothing measured yet: the configured size, whatever the guess
+    timeouts.record_success(bytes_sent=60_000_000, seconds=5.0)  # 12 MB/s, a 100 Mbit/s uplink
+    assert timeouts.part_bytes(2**20) == pytest.approx(12e6 * PART_SECONDS, rel=0.01) and timeouts.part_bytes(
+        2**20) % 4096 == 0
+    slow = AdaptiveTimeouts()
+    slow.record_success(bytes_sent=60_000_000, seconds=200.0)  # 300 KB/s: never below the floor
+    assert slow.part_bytes(2**20) == MIN_PART_BYTES
+    fast = AdaptiveTimeouts()
+    fast.record_success(bytes_sent=60_000_000, seconds=0.15)  # loopback: the configured size is the ceiling
+    assert fast.part_bytes(2**20) == 2**20
+
+
+def test_the_group_takes_the_smallest_part_proposal_and_refuses_tiny_ones():
+    from types import SimpleNamespace
+
+    from hivemind.averaging.matchmaking import MatchmakingException
+
+    from athome.averaging.averager import RobustAveragingMixin
+
+    group = SimpleNamespace(peer_ids=["a", "b", "c"])
+    member = SimpleNamespace(_part_size_bytes=float(2**20), _vector_bytes=40e6)
+    agree = RobustAveragingMixin._agree_on_parts
+    assert agree(member, group, [2**20, 500_000, None]) == 500_000  # None: a member without proposals
+    assert agree(member, group, [None, None, None]) == 2**20
+    with pytest.raises(MatchmakingException, match="b proposed parts of 64 bytes"):
+        agree(member, group, [2**20, 64, 2**20])  # 600K parts of a 40 MB vector: refused, not run
+    small = SimpleNamespace(_part_size_bytes=512.0, _vector_bytes=4000.0)
+    assert agree(small, group, [512, 64, 1024]) == 64  # a small vector may be cut small
+
+
+@pytest.mark.timeout(120)
+def test_members_configured_with_different_part_sizes_agree_and_reach_the_mean(make_averagers):
+    sets = _random_sets(4, seed=41)
+    averagers = make_averagers(sets, per_peer=[dict(part_size_bytes=size) for size in (512, 1024, 2048, 1024)],
+                               reducer="mean", target_group_size=4, min_group_size=4)
+    results = _step_all(averagers)
+    assert all(isinstance(r, dict) and len(r) == 4 for r in results), results
+    mean = _flat([torch.stack(ts).mean(0) for ts in zip(*sets)])
+    for averager in averagers:
+        assert torch.allclose(_flat(_tensors(averager)), mean, atol=1e-5)
+        assert averager.last_round.part_bytes == 512
+
+
 @pytest.mark.timeout(120)
 def test_round_limits_come_from_the_throughput_measured_in_earlier_rounds(make_averagers):
     """Real peers: after a round of 4 MB, the next round's limits are the ones the measured throughput implies."""

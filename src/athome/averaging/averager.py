@@ -59,6 +59,7 @@ from typing import Any, AsyncIterator, Callable, Dict, List, Literal, Optional, 
 import torch
 from hivemind.averaging import DecentralizedAverager
 from hivemind.averaging.allreduce import AllreduceException, AveragingMode
+from hivemind.averaging.control import StepControl
 from hivemind.averaging.group_info import GroupInfo
 from hivemind.averaging.load_balancing import hagenbach_bishoff, load_balance_peers
 from hivemind.averaging.matchmaking import MatchmakingException
@@ -94,6 +95,8 @@ from athome.verification.downloads import (
 logger = logging.getLogger(__name__)
 
 DEFAULT_PART_VALUES = 2**18  # fp32 values per streamed part by default (1 MiB uncompressed)
+PART_PROPOSAL = "athome.part_bytes"  # marks gathered data that carries a member's part size proposal
+MAX_PARTS = 4096  # parts per vector a group may agree on (10M fp32 in 128 KiB parts: 306)
 
 RoundStatus = Literal["ok", "partial", "timeout", "failed", "cancelled"]
 
@@ -123,6 +126,7 @@ class RoundReport:
     throughput: float = 0.0  # this peer's throughput estimate after the round, bytes/s
     tcp_reducers: Tuple[str, ...] = ()  # reducers this peer reached over the direct TCP data plane (others: p2p)
     kept_reducers: Tuple[str, ...] = ()  # of those, reached over a connection kept from an earlier round
+    part_bytes: int = 0  # the part size the group agreed on (see RobustAveragingMixin._agree_on_parts)
     error: Optional[str] = None
 
     @property
@@ -386,21 +390,57 @@ class RobustAveragingMixin:
         keep_freed_memory_mapped()
         super()._run_internal()
 
+    async def _step(self, *, step: StepControl, future_for_init: MPFuture):
+        """hivemind's ``_step`` (averager process), with this peer's part size proposal added to the data it sends
+        its group (:meth:`~athome.averaging.timeouts.AdaptiveTimeouts.part_bytes`: the configured ``part_size_bytes``
+        until a round has measured this peer's throughput, then less on slow links)."""
+        bandwidth, mode, user_bytes = self.serializer.loads(step.data_for_gather)
+        proposal = self._adaptive_timeouts.part_bytes(self._part_size_bytes)
+        wrapped = self.serializer.dumps([PART_PROPOSAL, proposal, user_bytes])
+        step._data_for_gather = self.serializer.dumps([bandwidth, mode, wrapped])  # noqa: SLF001 (built by step())
+        return await super()._step(step=step, future_for_init=future_for_init)
+
+    def _split_gathered(self, raw: bytes) -> Tuple[Optional[int], Any]:
+        """A member's gathered user data: (its part size proposal or None, the data its user passed to ``step``)."""
+        data = self.serializer.loads(raw)
+        if isinstance(data, list) and len(data) == 3 and data[0] == PART_PROPOSAL and isinstance(data[2], bytes):
+            proposal = data[1] if isinstance(data[1], int) and not isinstance(data[1], bool) else None
+            return proposal, self.serializer.loads(data[2])
+        return None, data  # a member without proposals (stock hivemind)
+
+    def _agree_on_parts(self, group_info: GroupInfo, proposals: Sequence[Optional[int]]) -> int:
+        """The group's part size: the smallest member proposal. Every member computes it from the same gathered data
+        (and vector size), so senders and reducers split the vector alike. A proposal that would cut the vector into
+        more than ``MAX_PARTS`` parts (each costs every member CPU) fails the round here instead."""
+        valid = [proposal for proposal in proposals if proposal is not None]
+        agreed = min(valid) if valid else int(self._part_size_bytes)
+        floor = self._vector_bytes / MAX_PARTS
+        if agreed < floor:
+            proposer = group_info.peer_ids[list(proposals).index(agreed)]
+            raise MatchmakingException(
+                f"{proposer} proposed parts of {agreed} bytes: over {MAX_PARTS} parts for this vector; round refused"
+            )
+        return agreed
+
     async def _aggregate_with_group(self, group_info: GroupInfo, min_vector_size: int, **kwargs):
         """hivemind's ``_aggregate_with_group`` (1.1.12) with per-round time limits, typed errors and a report."""
-        timeouts = self._adaptive_timeouts.for_round(group_info.group_size, self._vector_bytes, self._part_size_bytes)
-        kwargs.update(sender_timeout=timeouts.sender, reducer_timeout=timeouts.reducer)
         report = RoundReport(
             group_id=group_info.group_id.hex(),
             peers=tuple(str(peer_id) for peer_id in group_info.peer_ids),
             started_at=get_dht_time(),
             vector_bytes=self._vector_bytes,
-            timeouts=timeouts,
         )
-        self._current_report, self._current_timeouts = report, timeouts
+        self._current_report = report
         try:
             bandwidths, mode_ids, user_gathered_bytes = zip(*map(self.serializer.loads, group_info.gathered))
-            user_gathered = dict(zip(group_info.peer_ids, map(self.serializer.loads, user_gathered_bytes)))
+            proposals, user_data = zip(*(self._split_gathered(raw) for raw in user_gathered_bytes))
+            user_gathered = dict(zip(group_info.peer_ids, user_data))
+            report.part_bytes = self._agree_on_parts(group_info, proposals)
+            timeouts = self._adaptive_timeouts.for_round(group_info.group_size, self._vector_bytes, report.part_bytes)
+            kwargs.update(
+                part_size_bytes=report.part_bytes, sender_timeout=timeouts.sender, reducer_timeout=timeouts.reducer
+            )
+            report.timeouts = self._current_timeouts = timeouts
             modes = tuple(map(AveragingMode, mode_ids))
             download_bandwidths = [
                 thr if mode != AveragingMode.CLIENT and str(peer) not in self._banned_peers else 0.0
