@@ -234,7 +234,9 @@ class RobustAveragingMixin:
       (5 s gave false failures with 8 peers of 10M floats on a loaded 2-core box: one part can stall that long)
     :param torch_threads: torch intra-op threads inside the averager process (None: leave torch's default)
     :param part_size_bytes: (hivemind's) size of the parts a vector is streamed in, after compression; athome's
-      default is 256K values per part (1 MiB with "none", 512 KiB with "fp16", 256 KiB with "uint8")
+      default is 256K values per part (1 MiB with "none", 512 KiB with "fp16", 256 KiB with "uint8"). It is the
+      ceiling: once a round has measured this peer's throughput, it proposes ~40 ms worth of sending (at least
+      128 KiB), and each group streams in the smallest part size its members proposed
     :param direct_tcp: move tensor parts over the direct TCP data plane (:mod:`.dataplane`) where possible
     :param dataplane_host: IP to listen on and announce for it (default: the first IPv4 of this peer's p2p
       addresses, preferring non-loopback ones); ``dataplane_port``: its TCP port (0: ephemeral)
@@ -277,7 +279,7 @@ class RobustAveragingMixin:
         codec = get_codec(compression)
         _check_state_compression(kwargs.get("state_compression"))
         # 1 MiB fp32 parts instead of hivemind's 512 KiB: measured -17% CPU per round (averager + p2pd, 4 peers x
-        # 10M fp32 on 2 cores: 2.05 vs 2.47 CPU-s), while a 100 Mbit/s link still pipelines (0.08 s per part). The
+        # 10M fp32 on 2 cores: 2.05 vs 2.47 CPU-s). Slower links get smaller parts once measured (timeouts.py). The
         # size counts values, not compressed bytes: 4x larger uint8 parts left too few parts to overlap
         # quantization with transfer (measured 1.8x the wall time of codec "none" at N=4)
         ratio = codec.estimate_compression_ratio(CompressionInfo.from_tensor(torch.zeros(1)))
