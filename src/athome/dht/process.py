@@ -4,20 +4,17 @@ Every process forked from a peer (averagers, expert servers) calls the DHT by pi
 into the DHT's pipe, with an ``MPFuture`` whose reply pipe and shared-memory state travel as file descriptors that
 the DHT process fetches from the *caller's* ``multiprocessing.resource_sharer`` while unpickling. If the caller dies
 between sending and that fetch (killed, crashed, OOM), unpickling fails. hivemind 1.1.12's ``DHT.run`` catches only
-``OSError``/``ConnectionError``/``RuntimeError`` there: an ``EOFError`` (measured: the usual error when the caller's
-resource sharer is gone) or a truncated pickle ends the DHT process, and every other process of the peer that uses
+``OSError``/``ConnectionError``/``RuntimeError`` there: an ``EOFError`` (seen when the caller's resource sharer was
+gone) or a truncated pickle ends the DHT process, and every other process of the peer that uses
 the DHT then waits on it until its own timeout (an averager blocks in ``DHT.replicate_p2p``).
 """
 from __future__ import annotations
 
-import logging
 import pickle
 from multiprocessing.connection import Connection
 from typing import Any
 
 import hivemind
-
-logger = logging.getLogger(__name__)
 
 
 class _CallerGone(ConnectionError):
