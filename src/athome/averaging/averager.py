@@ -418,7 +418,7 @@ class RobustAveragingMixin:
         agreed = min(valid) if valid else int(self._part_size_bytes)
         floor = self._vector_bytes / MAX_PARTS
         if agreed < floor:
-            proposer = group_info.peer_ids[list(proposals).index(agreed)]
+            proposer = group_info.peer_ids[proposals.index(agreed)] if agreed in proposals else "part_size_bytes"
             raise MatchmakingException(
                 f"{proposer} proposed parts of {agreed} bytes: over {MAX_PARTS} parts for this vector; round refused"
             )

@@ -1,6 +1,7 @@
 """Joining a run's DHT, and reading and writing athome's signed records on it.
 
-One :class:`~athome.dht.process.RobustDHT` (a ``hivemind.DHT``) per peer, started with the peer's Ed25519 identity and athome's record validator.
+One :class:`~athome.dht.process.RobustDHT` (a ``hivemind.DHT``) per peer, started with the peer's Ed25519 identity
+and athome's record validator.
 Records are read back as parsed pydantic models, keyed by the writer's peer ID.
 """
 from __future__ import annotations

@@ -5,8 +5,8 @@ into the DHT's pipe, with an ``MPFuture`` whose reply pipe and shared-memory sta
 the DHT process fetches from the *caller's* ``multiprocessing.resource_sharer`` while unpickling. If the caller dies
 between sending and that fetch (killed, crashed, OOM), unpickling fails. hivemind 1.1.12's ``DHT.run`` catches only
 ``OSError``/``ConnectionError``/``RuntimeError`` there: an ``EOFError`` (seen when the caller's resource sharer was
-gone) or a truncated pickle ends the DHT process, and every other process of the peer that uses
-the DHT then waits on it until its own timeout (an averager blocks in ``DHT.replicate_p2p``).
+gone) or a truncated pickle ends the DHT process, and every other process of the peer that uses the DHT then waits
+on it until its own timeout (an averager blocks in ``DHT.replicate_p2p``).
 """
 from __future__ import annotations
 
