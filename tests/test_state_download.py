@@ -174,8 +174,9 @@ def test_lagging_trainer_downloads_the_honest_state_where_stock_hivemind_copies_
 @pytest.mark.timeout(120)
 def test_single_or_non_finite_sources_are_refused_and_own_state_kept(swarm):
     prefix, dhts, servers = swarm
-    # DHT nodes of their own: the previous test's averagers, shut down, used the module's spare nodes (a download
-    # here once waited its whole 30 s in the full suite, and never when this file ran alone)
+    # DHT nodes of their own, not the spare ones the previous test's averagers used. Downloads in this file have
+    # waited their whole 30 s a few times in full-suite runs (in this test and the previous one), never when the
+    # file ran alone; the cause is not known
     own = [RobustDHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=dhts[0].get_visible_maddrs())
            for _ in range(2)]
     lagging = _averager(RobustTrainingStateAverager, own[0], prefix, 1.01, allow_state_sharing=False)
