@@ -242,24 +242,6 @@ def test_reducer_rejects_every_sender_of_a_non_finite_part(method):
     assert reducer.sender_failed_after == [1, 1] and all(record.elements == 16 for record in reducer.evidence)
 
 
-def test_coordinate_median_matches_sorting_for_every_group_size():
-    """The selection networks (n <= 16) and the sort (larger n) give the sorted median, ties included, and leave
-    their inputs alone."""
-    from athome.averaging.reducer import coordinate_median
-
-    generator = torch.Generator().manual_seed(5)
-    for n in range(1, 21):
-        rows = [torch.randn(3000, generator=generator) for _ in range(n)]
-        if n > 2:
-            rows[0][:100] = rows[1][:100]
-            rows[2][100:200] = rows[1][100:200]
-        inputs = [row.clone() for row in rows]
-        ordered = torch.stack(rows).double().sort(dim=0).values
-        expected = ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
-        assert torch.allclose(coordinate_median(rows).double(), expected, atol=1e-6), n
-        assert all(torch.equal(row, original) for row, original in zip(rows, inputs)), n
-
-
 def test_all_finite_sees_every_non_finite_element():
     from athome.averaging.reducer import all_finite
 
@@ -738,13 +720,20 @@ def test_repair_rejects_answers_that_contradict_the_parts_we_received():
 
 def test_centered_clip_matches_the_textbook_iteration():
     """The Gram-matrix form equals v <- v + sum_i w_i (x_i - v) min(1, tau_k / ||x_i - v||) / sum w, from the
-    coordinate median (float rounding only), with and without an attacker."""
+    weighted mean of the central rows (median distance to the others at most the median), float rounding only, with
+    and without an attacker, whichever row comes first."""
     from athome.averaging.reducer import centered_clip
+
+    def _median(values):  # the mean of the two middle values for even counts
+        ordered = values.sort().values
+        return ordered[len(ordered) // 2] if len(ordered) % 2 else ordered[len(ordered) // 2 - 1 : len(ordered) // 2 + 1].mean()
 
     def textbook(stacked, weights, tau, iterations):
         n = stacked.shape[0]
-        ordered = stacked.sort(dim=0).values
-        v = ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
+        pairwise = torch.cdist(stacked, stacked)
+        spreads = torch.stack([_median(pairwise[i][torch.arange(n) != i]) for i in range(n)])
+        central = (spreads <= _median(spreads) * (1 + 1e-4)).double()
+        v = (central * weights) @ stacked / (central * weights).sum()
         for _ in range(iterations):
             distance = (stacked - v).norm(dim=1)
             radius = tau * distance.median() if n % 2 else tau * distance.sort().values[n // 2 - 1 : n // 2 + 1].mean()
@@ -760,14 +749,18 @@ def test_centered_clip_matches_the_textbook_iteration():
             if attack:
                 stacked[-1] = -1000 * stacked[0]
             weights = torch.rand(n, generator=generator) + 0.5
-            result, _ = centered_clip(stacked, weights, 1.0, 5)
-            expected = textbook(stacked.double(), weights.double(), 1.0, 5).float()
-            scale = float(stacked.abs().max())
-            assert float((result - expected).abs().max()) <= 1e-5 * scale, (n, attack)
-        if n >= 3:  # a sender of 1e30-sized values (finite in fp32; its squared norm is not) is still clipped
+            for order in (torch.arange(n), torch.arange(n).flip(0)):  # the attacker last, then first
+                result, _ = centered_clip(stacked[order], weights[order], 1.0, 5)
+                expected = textbook(stacked[order].double(), weights[order].double(), 1.0, 5).float()
+                scale = float(stacked.abs().max())
+                assert float((result - expected).abs().max()) <= 1e-5 * scale, (n, attack)
+        if n >= 3:  # a sender of 1e30-sized values (finite in fp32; its squared norm is not) is still clipped,
+            # also when its row comes first (the honest rows' differences must not be rounded away against it)
             stacked[-1] = 1e30
             result, scale = centered_clip(stacked, torch.ones(n), 1.0, 5)
             assert float((result - base).abs().max()) < 1.0 and float(scale[-1]) < 1e-20, n
+            result, scale = centered_clip(stacked.flip(0), torch.ones(n), 1.0, 5)
+            assert float((result - base).abs().max()) < 1.0 and float(scale[0]) < 1e-20, n
     # values so small that their float32 squares are denormal: the Gram matrix falls back to float64, and the
     # result still matches the textbook iteration relative to the (tiny) spread
     for attack in (False, True):

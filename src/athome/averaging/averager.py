@@ -202,7 +202,7 @@ def keep_freed_memory_mapped() -> None:
     A round allocates its received parts and the reducer's temporaries afresh (megabytes each); by default glibc
     serves such blocks with mmap, or trims them off the heap when freed, so every round faulted the same memory in
     again: 4000-7000 page faults per peer per round of 10M floats, and element-wise ops on fresh 1 MB tensors ran
-    5x slower than on reused ones (measured: a 4-row coordinate median 1.40 vs 0.29 ms). Fixed thresholds keep
+    5x slower than on reused ones (measured: a 4-row coordinate-wise median, 1.40 vs 0.29 ms). Fixed thresholds keep
     blocks up to 32 MB on the heap and the heap's free top mapped up to 256 MB. Only the averager process, which
     hivemind runs on its own, is changed; elsewhere (no glibc) this does nothing.
     """

@@ -10,10 +10,15 @@ changes only how one part is aggregated and what is accepted:
 
       v <- v + sum_i w_i (x_i - v) min(1, tau / ||x_i - v||) / sum_i w_i        (``iterations`` times)
 
-  - *Start point*: the coordinate-wise median of the senders' parts. A "previous aggregate" does not exist here: a
-    Moshpit group, its members and the slice a reducer owns change every round. The median is within the honest
-    values coordinate-wise while fewer than half the senders are Byzantine, so the iterations start next to the
-    honest mean instead of having to walk back from an attacker-dragged mean (each iteration moves at most ~tau).
+  - *Start point*: the weighted mean of the central parts, those whose median distance to the other parts is at
+    most the median of these spreads (with 2 senders: both). A "previous aggregate" does not exist here: a Moshpit
+    group, its members and the slice a reducer owns change every round. While fewer than half the senders are
+    Byzantine, every honest part's spread is at most the honest parts' diameter D, so an attacker's part is central
+    only if it lies within about D of honest parts: the iterations start next to the honest mean instead of having
+    to walk back from an attacker-dragged mean (each iteration moves at most ~tau). Unlike a coordinate-wise
+    median, this point lies in the span of the parts, so it costs no pass over the data (the iterations run on the
+    parts' Gram matrix, see :func:`_centered_clip`; measured, 4 x 262144 values: 0.6 ms per part instead of 2.4 ms
+    from a coordinate median).
   - *tau is relative*: ``tau = clip_tau * median_i ||x_i - v||`` recomputed at each iteration. This makes the
     reducer scale-free (the same setting works for gradients and for parameters) and, because the median distance is
     an honest one while attackers are a minority, each attacker's pull on the result is bounded by about
@@ -30,7 +35,7 @@ shape: this reducer treats the sender as *failed* for the rest of the round (exa
 it is excluded from this and later parts and gets no results back, so the sender's own round is incomplete; other
 reducers, which saw finite parts, still use them). NaN never reaches an aggregate. Weight and shape are checked when
 a part arrives, finiteness when the part is reduced: for CenteredClip that is free (all rows are finite if all their
-squared distances from the median are), for the mean it is one check of the weighted sum per part, not per sender.
+squared distances from a reference row are), for the mean it is one check of the weighted sum per part, not per sender.
 
 Evidence: for every sender the reducer records how many elements it contributed, how many were in parts whose
 final clip scale was below ``heavy_clip_scale`` (i.e. the part lay farther than tau/heavy_clip_scale from the
@@ -39,7 +44,6 @@ aggregate), the smallest scale, and any rejection. That is what a verification s
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import math
 from dataclasses import dataclass
@@ -54,6 +58,10 @@ logger = logging.getLogger(__name__)
 ReducerMethod = Literal["mean", "centered_clip"]
 # below this largest squared deviation norm, float32 squares of the deviations may be denormal: G is built in float64
 SMALLEST_SAFE_SQUARE = 1e-30
+# a reference row farther from the start point than this multiple of the central rows' (RMS) distance from it is
+# replaced by the most central row: distances computed from its Gram matrix would cancel away ~log10(ratio^2) digits
+FAR_REFERENCE = 4.0
+CENTRAL_TOLERANCE = 1e-4  # relative; float32 Gram entries carry ~1e-6 relative rounding
 REDUCER_METHODS: Tuple[str, ...] = ("mean", "centered_clip")
 
 
@@ -93,84 +101,8 @@ def all_finite(tensor: torch.Tensor) -> bool:
     return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
 
 
-def coordinate_median(stacked: Union[torch.Tensor, Sequence[torch.Tensor]]) -> torch.Tensor:
-    """Coordinate-wise median of ``n`` same-shaped tensors, averaging the two middle values when ``n`` is even.
-
-    :param stacked: a tensor whose dim 0 indexes the ``n`` tensors, or a sequence of them (no stacked copy needed)
-    """
-    rows = list(stacked.unbind(0)) if isinstance(stacked, torch.Tensor) else list(stacked)
-    n = len(rows)
-    if n == 1:
-        return rows[0].clone()
-    if n == 2:
-        return (rows[0] + rows[1]) / 2
-    if n == 3:  # median of three: max(min(a, b), min(max(a, b), c)), 4 elementwise ops
-        a, b, c = rows
-        low, high = torch.minimum(a, b), torch.maximum(a, b)
-        return torch.maximum(low, torch.minimum(high, c, out=high), out=low)
-    if n == 4:  # the two middle values of four: max of the pair minima and min of the pair maxima, 6 ops
-        # (in place, into three buffers instead of eight: fresh 512 KB tensors cost page faults; measured, 131072
-        # elements with results kept alive as in the reducer: 155-210 us instead of 250-340 us)
-        a, b, c, d = rows
-        low, high, scratch = torch.minimum(a, b), torch.maximum(a, b), torch.minimum(c, d)
-        torch.maximum(low, scratch, out=low)
-        torch.minimum(high, torch.maximum(c, d, out=scratch), out=high)
-        return low.add_(high).div_(2)
-    if n <= 16:
-        # a selection network of elementwise min/max: ~10x faster than torch.sort along a short leading dimension
-        # (which dominated the all-reduce time with 128K-element parts)
-        for low, high, need_min, need_max in _median_network(n):
-            a, b = rows[low], rows[high]
-            if need_min:
-                rows[low] = torch.minimum(a, b)
-            if need_max:
-                rows[high] = torch.maximum(a, b)
-    else:
-        rows = torch.stack(rows).sort(dim=0).values
-    if n % 2:
-        return rows[n // 2].clone()
-    return (rows[n // 2 - 1] + rows[n // 2]) / 2
-
-
-@functools.lru_cache(maxsize=None)
-def _median_network(n: int) -> Tuple[Tuple[int, int, bool, bool], ...]:
-    """Comparators ``(low, high, need_min, need_max)`` that bring the middle value of ``n`` wires to wire ``n // 2``
-    (for even ``n``, the two middle values to wires ``n // 2 - 1`` and ``n // 2``, in either order).
-
-    Batcher's odd-even merge sort network, less what no middle output depends on: whole comparators, the halves of
-    comparators whose other output nothing reads, and (even ``n``) the last one, which only orders the two middle
-    values. For n = 8: 26 min/max ops instead of the 56 of an odd-even transposition sort, n = 16: 90 instead of
-    240 (measured, 262144 values per row: 2.1 vs 4.1 ms and 10 vs 23 ms). A 4-row median is hand-written in
-    :func:`coordinate_median`.
-    """
-    size = 1 << max(n - 1, 0).bit_length()
-    pairs = []
-    merge = 1
-    while merge < size:
-        step = merge
-        while step >= 1:
-            for start in range(step % merge, size - step, 2 * step):
-                for offset in range(min(step, size - start - step)):
-                    low, high = start + offset, start + offset + step
-                    # same merge block, and both wires real (a wire past n holds +inf and never moves)
-                    if low // (2 * merge) == high // (2 * merge) and high < n:
-                        pairs.append((low, high))
-            step //= 2
-        merge *= 2
-    needed = {n // 2} if n % 2 else {n // 2 - 1, n // 2}
-    last = max((index for index, pair in enumerate(pairs) if set(pair) & needed), default=None)
-    if last is not None and set(pairs[last]) == needed:
-        del pairs[last]
-    kept = []
-    for low, high in reversed(pairs):
-        if low in needed or high in needed:
-            kept.append((low, high, low in needed, high in needed))
-            needed |= {low, high}
-    return tuple(reversed(kept))
-
-
 def _median_of_floats(values: Sequence[float]) -> float:
-    """The same median as :func:`coordinate_median` (mean of the two middle values for even counts), of floats."""
+    """The median of floats, the mean of the two middle values for even counts."""
     ordered = sorted(values)
     middle = len(ordered) // 2
     return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
@@ -198,43 +130,83 @@ def _centered_clip(
     iterations: int,
     workspace: Optional[Dict[tuple, Tuple[torch.Tensor, Optional[torch.Tensor]]]] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, List[float]]:
-    """:func:`centered_clip` of 1-D ``rows``; also returns the squared distances of the rows from the median.
+    """:func:`centered_clip` of 1-D ``rows``; also returns the squared distances of the rows from a reference row.
 
-    If every squared distance is finite, every row is finite: a NaN/Inf at a coordinate where the median is finite
-    makes that row's deviation non-finite, and a non-finite median coordinate makes every row's deviation there
-    non-finite (x - Inf, Inf - Inf, x - NaN). The converse fails only if a finite deviation exceeds the float32
-    range (rows of opposite signs near 3e38); the squares of float32 values cannot overflow G's float64.
+    If every squared distance is finite, every row is finite: a NaN/Inf in a row other than the reference makes that
+    row's deviation non-finite, and one in the reference makes every other row's deviation non-finite (x - Inf,
+    Inf - Inf, x - NaN); a single row is checked directly. The converse fails only if a finite deviation exceeds the
+    float32 range (rows of opposite signs near 3e38); the squares of float32 values cannot overflow G's float64.
 
     :param workspace: buffers kept between calls, keyed by shape and dtype (a caller reducing part after part saves
       the page faults of fresh multi-megabyte buffers: measured ~15% of the time per part)
     """
-    # Every iterate lies in  median + span(rows of Y),  Y = rows - median, so it is kept as coefficients beta
-    # (center = median + beta @ Y) and distances come from the Gram matrix G = Y Y^T:
-    #   ||y_i - beta @ Y||^2 = G_ii - 2 (G beta)_i + beta^T G beta.
-    # The d-sized work is then 3 passes (Y, G, the final combination) instead of 3 per iteration. G is built from
-    # deviations from the median, so the subtraction does not cancel catastrophically, and in float32: 4x faster
-    # than float64 (measured, 4 x 262144: 0.32 vs 1.27 ms, the largest cost of the reducer), with a relative error
-    # of ~1e-6 on distances that only set clip scales. Where float32 cannot hold G (squares overflowing past ~1e19,
-    # as a sender of 1e30-sized values would make them, or underflowing below ~1e-19) it is recomputed in float64.
-    # The n-sized iterations run on Python floats (float64): as n-element tensors their ~10 small ops per
-    # iteration cost a third of the whole call (measured: 330 of 1030 us for n=4, d=131072; same results).
-    dtype = rows[0].dtype
-    median = coordinate_median(rows)
-    key = (len(rows), median.numel(), dtype)
+    # Every iterate lies in the affine hull of the rows,  x_r + span(Y),  Y = rows - x_r for a reference row r, so
+    # it is kept as coefficients beta (center = x_r + beta @ Y) and every distance comes from the Gram matrix
+    # G = Y Y^T:  ||y_i - beta @ Y||^2 = G_ii - 2 (G beta)_i + beta^T G beta,  ||x_i - x_j||^2 = G_ii + G_jj - 2 G_ij.
+    # The d-sized work is n - 1 subtractions, G and the final combination; the n-sized iterations, the start point
+    # and the clip radii cost nothing next to them (Python floats, float64; as n-element tensors their ~10 small
+    # ops per iteration cost a third of the whole call). The reference must be an honest-looking row: deviations
+    # from a far-away row (an attacker's x1000 or 1e30 values) would round the honest rows' differences away in
+    # float32. The first row is tried; if it is far from most rows, Y and G are recomputed from the most central row.
+    # G is computed in float32 (4x faster than float64; measured, 4 x 262144: 0.32 vs 1.27 ms), with a relative
+    # error of ~1e-6 on distances that only set clip scales; where float32 cannot hold G (squares overflowing past
+    # ~1e19, or underflowing below ~1e-19) it is recomputed in float64.
+    n, dtype = len(rows), rows[0].dtype
+    if n == 1:
+        squared_norms = [0.0 if all_finite(rows[0]) else math.inf]
+        return rows[0].clone(), torch.ones(1, dtype=dtype), squared_norms
+    reference = 0
+    gram, deviations = _gram_from(rows, reference, workspace)
+    if gram is None:  # every row equals the first (replicas that have not diverged since the last round)
+        return rows[0].clone(), torch.ones(n, dtype=dtype), [0.0] * n
+    fractions = (weights / weights.sum()).double().tolist()
+    beta, central, spreads = _start_point(gram, fractions)
+    if not central[reference]:
+        distance = _distances(gram, beta)
+        typical = math.sqrt(sum(d * d for d, c in zip(distance, central) if c) / sum(central))
+        if not distance[reference] <= FAR_REFERENCE * typical:  # also when not finite
+            reference = min(range(n), key=spreads.__getitem__)
+            gram, deviations = _gram_from(rows, reference, workspace)
+            if gram is None:  # only non-finite rows can look far from rows they equal
+                gram = [[math.nan] * n for _ in range(n)]
+            beta, central, spreads = _start_point(gram, fractions)
+    squared_norms = [gram[i][i] for i in range(n)]
+
+    def clip_scale(beta: List[float]) -> List[float]:
+        distance = _distances(gram, beta)
+        radius = clip_tau * _median_of_floats(distance)
+        return [radius / max(dist, 1e-30) if dist > radius else 1.0 for dist in distance]
+
+    for _ in range(iterations):
+        step = [fraction * scale for fraction, scale in zip(fractions, clip_scale(beta))]
+        total = sum(step)  # center += sum_i step_i (y_i - center)
+        beta = [b * (1 - total) + s for b, s in zip(beta, step)]
+    others = beta[:reference] + beta[reference + 1 :]  # the reference row's deviation is zero: not in Y
+    center = torch.addmv(rows[reference], deviations.T, torch.tensor(others, dtype=dtype))
+    return center, torch.tensor(clip_scale(beta), dtype=dtype), squared_norms
+
+
+def _gram_from(
+    rows: List[torch.Tensor], reference: int, workspace: Optional[Dict[tuple, Tuple[torch.Tensor, Optional[torch.Tensor]]]]
+) -> Tuple[Optional[List[List[float]]], torch.Tensor]:
+    """``(G, Y)``: the deviations ``Y`` of the rows other than ``reference`` from it (a workspace buffer), and the
+    ``n x n`` Gram matrix of all rows' deviations as float64 lists (the reference's row and column are zeros).
+    G is None if every deviation is zero."""
+    n, dtype = len(rows), rows[0].dtype
+    key = (n - 1, rows[0].numel(), dtype)
     buffers = workspace.get(key) if workspace is not None else None
     if buffers is None:
         buffers = torch.empty(key[:2], dtype=dtype), None
         if workspace is not None:
             workspace[key] = buffers
     deviations, deviations64 = buffers
-    for row, deviation in zip(rows, deviations.unbind(0)):
-        torch.sub(row, median, out=deviation)
+    others = rows[:reference] + rows[reference + 1 :]
+    for row, deviation in zip(others, deviations.unbind(0)):
+        torch.sub(row, rows[reference], out=deviation)
     gram_tensor = deviations @ deviations.T
     largest_square = float(gram_tensor.diagonal().max())
     if largest_square == 0.0 and not bool(deviations.any()):
-        # every row equals the median (replicas that have not diverged since the last round): it is the answer, and
-        # the float64 path below would only recompute zeros (measured, 4 x 262144 identical rows: 1.3 instead of 2.2 ms)
-        return median, torch.ones(len(rows), dtype=dtype), [0.0] * len(rows)
+        return None, deviations
     if not (bool(torch.isfinite(gram_tensor).all()) and largest_square > SMALLEST_SAFE_SQUARE):
         # float32 squares overflowed (values beyond ~1e19), a row is not finite, or the spread is so small that
         # float32 squares lose precision: the same Gram matrix in float64 (4x slower: not the common case)
@@ -243,25 +215,45 @@ def _centered_clip(
             if workspace is not None:
                 workspace[key] = deviations, deviations64
         gram_tensor = deviations64.copy_(deviations) @ deviations64.T
-    gram = gram_tensor.double().tolist()
-    n = len(rows)
-    squared_norms = [gram[i][i] for i in range(n)]
-    fractions = (weights / weights.sum()).double().tolist()
-    beta = [0.0] * n
+    partial = gram_tensor.double().tolist()
+    for row in partial:
+        row.insert(reference, 0.0)
+    partial.insert(reference, [0.0] * n)
+    return partial, deviations
 
-    def clip_scale(beta: List[float]) -> List[float]:
-        gram_beta = [sum(g * b for g, b in zip(gram_row, beta)) for gram_row in gram]
-        beta_gram_beta = sum(b * g for b, g in zip(beta, gram_beta))
-        distance = [math.sqrt(max(s - 2 * g + beta_gram_beta, 0.0)) for s, g in zip(squared_norms, gram_beta)]
-        radius = clip_tau * _median_of_floats(distance)
-        return [radius / max(dist, 1e-30) if dist > radius else 1.0 for dist in distance]
 
-    for _ in range(iterations):
-        step = [fraction * scale for fraction, scale in zip(fractions, clip_scale(beta))]
-        total = sum(step)  # center += sum_i step_i (y_i - center)
-        beta = [b * (1 - total) + s for b, s in zip(beta, step)]
-    center = torch.addmv(median, deviations.T, torch.tensor(beta, dtype=dtype))
-    return center, torch.tensor(clip_scale(beta), dtype=dtype), squared_norms
+def _start_point(gram: List[List[float]], fractions: List[float]) -> Tuple[List[float], List[bool], List[float]]:
+    """``(beta, central, spreads)``: each row's median distance to the others (``spreads``), the central rows (spread
+    at most the median spread, within rounding, so that rows tied up to rounding are all in or all out, whatever
+    their order), and the coefficients of their weighted mean, the start point."""
+    spreads = _median_distances(gram)
+    finite = [spread for spread in spreads if not math.isnan(spread)]
+    limit = _median_of_floats(finite) * (1 + CENTRAL_TOLERANCE) if finite else math.nan
+    central = [spread <= limit for spread in spreads]
+    if not any(central):
+        central = [True] * len(spreads)
+    weighted = [f if c else 0.0 for c, f in zip(central, fractions)]
+    total = sum(weighted)
+    if total <= 0:  # every central row has weight 0
+        weighted, total = [float(c) for c in central], sum(central)
+    return [w / total for w in weighted], central, spreads
+
+
+def _distances(gram: List[List[float]], beta: List[float]) -> List[float]:
+    """Distances of every row from the point with coefficients ``beta``."""
+    gram_beta = [sum(g * b for g, b in zip(gram_row, beta)) for gram_row in gram]
+    beta_gram_beta = sum(b * g for b, g in zip(beta, gram_beta))
+    return [math.sqrt(max(gram[i][i] - 2 * g + beta_gram_beta, 0.0)) for i, g in enumerate(gram_beta)]
+
+
+def _median_distances(gram: List[List[float]]) -> List[float]:
+    """For each row, the median of its distances to the other rows (NaN stays NaN: never the minimum)."""
+    n = len(gram)
+    spreads = []
+    for i in range(n):
+        distances = [math.sqrt(max(gram[i][i] + gram[j][j] - 2 * gram[i][j], 0.0)) for j in range(n) if j != i]
+        spreads.append(math.nan if any(map(math.isnan, distances)) else _median_of_floats(distances))
+    return spreads
 
 
 class RobustTensorPartReducer(TensorPartReducer):
@@ -451,7 +443,7 @@ class RobustTensorPartReducer(TensorPartReducer):
         contributions = self._contributions
         if self.method == "centered_clip":
             result, weights, scale, finite = self._clip(contributions)
-            if not finite:  # some row is not finite, or its deviation from the median overflowed float32
+            if not finite:  # some row is not finite, or its deviation from the reference row overflowed float32
                 kept = self._drop_non_finite(contributions)
                 if not kept:
                     return None
@@ -485,7 +477,7 @@ class RobustTensorPartReducer(TensorPartReducer):
         self, contributions: List[Tuple[int, torch.Tensor, float]]
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
         """CenteredClip of one part's contributions: (result, capped weights, scale, whether every row's squared
-        distance from the median is finite, which is the case for every finite row (see :func:`_centered_clip`)."""
+        distance from the reference row is finite, which is the case for every finite row (see :func:`_centered_clip`)."""
         rows = [part.reshape(-1).to(torch.float32) for _, part, _ in contributions]
         claimed = torch.tensor([weight for _, _, weight in contributions], dtype=torch.float32)
         positive = [weight for weight in claimed.tolist() if weight > 0]
