@@ -201,6 +201,28 @@ def test_reducer_equals_mean_without_attacker():
 
 
 @pytest.mark.parametrize("method", ["centered_clip", "mean"])
+def test_reducer_writes_aggregates_into_given_outputs(method):
+    """With ``outputs``, each part's aggregate is that tensor (what the runner relies on to skip a copy), with the
+    same values as without, also when a part with NaN is dropped after it was summed."""
+    torch.manual_seed(6)
+    shapes = [torch.Size([4, 8]), torch.Size([16])]
+    inputs = [[torch.randn(shape) for shape in shapes] for _ in range(4)]
+    inputs[3][1][0] = float("nan")
+    weights = [1.0, 2.0, 1.0, 1.0]
+    outputs = [torch.full((shape.numel(),), 7.0) for shape in shapes]
+    results, _ = _run_reducer(
+        lambda: RobustTensorPartReducer(shapes, 4, method=method, outputs=outputs), inputs, weights
+    )
+    expected, _ = _run_reducer(lambda: RobustTensorPartReducer(shapes, 4, method=method), inputs, weights)
+    assert results[3] is None and expected[3] is None
+    for part_index, output in enumerate(outputs):
+        assert results[0][part_index].data_ptr() == output.data_ptr()
+        assert torch.allclose(results[0][part_index], expected[0][part_index], atol=1e-6)
+    with pytest.raises(ValueError, match="float32"):
+        RobustTensorPartReducer(shapes, 4, outputs=[output.half() for output in outputs])
+
+
+@pytest.mark.parametrize("method", ["centered_clip", "mean"])
 def test_reducer_rejects_non_finite_parts_when_it_reduces_them(method):
     """Finiteness is checked when a part is reduced, not when it arrives, with the same contract: the sender of a
     NaN/Inf part gets no result for it, is excluded from it and every later part, and the other senders get the

@@ -56,7 +56,8 @@ from athome.averaging.reducer import all_finite
 logger = logging.getLogger(__name__)
 
 ACCUMULATE_AHEAD = 4  # parts of one sender handed to the reducer before the oldest one's aggregate is taken
-ReducerFactory = Callable[[Sequence[torch.Size], int], TensorPartReducer]
+# (part_shapes, num_senders, outputs) -> reducer; outputs: where each part's aggregate may be written, or None
+ReducerFactory = Callable[[Sequence[torch.Size], int, Optional[Sequence[torch.Tensor]]], TensorPartReducer]
 
 
 def _retrieve_exception(task: asyncio.Future) -> None:
@@ -76,7 +77,9 @@ class RoundTimeoutError(AllreduceException):
 class RobustAllReduceRunner(AllReduceRunner):
     """hivemind's AllReduceRunner with a custom reducer, athome codecs, result checks and traffic accounting.
 
-    :param reducer_factory: ``(part_shapes, num_senders) -> TensorPartReducer`` used instead of hivemind's reducer
+    :param reducer_factory: ``(part_shapes, num_senders, outputs) -> TensorPartReducer`` used instead of hivemind's
+      reducer; ``outputs`` are this peer's output slices for its own slice (float32 tensors only, else None): a
+      reducer that writes each aggregate there saves copying it
     :param dataplane: this process's direct TCP data plane (None: p2p only); its server hands authenticated
       connections to :meth:`serve_tcp_sender`
     :param outputs: where the aggregates go (:class:`~athome.averaging.outputs.AveragedPartContainer`): one tensor
@@ -123,8 +126,15 @@ class RobustAllReduceRunner(AllReduceRunner):
         # hivemind's __init__ has already built a plain TensorPartReducer; mark it finished so that its finalize()
         # (run from __del__) does not log a bogus "received 0% of input tensors", then replace it.
         self.tensor_part_reducer.finished.set()
+        own_index = self.ordered_peer_ids.index(self.peer_id)
+        own_outputs = [
+            self.tensor_part_container.output_slice(own_index, part_index)
+            for part_index in range(len(self.parts_for_local_averaging))
+        ]
+        if not all(out.dtype == torch.float32 for out in own_outputs):
+            own_outputs = None
         self.tensor_part_reducer = reducer_factory(
-            tuple(part.shape for part in self.parts_for_local_averaging), len(self.sender_peer_ids)
+            tuple(part.shape for part in self.parts_for_local_averaging), len(self.sender_peer_ids), own_outputs
         )
         self.bytes_sent = 0
         self.bytes_received = 0

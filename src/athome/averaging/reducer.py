@@ -129,6 +129,7 @@ def _centered_clip(
     clip_tau: float,
     iterations: int,
     workspace: Optional[Dict[tuple, Tuple[torch.Tensor, Optional[torch.Tensor]]]] = None,
+    out: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, List[float]]:
     """:func:`centered_clip` of 1-D ``rows``; also returns the squared distances of the rows from a reference row.
 
@@ -139,6 +140,7 @@ def _centered_clip(
 
     :param workspace: buffers kept between calls, keyed by shape and dtype (a caller reducing part after part saves
       the page faults of fresh multi-megabyte buffers: measured ~15% of the time per part)
+    :param out: a 1-D tensor of the rows' size and dtype that receives the aggregate (else a new tensor)
     """
     # Every iterate lies in the affine hull of the rows,  x_r + span(Y),  Y = rows - x_r for a reference row r, so
     # it is kept as coefficients beta (center = x_r + beta @ Y) and every distance comes from the Gram matrix
@@ -154,11 +156,11 @@ def _centered_clip(
     n, dtype = len(rows), rows[0].dtype
     if n == 1:
         squared_norms = [0.0 if all_finite(rows[0]) else math.inf]
-        return rows[0].clone(), torch.ones(1, dtype=dtype), squared_norms
+        return _copy(rows[0], out), torch.ones(1, dtype=dtype), squared_norms
     reference = 0
     gram, deviations = _gram_from(rows, reference, workspace)
     if gram is None:  # every row equals the first (replicas that have not diverged since the last round)
-        return rows[0].clone(), torch.ones(n, dtype=dtype), [0.0] * n
+        return _copy(rows[0], out), torch.ones(n, dtype=dtype), [0.0] * n
     fractions = (weights / weights.sum()).double().tolist()
     beta, central, spreads = _start_point(gram, fractions)
     if not central[reference]:
@@ -182,8 +184,12 @@ def _centered_clip(
         total = sum(step)  # center += sum_i step_i (y_i - center)
         beta = [b * (1 - total) + s for b, s in zip(beta, step)]
     others = beta[:reference] + beta[reference + 1 :]  # the reference row's deviation is zero: not in Y
-    center = torch.addmv(rows[reference], deviations.T, torch.tensor(others, dtype=dtype))
+    center = torch.addmv(rows[reference], deviations.T, torch.tensor(others, dtype=dtype), out=out)
     return center, torch.tensor(clip_scale(beta), dtype=dtype), squared_norms
+
+
+def _copy(row: torch.Tensor, out: Optional[torch.Tensor]) -> torch.Tensor:
+    return row.clone() if out is None else out.copy_(row)
 
 
 def _gram_from(
@@ -267,6 +273,8 @@ class RobustTensorPartReducer(TensorPartReducer):
     :param clip_iterations: CenteredClip iterations per part
     :param max_weight_ratio: (centered_clip) cap claimed weights at this multiple of the median positive weight
     :param heavy_clip_scale: parts whose final clip scale is below this count as "clipped" in the evidence
+    :param outputs: per part, a float32 tensor of the part's size that receives its aggregate (the runner passes the
+      output slices of its own slice: the aggregate then needs no copy there); None allocates them
     """
 
     def __init__(
@@ -274,6 +282,7 @@ class RobustTensorPartReducer(TensorPartReducer):
         part_shapes: Sequence[torch.Size],
         num_senders: int,
         *,
+        outputs: Optional[Sequence[torch.Tensor]] = None,
         method: ReducerMethod = "centered_clip",
         clip_tau: float = 1.0,
         clip_iterations: int = 5,
@@ -290,6 +299,14 @@ class RobustTensorPartReducer(TensorPartReducer):
         self.num_parts_accumulated = [0 for _ in range(num_senders)]
         self._contributions: List[Tuple[int, torch.Tensor, float]] = []
         self._workspace: Dict[tuple, Tuple[torch.Tensor, Optional[torch.Tensor]]] = {}  # CenteredClip buffers, per part
+        if outputs is not None:
+            if len(outputs) != len(part_shapes) or any(
+                out.dtype != torch.float32 or out.numel() != shape.numel() or not out.is_contiguous()
+                for out, shape in zip(outputs, part_shapes)
+            ):
+                raise ValueError("outputs must be contiguous float32 tensors, one of each part's size")
+            outputs = [out.view(shape) for out, shape in zip(outputs, part_shapes)]
+        self._outputs = outputs
         super().__init__(part_shapes, num_senders)  # calls self.reset_accumulators()
 
     def reset_accumulators(self):
@@ -303,9 +320,16 @@ class RobustTensorPartReducer(TensorPartReducer):
         self.current_part_future = asyncio.Future()
         self.num_current_senders = sum(self.current_part_index < failed for failed in self.sender_failed_after)
         self._contributions = []
-        # "mean" accumulates as parts arrive, like hivemind; "centered_clip" needs all parts at once
-        self.accumulator = torch.zeros(self.part_shapes[self.current_part_index]) if self.method == "mean" else None
+        # "mean" accumulates as parts arrive, like hivemind (the first part with a positive weight initializes it);
+        # "centered_clip" needs all parts at once
+        self.accumulator = self._output(self.current_part_index) if self.method == "mean" else None
         self.denominator = 0.0
+
+    def _output(self, part_index: int) -> torch.Tensor:
+        """Where the aggregate of part ``part_index`` goes (uninitialized)."""
+        if self._outputs is not None:
+            return self._outputs[part_index]
+        return torch.empty(self.part_shapes[part_index])
 
     async def accumulate_part(
         self, sender_index: int, part_index: int, tensor_part: torch.Tensor, weight: float = 1.0
@@ -413,9 +437,17 @@ class RobustTensorPartReducer(TensorPartReducer):
         record.elements += part.numel()
         record.claimed_weight = record.used_weight = weight
         self._contributions.append((sender, part, weight))  # "mean" keeps them too, in case one is not finite
-        if self.method == "mean" and weight > 0:
+        if self.method == "mean":
+            self._accumulate(part, weight)
+
+    def _accumulate(self, part: torch.Tensor, weight: float) -> None:
+        if weight <= 0:
+            return
+        if self.denominator == 0:
+            torch.mul(part, weight, out=self.accumulator)
+        else:
             self.accumulator.add_(part, alpha=weight)
-            self.denominator += weight
+        self.denominator += weight
 
     def _drop_non_finite(self, contributions: List[Tuple[int, torch.Tensor, float]]):
         """Reject the senders of the non-finite parts among ``contributions`` (of the current part); return the rest.
@@ -455,16 +487,14 @@ class RobustTensorPartReducer(TensorPartReducer):
         # "mean": one finiteness check of the weighted sum instead of one per part (a sum of parts with positive
         # weights is finite only if each of them is: NaN and Inf propagate, Inf - Inf is NaN); zero-weight parts
         # are not in the sum and are checked one by one
-        if not (all_finite(self.accumulator) and all(all_finite(part) for _, part, w in contributions if w == 0)):
+        summed_finite = self.denominator == 0 or all_finite(self.accumulator)
+        if not (summed_finite and all(all_finite(part) for _, part, w in contributions if w == 0)):
             kept = self._drop_non_finite(contributions)
             if len(kept) < len(contributions):
                 contributions = kept
-                self.accumulator.zero_()
                 self.denominator = 0.0
                 for _, part, weight in contributions:
-                    if weight > 0:
-                        self.accumulator.add_(part, alpha=weight)
-                        self.denominator += weight
+                    self._accumulate(part, weight)
         if not contributions:
             return None
         if self.denominator > 0:
@@ -485,8 +515,9 @@ class RobustTensorPartReducer(TensorPartReducer):
             weights = torch.ones_like(claimed)
         else:
             weights = claimed.clamp_max(self.max_weight_ratio * _median_of_floats(positive))
+        out = self._outputs[self.current_part_index].view(-1) if self._outputs is not None else None
         result, scale, squared_norms = _centered_clip(
-            rows, weights, self.clip_tau, self.clip_iterations, self._workspace
+            rows, weights, self.clip_tau, self.clip_iterations, self._workspace, out=out
         )
         finite = all(math.isfinite(value) for value in squared_norms)
         return result.reshape(contributions[0][1].shape), weights, scale, finite
@@ -527,10 +558,13 @@ class ReducerSettings:
         if not self.clip_tau > 0 or self.clip_iterations < 1 or not self.max_weight_ratio > 0:
             raise ValueError("clip_tau and max_weight_ratio must be positive, clip_iterations >= 1")
 
-    def build(self, part_shapes: Sequence[torch.Size], num_senders: int) -> RobustTensorPartReducer:
+    def build(
+        self, part_shapes: Sequence[torch.Size], num_senders: int, outputs: Optional[Sequence[torch.Tensor]] = None
+    ) -> RobustTensorPartReducer:
         return RobustTensorPartReducer(
             part_shapes,
             num_senders,
+            outputs=outputs,
             method=self.method,
             clip_tau=self.clip_tau,
             clip_iterations=self.clip_iterations,
