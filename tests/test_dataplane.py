@@ -67,7 +67,7 @@ def test_tickets_hello_and_frames_over_tcp():
 
         async def handler(group_id, peer_id, connection):
             served.append((group_id, peer_id))
-            await connection.loop.sock_sendall(connection.sock, ACK_OK)
+            await connection.send_all(ACK_OK)
             frame = await connection.recv_frame(KIND_PART, 0, 6)
             received.append(decode_payload(frame, torch.Size([2, 3])))
             await connection.send_frame(KIND_RESULT, 0, *encode_part(received[-1] * 2, get_codec("none")))
@@ -141,10 +141,10 @@ def test_a_clean_connection_carries_the_next_round_without_a_ticket():
 
         async def handler(group_id, peer_id, connection):
             if group_id == b"refused":
-                await connection.loop.sock_sendall(connection.sock, ACK_REFUSED)
+                await connection.send_all(ACK_REFUSED)
                 return False
             rounds.append(group_id)
-            await connection.loop.sock_sendall(connection.sock, ACK_OK)
+            await connection.send_all(ACK_OK)
             frame = await connection.recv_frame(KIND_PART, 0, 2)
             await connection.send_frame(KIND_RESULT, 0, *encode_part(frame.payload + 1, get_codec("none")))
             return True  # clean: the sender may start its next round here

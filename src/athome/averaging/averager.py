@@ -739,9 +739,9 @@ class RobustAveragingMixin:
             or peer_id not in runner.sender_peer_ids
             or str(peer_id) in self._banned_peers
         ):
-            await connection.loop.sock_sendall(connection.sock, ACK_REFUSED)
+            await connection.send_all(ACK_REFUSED)
             return False
-        await connection.loop.sock_sendall(connection.sock, ACK_OK)
+        await connection.send_all(ACK_OK)
         return await runner.serve_tcp_sender(peer_id, connection)
 
     # invite-only runs: only members may join our groups, send us parts or download our state (athome.dht.auth)
