@@ -362,3 +362,20 @@ def test_peer_killed_mid_tcp_stream_does_not_hang_the_others(dhts, victim_dht, m
         victim.join(5)
         for averager in survivors:
             averager.shutdown()
+
+
+def test_socket_buffers_are_fixed_only_where_the_kernel_grants_them(monkeypatch):
+    """A buffer capped by net.core.rmem_max would also turn autotuning off: below the size, leave the kernel's."""
+    from athome.averaging import dataplane
+
+    def buffer_after_tune(limit: int) -> int:
+        monkeypatch.setattr(dataplane, "_kernel_limit", lambda name: limit)
+        with socket.socket() as sock:
+            dataplane._tune(sock)
+            return sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+
+    with socket.socket() as fresh:
+        default = fresh.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    assert buffer_after_tune(212992) == default  # the usual default rmem_max: autotuning stays on
+    if dataplane._kernel_limit.__wrapped__("rmem_max") >= dataplane.SOCKET_BUFFER:
+        assert buffer_after_tune(dataplane.SOCKET_BUFFER) >= dataplane.SOCKET_BUFFER

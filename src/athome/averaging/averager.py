@@ -94,7 +94,7 @@ from athome.verification.downloads import (
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_PART_VALUES = 2**18  # fp32 values per streamed part by default (1 MiB uncompressed)
+DEFAULT_PART_VALUES = 2**19  # values per streamed part by default (2 MiB of fp32); half as many for coded parts
 PART_PROPOSAL = "athome.part_bytes"  # marks gathered data that carries a member's part size proposal
 MAX_PARTS = 4096  # parts per vector a group may agree on (10M fp32 in 128 KiB parts: 306)
 
@@ -234,7 +234,7 @@ class RobustAveragingMixin:
       (5 s gave false failures with 8 peers of 10M floats on a loaded 2-core box: one part can stall that long)
     :param torch_threads: torch intra-op threads inside the averager process (None: leave torch's default)
     :param part_size_bytes: (hivemind's) size of the parts a vector is streamed in, after compression; athome's
-      default is 256K values per part (1 MiB with "none", 512 KiB with "fp16", 256 KiB with "uint8"). It is the
+      default is 512K values per part with "none" (2 MiB), 256K with a codec (512 KiB "fp16", 256 KiB "uint8"). It is the
       ceiling: once a round has measured this peer's throughput, it proposes ~40 ms worth of sending (at least
       128 KiB), and each group streams in the smallest part size its members proposed
     :param direct_tcp: move tensor parts over the direct TCP data plane (:mod:`.dataplane`) where possible
@@ -278,12 +278,14 @@ class RobustAveragingMixin:
         self.reducer_settings = ReducerSettings(reducer, clip_tau, clip_iterations, max_weight_ratio, heavy_clip_scale)
         codec = get_codec(compression)
         _check_state_compression(kwargs.get("state_compression"))
-        # 1 MiB fp32 parts instead of hivemind's 512 KiB: measured -17% CPU per round (averager + p2pd, 4 peers x
-        # 10M fp32 on 2 cores: 2.05 vs 2.47 CPU-s). Slower links get smaller parts once measured (timeouts.py). The
-        # size counts values, not compressed bytes: 4x larger uint8 parts left too few parts to overlap
-        # quantization with transfer (measured 1.8x the wall time of codec "none" at N=4)
+        # 2 MiB fp32 parts instead of hivemind's 512 KiB: each part costs every member Python work on both sides of
+        # each connection (measured, 4 peers x 10M fp32 on 2 cores: averager user CPU 22-28 ms per round with 2 MiB
+        # parts, 27-36 with 1 MiB; hivemind's 512 KiB cost 17% more than 1 MiB). Slower links get smaller parts once
+        # measured (timeouts.py). Coded parts hold half as many values, so that encoding a part overlaps sending
+        # the previous ones (uint8 parts of 4x the values took 1.8x the wall time of codec "none" at N=4)
         ratio = codec.estimate_compression_ratio(CompressionInfo.from_tensor(torch.zeros(1)))
-        kwargs.setdefault("part_size_bytes", int(DEFAULT_PART_VALUES * 4 * ratio))
+        values = DEFAULT_PART_VALUES if ratio >= 1 else DEFAULT_PART_VALUES // 2
+        kwargs.setdefault("part_size_bytes", int(values * 4 * ratio))
         if min_chunk_timeout is None:
             min_chunk_timeout = kwargs.get("next_chunk_timeout") or 10.0
         self._adaptive_timeouts = AdaptiveTimeouts(

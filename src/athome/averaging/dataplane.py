@@ -40,6 +40,7 @@ the power of one Byzantine group member at most; runs that need confidentiality 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import secrets
 import socket
@@ -72,7 +73,7 @@ DTYPES: Tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.float64, 
 _DTYPE_CODES = {dtype: code for code, dtype in enumerate(DTYPES, start=1)}
 _NUMPY_NAMES = {"float32": torch.float32, "float16": torch.float16, "float64": torch.float64, "bfloat16": torch.bfloat16}
 CODED_OVERHEAD = 64 << 10  # the most a codec may add to a part beyond 8 bytes per value (codebooks, scales)
-SOCKET_BUFFER = 4 << 20  # bytes; large buffers let one recv/send move most of a 1 MiB part
+SOCKET_BUFFER = 4 << 20  # bytes; large buffers let one recv/send move most of a part
 RECV_LOW_WATER = 256 << 10  # bytes queued before a reader wakes up (less when a frame needs less)
 SENDMSG_MAX_BUFFERS = 64  # buffers per sendmsg call (the kernel's limit, IOV_MAX, is 1024)
 TICKET_UID = "athome.dataplane.ticket"
@@ -317,11 +318,25 @@ class FrameConnection:
 def _tune(sock: socket.socket) -> None:
     sock.setblocking(False)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
-        except OSError:  # capped by the kernel: the default is fine, only slower
-            pass
+    for option, limit in ((socket.SO_SNDBUF, "wmem_max"), (socket.SO_RCVBUF, "rmem_max")):
+        # A fixed buffer turns Linux's autotuning off for this socket, and the kernel caps it at net.core.*mem_max:
+        # at the usual default (208 KiB) that would pin the window far below a long fat link's needs (100 Mbit/s
+        # over 80 ms takes 1 MB in flight), so set it only where the kernel grants the whole size
+        if _kernel_limit(limit) >= SOCKET_BUFFER:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
+            except OSError:
+                pass
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel_limit(name: str) -> int:
+    """``/proc/sys/net/core/<name>`` in bytes (0 where it cannot be read: not Linux, or hidden)."""
+    try:
+        with open(f"/proc/sys/net/core/{name}") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 class TicketBook:

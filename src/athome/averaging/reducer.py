@@ -359,11 +359,9 @@ class RobustTensorPartReducer(TensorPartReducer):
         self.num_parts_received[sender_index] += 1
 
         while part_index > self.current_part_index:
-            finished_task = asyncio.create_task(self.finished.wait())
-            try:
-                await asyncio.wait({self.current_part_future, finished_task}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                finished_task.cancel()
+            # the current part's future ends when that part is reduced, or is cancelled by finalize(): no task
+            # watching `finished` is needed (hivemind creates one per wait, for every part a sender sends ahead)
+            await asyncio.wait((self.current_part_future,))
             if self.finished.is_set():
                 raise AllreduceException(f"attempted to aggregate part in a finalized {self.__class__.__name__}")
 

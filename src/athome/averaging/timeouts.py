@@ -18,7 +18,7 @@ The same estimate sizes the parts a vector is streamed in (:meth:`AdaptiveTimeou
 the round ends about one part-time per flow after the links could have finished; smaller parts shorten that tail
 and cost CPU per part. Measured with 4 peers of 10M fp32 behind 100 Mbit/s links (``bench/allreduce.py
 --link_mbit 100 --part_size_bytes B``): 1 MiB parts 1.27-1.32x the link-bound time, 128-512 KiB parts 1.19-1.23x;
-on loopback larger parts are cheaper (per-part overhead), so the configured size stays the ceiling.
+on loopback larger parts are cheaper (per-part overhead), so the configured size (2 MiB) stays the ceiling.
 """
 from __future__ import annotations
 
