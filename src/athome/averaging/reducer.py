@@ -322,6 +322,10 @@ class RobustTensorPartReducer(TensorPartReducer):
         self._outputs = outputs
         super().__init__(part_shapes, num_senders)  # calls self.reset_accumulators()
 
+    def __del__(self):
+        if hasattr(self, "finished"):  # not when __init__ refused its arguments
+            super().__del__()
+
     def reset_accumulators(self):
         """Prepare for the next part."""
         assert self.current_part_accumulated_from == self.num_current_senders or self.current_part_index == -1
