@@ -5,7 +5,7 @@ import pytest
 import torch
 from hivemind.averaging.partition import AllreduceException, TensorPartContainer
 
-from athome.averaging.outputs import AveragedPartContainer, OutputBufferPool
+from athome.averaging.outputs import AveragedPartContainer, OutputBufferPool, ReceiveBufferPool
 
 
 def _tensors():
@@ -88,3 +88,17 @@ def test_pool_hands_each_set_out_every_other_time():
     assert [(b.shape, b.dtype) for b in first] == [(t.shape, t.dtype) for t in tensors]
     changed = [t.double() for t in tensors]
     assert pool.take(changed)[0].dtype == torch.float64  # new shapes or dtypes get new buffers
+
+
+def test_receive_pool_reuses_given_buffers_within_its_limit():
+    pool = ReceiveBufferPool(max_bytes=3 * 4000)
+    first = [pool.take(1000, torch.float32) for _ in range(4)]
+    assert len({buffer.data_ptr() for buffer in first}) == 4  # nobody holds two of them
+    pool.give(first)  # only three fit under the limit
+    again = [pool.take(1000, torch.float32) for _ in range(4)]
+    reused = {buffer.data_ptr() for buffer in again} & {buffer.data_ptr() for buffer in first}
+    assert len(reused) == 3
+    assert pool.take(1000, torch.float16).dtype == torch.float16  # another dtype is never a reused buffer
+    pool.give(again[:2])
+    pool.give([torch.empty(3000)])  # parts changed size: the old size is dropped to make room
+    assert pool.take(3000, torch.float32).numel() == 3000 and not pool._free.get((1000, torch.float32))

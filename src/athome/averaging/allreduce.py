@@ -50,7 +50,7 @@ from athome.averaging.dataplane import (
     encode_result,
     supports,
 )
-from athome.averaging.outputs import AveragedPartContainer
+from athome.averaging.outputs import AveragedPartContainer, ReceiveBufferPool
 from athome.averaging.reducer import all_finite
 
 logger = logging.getLogger(__name__)
@@ -85,6 +85,8 @@ class RobustAllReduceRunner(AllReduceRunner):
     :param outputs: where the aggregates go (:class:`~athome.averaging.outputs.AveragedPartContainer`): one tensor
       per averaged tensor, same shape and dtype; None allocates them. Iterating the runner yields these tensors
       holding the **aggregates** (hivemind's runner yields deltas), with local values where a reducer failed
+    :param receive_pool: where the raw parts this peer's reducer receives over the data plane are read into (buffers
+      reused across rounds); None allocates them
     :param kwargs: everything ``hivemind.averaging.allreduce.AllReduceRunner`` accepts
 
     After the run: ``bytes_sent`` / ``bytes_received`` (bytes exchanged with *other* peers: serialized protobuf
@@ -99,6 +101,7 @@ class RobustAllReduceRunner(AllReduceRunner):
         reducer_factory: ReducerFactory,
         dataplane: Optional[DataPlane] = None,
         outputs: Optional[Sequence[torch.Tensor]] = None,
+        receive_pool: Optional[ReceiveBufferPool] = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -121,6 +124,7 @@ class RobustAllReduceRunner(AllReduceRunner):
             logger.debug("Data plane not used: some averaged tensors have a dtype it does not carry")
             dataplane = None
         self.dataplane = dataplane
+        self.receive_pool = receive_pool
         self.tcp_peers: Set[PeerID] = set()
         self.kept_peers: Set[PeerID] = set()  # of tcp_peers, those reached over a connection kept from a past round
         # hivemind's __init__ has already built a plain TensorPartReducer; mark it finished so that its finalize()
@@ -324,18 +328,25 @@ class RobustAllReduceRunner(AllReduceRunner):
         if len(self.active_senders) == len(self.sender_peer_ids):
             self.all_senders_started.set()
         shapes = self.tensor_part_reducer.part_shapes
+        dtypes = [part.dtype for part in self.parts_for_local_averaging]  # raw parts come in the tensors' dtypes
         loop = asyncio.get_event_loop()
         # the reader runs ahead of the reducer by up to `prefetch` parts; the queue itself is unbounded so that the
         # end-of-stream marker can always be put, even by a cancelled reader
         queue: asyncio.Queue = asyncio.Queue()
         slots = asyncio.Semaphore(max(1, self.tensor_part_container.prefetch))
 
+        taken = []  # receive buffers from the pool, given back once the reducer no longer holds any part
+
         async def _read_parts():
             try:
                 for part_index, shape in enumerate(shapes):
                     await slots.acquire()
+                    into = None
+                    if self.receive_pool is not None:
+                        into = self.receive_pool.take(shape.numel(), dtypes[part_index])
+                        taken.append(into)
                     async with asyncio.timeout(self.sender_timeout):
-                        frame = await connection.recv_frame(KIND_PART, part_index, shape.numel())
+                        frame = await connection.recv_frame(KIND_PART, part_index, shape.numel(), into=into)
                     if frame.compression == RAW:
                         part = decode_payload(frame, shape)
                     else:
@@ -390,6 +401,9 @@ class RobustAllReduceRunner(AllReduceRunner):
             reader.cancel()
             if not clean:
                 connection.close()
+            # only buffers nothing can still write into (the reader ended) or read (the reducer is finalized)
+            if self.receive_pool is not None and reader.done() and self.tensor_part_reducer.finished.is_set():
+                self.receive_pool.give(taken)
         return clean
 
     def received_mask(self) -> torch.Tensor:

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import functools
 import logging
 import multiprocessing as mp
 import random
@@ -78,7 +79,7 @@ from hivemind.utils.timed_storage import ValueWithExpiration, get_dht_time
 from athome.averaging.allreduce import PartialRoundError, RobustAllReduceRunner, RoundTimeoutError
 from athome.averaging.compression import Quantile8BitCodec, Uniform8BitCodec, get_codec
 from athome.averaging.consistency import RoundOutcomes, agreement_tolerance, fetch_round_result
-from athome.averaging.outputs import OutputBufferPool
+from athome.averaging.outputs import OutputBufferPool, ReceiveBufferPool
 from athome.averaging.dataplane import ACK_OK, ACK_REFUSED, DataPlane, FrameConnection, bind_host_from_maddrs
 from athome.averaging.reducer import ReducerMethod, ReducerSettings, SenderEvidence
 from athome.averaging.timeouts import AdaptiveTimeouts, RoundTimeouts
@@ -302,6 +303,7 @@ class RobustAveragingMixin:
         self._round_outcomes = RoundOutcomes()
         # a round's buffers are reused two rounds later, when RoundOutcomes has dropped that round's outcome
         self._output_buffers = OutputBufferPool(sets=self._round_outcomes.max_rounds)
+        self._reducer_workspace: dict = {}  # CenteredClip's scratch buffers, kept from round to round
         self._banned_peers: set = set()  # peer IDs (base58) banned by the run's coordinator: see ban_peers()
 
         super().__init__(*args, compression=codec, start=False, **kwargs)
@@ -312,6 +314,8 @@ class RobustAveragingMixin:
             self._vector_bytes = float(
                 sum(t.numel() * t.element_size() * codec.estimate_compression_ratio(i) for t, i in zip(tensors, infos))
             )
+            # the raw parts our reducer receives are at most the whole (uncompressed) vector in a round
+            self._receive_pool = ReceiveBufferPool(max_bytes=sum(t.numel() * t.element_size() for t in tensors))
         threading.Thread(
             target=_forward_reports,
             args=(self._report_reader, weakref.ref(self._round_log)),
@@ -508,9 +512,10 @@ class RobustAveragingMixin:
         )
 
         runner = (self.runner_type or RobustAllReduceRunner)(
-            reducer_factory=self.reducer_settings.build,
+            reducer_factory=functools.partial(self.reducer_settings.build, workspace=self._reducer_workspace),
             dataplane=await self._get_dataplane(),
             outputs=self._output_buffers.take(tensors),
+            receive_pool=self._receive_pool,
             p2p=self._p2p,
             servicer_type=type(self),
             prefix=self.prefix,

@@ -11,12 +11,13 @@ side:
   local reducer is copied there, a p2p or compressed *delta* is added to the local part into its place;
 * :meth:`iterate_output_tensors` yields the output buffers, holding **aggregates** (not deltas); parts whose reducer
   failed hold the local values (the round is then partial: see :mod:`.consistency`);
-* :class:`OutputBufferPool` hands the same two buffer sets out in turn, so memory is faulted in once.
+* :class:`OutputBufferPool` hands the same two buffer sets out in turn, so memory is faulted in once;
+  :class:`ReceiveBufferPool` does the same for the parts this peer's reducer receives.
 """
 from __future__ import annotations
 
 import asyncio
-from typing import AsyncIterator, List, Optional, Sequence
+from typing import AsyncIterator, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from hivemind.averaging.partition import AllreduceException, TensorPartContainer
@@ -142,3 +143,41 @@ class OutputBufferPool:
                 torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in tensors
             ]
         return current
+
+
+class ReceiveBufferPool:
+    """Buffers that raw parts received by this peer's reducer land in, reused from round to round.
+
+    A fresh multi-megabyte tensor is faulted in page by page as the socket writes into it (measured: ~2000 page
+    faults per peer per round of 10M floats among 4 peers, 83% of them in ``recv``). Contract: :meth:`take` hands
+    out a buffer nobody else holds; whoever took it gives it back with :meth:`give` only once nothing reads it any
+    more (for a reducer: once it is finalized). At most ``max_bytes`` are kept; the rest is left to the allocator.
+    """
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._free: Dict[Tuple[int, torch.dtype], List[torch.Tensor]] = {}
+        self._kept_bytes = 0
+
+    def take(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        free = self._free.get((numel, dtype))
+        if free:
+            buffer = free.pop()
+            self._kept_bytes -= buffer.nbytes
+            return buffer
+        return torch.empty(numel, dtype=dtype)
+
+    def give(self, buffers: Sequence[torch.Tensor]) -> None:
+        for buffer in buffers:
+            if self._kept_bytes + buffer.nbytes > self.max_bytes:
+                self._drop_other_sizes(buffer)
+                if self._kept_bytes + buffer.nbytes > self.max_bytes:
+                    continue
+            self._free.setdefault((buffer.numel(), buffer.dtype), []).append(buffer)
+            self._kept_bytes += buffer.nbytes
+
+    def _drop_other_sizes(self, keep: torch.Tensor) -> None:
+        """Forget buffers of other sizes than ``keep`` (part sizes changed: a new group size or part size)."""
+        key = (keep.numel(), keep.dtype)
+        for other in [k for k in self._free if k != key]:
+            self._kept_bytes -= sum(buffer.nbytes for buffer in self._free.pop(other))

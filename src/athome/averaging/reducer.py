@@ -62,7 +62,8 @@ SMALLEST_SAFE_SQUARE = 1e-30
 # a reference row farther from the start point than this multiple of the central rows' (RMS) distance from it is
 # replaced by the most central row: distances computed from its Gram matrix would cancel away ~log10(ratio^2) digits
 FAR_REFERENCE = 4.0
-CENTRAL_TOLERANCE = 1e-4  # relative; float32 Gram entries carry ~1e-6 relative rounding
+CENTRAL_TOLERANCE = 1e-4
+MAX_WORKSPACE_SHAPES = 8  # CenteredClip buffer shapes kept (a round needs ~2: full parts and the last, shorter one)  # relative; float32 Gram entries carry ~1e-6 relative rounding
 REDUCER_METHODS: Tuple[str, ...] = ("mean", "centered_clip")
 
 
@@ -205,6 +206,8 @@ def _gram_from(
     if buffers is None:
         buffers = torch.empty(key[:2], dtype=dtype), None
         if workspace is not None:
+            if len(workspace) >= MAX_WORKSPACE_SHAPES:  # group or part sizes changed: drop the old shapes
+                workspace.clear()
             workspace[key] = buffers
     deviations, deviations64 = buffers
     others = rows[:reference] + rows[reference + 1 :]
@@ -288,6 +291,8 @@ class RobustTensorPartReducer(TensorPartReducer):
     :param heavy_clip_scale: parts whose final clip scale is below this count as "clipped" in the evidence
     :param outputs: per part, a float32 tensor of the part's size that receives its aggregate (the runner passes the
       output slices of its own slice: the aggregate then needs no copy there); None allocates them
+    :param workspace: CenteredClip's scratch buffers, kept by the caller from round to round (each round builds a
+      new reducer; fresh buffers would be faulted in again); None keeps them for this reducer only
     """
 
     def __init__(
@@ -296,6 +301,7 @@ class RobustTensorPartReducer(TensorPartReducer):
         num_senders: int,
         *,
         outputs: Optional[Sequence[torch.Tensor]] = None,
+        workspace: Optional[Dict[tuple, Tuple[torch.Tensor, Optional[torch.Tensor]]]] = None,
         method: ReducerMethod = "centered_clip",
         clip_tau: float = 1.0,
         clip_iterations: int = 5,
@@ -311,7 +317,7 @@ class RobustTensorPartReducer(TensorPartReducer):
         self.evidence: List[SenderEvidence] = [SenderEvidence() for _ in range(num_senders)]
         self.num_parts_accumulated = [0 for _ in range(num_senders)]
         self._contributions: List[Tuple[int, torch.Tensor, float]] = []
-        self._workspace: Dict[tuple, Tuple[torch.Tensor, Optional[torch.Tensor]]] = {}  # CenteredClip buffers, per part
+        self._workspace = workspace if workspace is not None else {}
         if outputs is not None:
             if len(outputs) != len(part_shapes) or any(
                 out.dtype != torch.float32 or out.numel() != shape.numel() or not out.is_contiguous()
@@ -574,12 +580,17 @@ class ReducerSettings:
             raise ValueError("clip_tau and max_weight_ratio must be positive, clip_iterations >= 1")
 
     def build(
-        self, part_shapes: Sequence[torch.Size], num_senders: int, outputs: Optional[Sequence[torch.Tensor]] = None
+        self,
+        part_shapes: Sequence[torch.Size],
+        num_senders: int,
+        outputs: Optional[Sequence[torch.Tensor]] = None,
+        workspace: Optional[Dict[tuple, Tuple[torch.Tensor, Optional[torch.Tensor]]]] = None,
     ) -> RobustTensorPartReducer:
         return RobustTensorPartReducer(
             part_shapes,
             num_senders,
             outputs=outputs,
+            workspace=workspace,
             method=self.method,
             clip_tau=self.clip_tau,
             clip_iterations=self.clip_iterations,
