@@ -127,8 +127,7 @@ class FrameConnection:
         self._low_water = 1  # the socket's SO_RCVLOWAT
         # the pending read / write that registered a callback; close() unregisters it and fails it (before the
         # socket's file descriptor can be reused by another connection)
-        self._waiting_reader: Optional[asyncio.Future] = None
-        self._waiting_writer: Optional[asyncio.Future] = None
+        self._waiting: Dict[str, Optional[asyncio.Future]] = {"read": None, "write": None}
 
     async def recv_exactly_into(self, view: memoryview) -> None:
         received = self._recv_available(view, 0)
@@ -154,14 +153,7 @@ class FrameConnection:
         # trickle in and each wake-up would move a few KiB (measured ~10 KiB per recv at 100 Mbit/s, 0.16 CPU-s
         # per peer per round in the loop alone)
         self._set_low_water(min(len(view) - received, RECV_LOW_WATER))
-        self.loop.add_reader(self.sock.fileno(), _on_readable)
-        self._waiting_reader = done
-        try:
-            await done
-        finally:
-            if self._waiting_reader is done:
-                self._waiting_reader = None
-                self.loop.remove_reader(self.sock.fileno())
+        await self._wait("read", done, _on_readable)
 
     def _recv_available(self, view: memoryview, received: int) -> int:
         """Read into ``view[received:]`` what the socket has; returns the new count of bytes received."""
@@ -204,15 +196,25 @@ class FrameConnection:
             if not views:
                 done.set_result(None)
 
-        self.loop.add_writer(self.sock.fileno(), _on_writable)
-        self._waiting_writer = done
+        await self._wait("write", done, _on_writable)
+        return total
+
+    def _registration(self, direction: str) -> Tuple[Callable, Callable]:
+        if direction == "read":
+            return self.loop.add_reader, self.loop.remove_reader
+        return self.loop.add_writer, self.loop.remove_writer
+
+    async def _wait(self, direction: str, done: asyncio.Future, callback: Callable[[], None]) -> None:
+        """Call ``callback`` whenever the socket is ready for ``direction`` ("read" or "write") until ``done``."""
+        register, unregister = self._registration(direction)
+        register(self.sock.fileno(), callback)
+        self._waiting[direction] = done
         try:
             await done
         finally:
-            if self._waiting_writer is done:
-                self._waiting_writer = None
-                self.loop.remove_writer(self.sock.fileno())
-        return total
+            if self._waiting[direction] is done:  # else close() has unregistered it already
+                self._waiting[direction] = None
+                unregister(self.sock.fileno())
 
     def _send_possible(self, views: List[memoryview]) -> List[memoryview]:
         """Send as much of ``views`` as the socket takes now (one ``sendmsg`` per try); returns what is left."""
@@ -297,18 +299,15 @@ class FrameConnection:
     def close(self) -> None:
         if not self.closed:
             self.closed = True
-            for waiting, unregister in (
-                (self._waiting_reader, self.loop.remove_reader),
-                (self._waiting_writer, self.loop.remove_writer),
-            ):
+            for direction, waiting in self._waiting.items():
                 if waiting is not None:
+                    self._waiting[direction] = None
                     try:
-                        unregister(self.sock.fileno())
+                        self._registration(direction)[1](self.sock.fileno())
                     except (OSError, RuntimeError):  # the loop is closed already
                         pass
                     if not waiting.done():
                         waiting.set_exception(DataPlaneError(f"connection to {self.peer} was closed"))
-            self._waiting_reader = self._waiting_writer = None
             try:
                 self.sock.close()
             except OSError:
