@@ -747,8 +747,8 @@ def test_centered_clip_matches_the_textbook_iteration():
     from athome.averaging.reducer import centered_clip
 
     def _median(values):  # the mean of the two middle values for even counts
-        ordered = values.sort().values
-        return ordered[len(ordered) // 2] if len(ordered) % 2 else ordered[len(ordered) // 2 - 1 : len(ordered) // 2 + 1].mean()
+        ordered, middle = values.sort().values, len(values) // 2
+        return ordered[middle] if len(ordered) % 2 else ordered[middle - 1 : middle + 1].mean()
 
     def textbook(stacked, weights, tau, iterations):
         n = stacked.shape[0]

@@ -235,8 +235,8 @@ class RobustAveragingMixin:
       (5 s gave false failures with 8 peers of 10M floats on a loaded 2-core box: one part can stall that long)
     :param torch_threads: torch intra-op threads inside the averager process (None: leave torch's default)
     :param part_size_bytes: (hivemind's) size of the parts a vector is streamed in, after compression; athome's
-      default is 512K values per part with "none" (2 MiB), 256K with a codec (512 KiB "fp16", 256 KiB "uint8"). It is the
-      ceiling: once a round has measured this peer's throughput, it proposes ~40 ms worth of sending (at least
+      default is 512K values per part with "none" (2 MiB), 256K with a codec (512 KiB "fp16", 256 KiB "uint8").
+      It is the ceiling: once a round has measured this peer's throughput, it proposes ~40 ms worth of sending (at least
       128 KiB), and each group streams in the smallest part size its members proposed
     :param direct_tcp: move tensor parts over the direct TCP data plane (:mod:`.dataplane`) where possible
     :param dataplane_host: IP to listen on and announce for it (default: the first IPv4 of this peer's p2p
