@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import signal
 import subprocess
@@ -251,5 +252,22 @@ def test_dht_process_survives_requests_it_cannot_unpickle():
         assert dht.is_alive()
         assert dht.store("key", "value", get_dht_time() + 60)
         assert dht.get("key", latest=True).value == "value"
+    finally:
+        dht.shutdown()
+
+
+@pytest.mark.timeout(60)
+def test_dht_process_prints_its_stacks_on_sigusr1_and_keeps_serving(capfd):
+    """How to see where a peer process that stopped answering waits: ``kill -USR1 <pid>``."""
+    dht = RobustDHT(start=True, host_maddrs=LOOPBACK)
+    try:
+        os.kill(dht.pid, signal.SIGUSR1)
+        deadline = time.monotonic() + 10
+        printed = ""
+        while "most recent call first" not in printed and time.monotonic() < deadline:
+            time.sleep(0.1)
+            printed += capfd.readouterr().err
+        assert "most recent call first" in printed and "run" in printed
+        assert dht.store("key", "value", get_dht_time() + 60)
     finally:
         dht.shutdown()

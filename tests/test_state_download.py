@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import signal
 import time
 import uuid
 from functools import partial
@@ -126,6 +128,23 @@ _StockDownloads = type("RobustTrainingStateAverager", (RobustTrainingStateAverag
     _load_state_from_peers=DecentralizedAverager._load_state_from_peers, _rpc_handlers=None, _stub_type=None))
 
 
+def _load_state(averager, swarm, *others) -> None:
+    """``averager.load_state_from_peers(timeout=30)``. Downloads in this file have waited their whole 30 s a few
+    times in full-suite runs, never when the file ran alone: if it happens, every averager and DHT process of the
+    swarm prints its threads' stacks (``SIGUSR1``, athome.dht.process.enable_stack_dumps) into the test's output."""
+    _, dhts, servers = swarm
+    started = time.monotonic()
+    try:
+        averager.load_state_from_peers(timeout=30)
+    finally:
+        if time.monotonic() - started > 25:
+            for process in [averager, *others, *servers.values(), *dhts]:
+                if process.is_alive():
+                    os.kill(process.pid, signal.SIGUSR1)
+            time.sleep(2.0)  # let them print before the test fails
+            logging.getLogger(__name__).error(f"load_state_from_peers took {time.monotonic() - started:.0f}s")
+
+
 def _params(averager) -> torch.Tensor:
     return averager.main_parameters[0].detach().clone()
 
@@ -148,7 +167,7 @@ def test_lagging_trainer_downloads_the_honest_state_where_stock_hivemind_copies_
     stock = _averager(_StockDownloads, dhts[4], prefix, 1.01, allow_state_sharing=False)
     try:
         stock.local_epoch = 2
-        stock.load_state_from_peers(timeout=30)
+        _load_state(stock, swarm)
         assert float(_params(stock).max()) == ATTACKER  # hivemind: one peer, the highest priority, copied whole
     finally:
         stock.shutdown()
@@ -156,7 +175,7 @@ def test_lagging_trainer_downloads_the_honest_state_where_stock_hivemind_copies_
     lagging = _averager(RobustTrainingStateAverager, dhts[3], prefix, 1.01, allow_state_sharing=False)
     try:
         lagging.local_epoch = 2  # fell behind: it has its own (older) state
-        lagging.load_state_from_peers(timeout=30)
+        _load_state(lagging, swarm)
         assert torch.equal(_params(lagging), torch.full((SIZE,), HONEST[1])), _params(lagging)  # median of 3
         assert lagging.local_epoch == EPOCH
         assert all(torch.isfinite(t).all() for t in lagging.optimizer.state[lagging.main_parameters[0]].values())
@@ -165,7 +184,7 @@ def test_lagging_trainer_downloads_the_honest_state_where_stock_hivemind_copies_
         with torch.no_grad():
             lagging.main_parameters[0].fill_(1.03)
         lagging.local_epoch = 2
-        lagging.load_state_from_peers(timeout=30)
+        _load_state(lagging, swarm)
         assert torch.equal(_params(lagging), torch.full((SIZE,), HONEST[1]))  # of the 2 honest, the nearer to 1.03
     finally:
         lagging.shutdown()
@@ -174,9 +193,7 @@ def test_lagging_trainer_downloads_the_honest_state_where_stock_hivemind_copies_
 @pytest.mark.timeout(120)
 def test_single_or_non_finite_sources_are_refused_and_own_state_kept(swarm):
     prefix, dhts, servers = swarm
-    # DHT nodes of their own, not the spare ones the previous test's averagers used. Downloads in this file have
-    # waited their whole 30 s a few times in full-suite runs (in this test and the previous one), never when the
-    # file ran alone; the cause is not known
+    # DHT nodes of their own, not the spare ones the previous test's averagers used (see _load_state)
     own = [RobustDHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=dhts[0].get_visible_maddrs())
            for _ in range(2)]
     lagging = _averager(RobustTrainingStateAverager, own[0], prefix, 1.01, allow_state_sharing=False)
@@ -186,17 +203,17 @@ def test_single_or_non_finite_sources_are_refused_and_own_state_kept(swarm):
             servers[name].allow_state_sharing = False
         time.sleep(1.0)  # the declarations above are re-stored (as None) asynchronously
         lagging.local_epoch = 2
-        lagging.load_state_from_peers(timeout=30)  # the attacker alone: too far from the own state
+        _load_state(lagging, swarm, fresh, *own)  # the attacker alone: too far from the own state
         assert torch.equal(_params(lagging), torch.full((SIZE,), 1.01)) and lagging.local_epoch == 2
 
         servers["a"].allow_state_sharing = True
         with torch.no_grad():
             servers["attacker"].main_parameters[0][7] = math.nan  # a non-finite state is refused outright
         _wait_declared(own[0], prefix, 2)
-        lagging.load_state_from_peers(timeout=30)
+        _load_state(lagging, swarm, fresh, *own)
         assert torch.equal(_params(lagging), torch.full((SIZE,), HONEST[0])) and lagging.local_epoch == EPOCH
 
-        fresh.load_state_from_peers(timeout=30)  # no state of its own: it trusts the one usable source (warned)
+        _load_state(fresh, swarm, lagging, *own)  # no state of its own: it trusts the one usable source (warned)
         assert torch.equal(_params(fresh), torch.full((SIZE,), HONEST[0])) and fresh.local_epoch == EPOCH
     finally:
         with torch.no_grad():

@@ -84,6 +84,7 @@ from athome.averaging.dataplane import ACK_OK, ACK_REFUSED, DataPlane, FrameConn
 from athome.averaging.reducer import ReducerMethod, ReducerSettings, SenderEvidence
 from athome.averaging.timeouts import AdaptiveTimeouts, RoundTimeouts
 from athome.dht.auth import admit, get_admission
+from athome.dht.process import enable_stack_dumps
 from athome.verification.downloads import (
     DEFAULT_BOUND,
     DEFAULT_MAX_SOURCES,
@@ -396,6 +397,7 @@ class RobustAveragingMixin:
             # the averager already runs (de)serialization in parallel executor threads
             torch.set_num_threads(self._torch_threads)
         keep_freed_memory_mapped()
+        enable_stack_dumps()
         super()._run_internal()
 
     async def _step(self, *, step: StepControl, future_for_init: MPFuture):

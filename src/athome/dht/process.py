@@ -7,14 +7,26 @@ between sending and that fetch (killed, crashed, OOM), unpickling fails. hivemin
 ``OSError``/``ConnectionError``/``RuntimeError`` there: an ``EOFError`` (seen when the caller's resource sharer was
 gone) or a truncated pickle ends the DHT process, and every other process of the peer that uses the DHT then waits
 on it until its own timeout (an averager blocks in ``DHT.replicate_p2p``).
+
+:func:`enable_stack_dumps` makes a peer's long-lived processes (this one, averagers) print every thread's stack on
+``SIGUSR1``: ``kill -USR1 <pid>`` shows where a process that stopped answering waits.
 """
 from __future__ import annotations
 
+import faulthandler
 import pickle
+import signal
 from multiprocessing.connection import Connection
 from typing import Any
 
 import hivemind
+
+
+def enable_stack_dumps() -> None:
+    """In this process, ``SIGUSR1`` prints every thread's Python stack to stderr (``faulthandler``). Call it in a
+    process's own code (after a fork, in the child); a no-op where the signal does not exist."""
+    if hasattr(signal, "SIGUSR1"):
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
 
 
 class _CallerGone(ConnectionError):
@@ -50,3 +62,8 @@ class RobustDHT(hivemind.DHT):
         self._inner_pipe = _TolerantPipe(self._inner_pipe)
         if start:
             self.run_in_background(await_ready=await_ready)
+
+    def run(self) -> None:
+        """The DHT process's body (hivemind's), with stack dumps on ``SIGUSR1``."""
+        enable_stack_dumps()
+        super().run()
