@@ -256,6 +256,17 @@ def test_dht_process_survives_requests_it_cannot_unpickle():
         dht.shutdown()
 
 
+def test_stack_dumps_do_not_need_a_real_sys_stderr(monkeypatch):
+    """Under pytest's capsys (sys.stderr in memory) faulthandler's default file raised, and a DHT process whose run()
+    raised left its parent waiting forever."""
+    import io
+
+    from athome.dht.process import enable_stack_dumps
+
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    enable_stack_dumps()  # must not raise
+
+
 @pytest.mark.timeout(60)
 def test_dht_process_prints_its_stacks_on_sigusr1_and_keeps_serving(capfd):
     """How to see where a peer process that stopped answering waits: ``kill -USR1 <pid>``."""

@@ -14,6 +14,7 @@ on it until its own timeout (an averager blocks in ``DHT.replicate_p2p``).
 from __future__ import annotations
 
 import faulthandler
+import logging
 import pickle
 import signal
 from multiprocessing.connection import Connection
@@ -21,12 +22,20 @@ from typing import Any
 
 import hivemind
 
+logger = logging.getLogger(__name__)
+
 
 def enable_stack_dumps() -> None:
-    """In this process, ``SIGUSR1`` prints every thread's Python stack to stderr (``faulthandler``). Call it in a
-    process's own code (after a fork, in the child); a no-op where the signal does not exist."""
-    if hasattr(signal, "SIGUSR1"):
-        faulthandler.register(signal.SIGUSR1, all_threads=True)
+    """In this process, ``SIGUSR1`` prints every thread's Python stack to file descriptor 2 (``faulthandler``). Call
+    it in a process's own code (after a fork, in the child). Never raises: a diagnostic must not stop a process."""
+    if not hasattr(signal, "SIGUSR1"):
+        return
+    try:
+        # the descriptor, not sys.stderr: that may be an in-memory stream without one (pytest's capsys), and then
+        # faulthandler raises, which in a DHT process's run() left its parent waiting for it forever
+        faulthandler.register(signal.SIGUSR1, file=2, all_threads=True)
+    except (OSError, ValueError, RuntimeError) as error:
+        logger.debug(f"No stack dumps on SIGUSR1 in this process: {error!r}")
 
 
 class _CallerGone(ConnectionError):
