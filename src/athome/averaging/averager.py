@@ -201,7 +201,8 @@ def _forward_reports(connection, log_ref: "weakref.ref[RoundLog]") -> None:
 def keep_freed_memory_mapped() -> None:
     """Make this process's malloc (glibc) reuse freed multi-megabyte blocks instead of returning them to the OS.
 
-    A round allocates its received parts and the reducer's temporaries afresh (megabytes each); by default glibc
+    A round allocates megabyte-sized temporaries afresh (coded parts, p2p messages, fallback aggregates; the raw parts
+    a reducer receives and CenteredClip's buffers are pooled, see ReceiveBufferPool); by default glibc
     serves such blocks with mmap, or trims them off the heap when freed, so every round faulted the same memory in
     again: 4000-7000 page faults per peer per round of 10M floats, and element-wise ops on fresh 1 MB tensors ran
     5x slower than on reused ones (measured: a 4-row coordinate-wise median, 1.40 vs 0.29 ms). Fixed thresholds keep
