@@ -186,8 +186,10 @@ def _worker(rank, n, size, reps, port, tag, variants, maddr_queue, barrier, resu
             control = averager.step(wait=False, require_trigger=True, timeout=120)
             while control.stage != AveragingStage.AWAITING_TRIGGER and not control.done():
                 time.sleep(0.01)
-            barrier.wait()
+            # the CPU count (~2 ms of /proc reading) comes before the barrier: after it, a peer still counting would
+            # hold back the all-reduce that the others' clocks already measure
             cpu_started = _tree_cpu(os.getpid())
+            barrier.wait()
             started = time.perf_counter()
             control.allow_allreduce()
             try:
