@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
 import signal
 import subprocess
+import socket
 import sys
+import threading
 import time
 from functools import partial
 
@@ -34,6 +37,12 @@ from athome.dht.schemas import CONFIG_KEY, MetricsRecord, RunConfigRecord
 from conftest import session_alive
 
 LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def test_config_round_trips_through_toml(tmp_path):
@@ -95,6 +104,34 @@ def two_nodes(tmp_path):
     yield alice, first, bob, second
     second.shutdown()
     first.shutdown()
+
+
+def test_a_peer_retries_initial_peers_that_come_up_late(tmp_path, caplog):
+    """p2pd exits when it reaches none of its initial peers; start_dht starts it again instead of giving up."""
+    coordinator = Identity.load_or_create(tmp_path / "coordinator.key")
+    port = _free_port()
+    started = []
+    late = threading.Timer(
+        0.5, lambda: started.append(start_dht(coordinator, host_maddrs=[f"/ip4/127.0.0.1/tcp/{port}"]))
+    )
+    late.start()  # the first start below fails: nothing listens yet
+    peer = None
+    try:
+        with caplog.at_level(logging.WARNING, logger="athome.dht.node"):
+            peer = start_dht(Identity.load_or_create(tmp_path / "peer.key"), host_maddrs=LOOPBACK,
+                             initial_peers=[f"/ip4/127.0.0.1/tcp/{port}/p2p/{coordinator.peer_id}"])
+        assert "reached none of the initial peers" in caplog.text
+        late.join()
+        assert started and peer.run_coroutine(partial(_knows, coordinator.peer_id))
+    finally:
+        late.join()
+        for node in [peer, *started]:
+            if node is not None:
+                node.shutdown()
+
+
+async def _knows(peer_id: str, dht, node) -> bool:
+    return any(info.peer_id.to_base58() == peer_id for info in await node.p2p.list_peers())
 
 
 def _metrics(step: int) -> MetricsRecord:
