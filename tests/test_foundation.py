@@ -106,25 +106,35 @@ def two_nodes(tmp_path):
     first.shutdown()
 
 
-def test_a_peer_retries_initial_peers_that_come_up_late(tmp_path, caplog):
-    """p2pd exits when it reaches none of its initial peers; start_dht starts it again instead of giving up."""
+def test_a_peer_retries_initial_peers_that_come_up_late(tmp_path):
+    """p2pd exits when it reaches none of its initial peers; start_dht starts it again instead of giving up. The
+    coordinator starts only once the first failure is logged."""
     coordinator = Identity.load_or_create(tmp_path / "coordinator.key")
     port = _free_port()
-    started = []
-    late = threading.Timer(
-        0.5, lambda: started.append(start_dht(coordinator, host_maddrs=[f"/ip4/127.0.0.1/tcp/{port}"]))
+    started, failures = [], []
+    late = threading.Thread(
+        target=lambda: started.append(start_dht(coordinator, host_maddrs=[f"/ip4/127.0.0.1/tcp/{port}"]))
     )
-    late.start()  # the first start below fails: nothing listens yet
+
+    class StartCoordinatorOnRetry(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "reached none of the initial peers" in record.getMessage():
+                failures.append(record.getMessage())
+                if not late.is_alive() and not started:
+                    late.start()
+
+    handler = StartCoordinatorOnRetry(level=logging.WARNING)
+    logging.getLogger("athome.dht.node").addHandler(handler)
     peer = None
     try:
-        with caplog.at_level(logging.WARNING, logger="athome.dht.node"):
-            peer = start_dht(Identity.load_or_create(tmp_path / "peer.key"), host_maddrs=LOOPBACK,
-                             initial_peers=[f"/ip4/127.0.0.1/tcp/{port}/p2p/{coordinator.peer_id}"])
-        assert "reached none of the initial peers" in caplog.text
-        late.join()
-        assert started and peer.run_coroutine(partial(_knows, coordinator.peer_id))
+        peer = start_dht(Identity.load_or_create(tmp_path / "peer.key"), host_maddrs=LOOPBACK,
+                         initial_peers=[f"/ip4/127.0.0.1/tcp/{port}/p2p/{coordinator.peer_id}"])
+        assert failures and started
+        assert peer.run_coroutine(partial(_knows, coordinator.peer_id))
     finally:
-        late.join()
+        logging.getLogger("athome.dht.node").removeHandler(handler)
+        if late.is_alive():
+            late.join()
         for node in [peer, *started]:
             if node is not None:
                 node.shutdown()
