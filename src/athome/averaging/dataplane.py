@@ -133,27 +133,19 @@ class FrameConnection:
         received = self._recv_available(view, 0)
         if received == len(view):
             return
-        done = self.loop.create_future()
 
-        def _on_readable() -> None:
+        def _read_more() -> bool:
             nonlocal received
-            if done.done():
-                return
-            try:
-                received = self._recv_available(view, received)
-            except Exception as e:
-                done.set_exception(e)
-                return
-            if received == len(view):
-                done.set_result(None)
-            else:
+            received = self._recv_available(view, received)
+            if received < len(view):
                 self._set_low_water(min(len(view) - received, RECV_LOW_WATER))
+            return received == len(view)
 
         # wake up only once min(what is still expected, RECV_LOW_WATER) bytes are queued: on a slow link segments
         # trickle in and each wake-up would move a few KiB (measured ~10 KiB per recv at 100 Mbit/s, 0.16 CPU-s
         # per peer per round in the loop alone)
         self._set_low_water(min(len(view) - received, RECV_LOW_WATER))
-        await self._wait("read", done, _on_readable)
+        await self._wait("read", _read_more)
 
     def _recv_available(self, view: memoryview, received: int) -> int:
         """Read into ``view[received:]`` what the socket has; returns the new count of bytes received."""
@@ -182,21 +174,13 @@ class FrameConnection:
         views = self._send_possible([view for view in views if view.nbytes])
         if not views:
             return total
-        done = self.loop.create_future()
 
-        def _on_writable() -> None:
+        def _write_more() -> bool:
             nonlocal views
-            if done.done():
-                return
-            try:
-                views = self._send_possible(views)
-            except Exception as e:
-                done.set_exception(e)
-                return
-            if not views:
-                done.set_result(None)
+            views = self._send_possible(views)
+            return not views
 
-        await self._wait("write", done, _on_writable)
+        await self._wait("write", _write_more)
         return total
 
     def _registration(self, direction: str) -> Tuple[Callable, Callable]:
@@ -204,10 +188,22 @@ class FrameConnection:
             return self.loop.add_reader, self.loop.remove_reader
         return self.loop.add_writer, self.loop.remove_writer
 
-    async def _wait(self, direction: str, done: asyncio.Future, callback: Callable[[], None]) -> None:
-        """Call ``callback`` whenever the socket is ready for ``direction`` ("read" or "write") until ``done``."""
+    async def _wait(self, direction: str, progress: Callable[[], bool]) -> None:
+        """Call ``progress`` whenever the socket is ready for ``direction`` ("read" or "write") until it returns
+        True; what it raises is raised here."""
+        done = self.loop.create_future()
+
+        def _on_ready() -> None:
+            if done.done():
+                return
+            try:
+                if progress():
+                    done.set_result(None)
+            except Exception as e:
+                done.set_exception(e)
+
         register, unregister = self._registration(direction)
-        register(self.sock.fileno(), callback)
+        register(self.sock.fileno(), _on_ready)
         self._waiting[direction] = done
         try:
             await done
