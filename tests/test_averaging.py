@@ -1008,7 +1008,7 @@ for _ in range(2):
     averager.step(timeout=120, allow_retries=False)
 first, second = averager.round_history()[-2:]
 print(json.dumps(dict(throughput=first.throughput, allreduce=second.timeouts.allreduce,
-                      sender=second.timeouts.sender)), flush=True)
+                      sender=second.timeouts.sender, part_bytes=second.part_bytes)), flush=True)
 averager.shutdown(); dht.shutdown()
 """
 
@@ -1040,7 +1040,9 @@ def _timeouts_over_link(rate_mbit: float) -> dict:
 @pytest.mark.timeout(300)
 def test_slower_link_yields_longer_round_limits():
     """Two peers in network namespaces, their links shaped with tc tbf: the limits of the round after the first one
-    derive from the throughput measured over the link, so 20 Mbit/s gives longer limits than 200 Mbit/s."""
+    derive from the throughput measured over the link, so 20 Mbit/s gives longer limits than 200 Mbit/s. Parts are
+    sized to the link too (about 40 ms of sending, at least 128 KiB), and the per-part (sender) limit is that part's
+    time to cross the link at the measured throughput, times the margin and the group size."""
     from athome.testing import netlab
 
     available, why = netlab.available()
@@ -1049,7 +1051,11 @@ def test_slower_link_yields_longer_round_limits():
     slow, fast = _timeouts_over_link(20), _timeouts_over_link(200)
     assert slow["throughput"] <= 20e6 / 8 * 1.1, slow  # the link, not the CPU, bounds the slow case
     assert fast["throughput"] > 2 * slow["throughput"], (slow, fast)
-    assert slow["allreduce"] > 2 * fast["allreduce"] and slow["sender"] > 2 * fast["sender"], (slow, fast)
+    assert slow["allreduce"] > 2 * fast["allreduce"], (slow, fast)
+    assert slow["part_bytes"] < fast["part_bytes"], (slow, fast)
+    for limits in (slow, fast):  # margin 20 x group of 2 x one part's time at the measured throughput
+        expected_sender = max(1.0, 20 * 2 * limits["part_bytes"] / limits["throughput"])
+        assert limits["sender"] == pytest.approx(expected_sender, rel=1e-6), limits
 
 
 def _swarm_optimizer_worker(initial_peers, value, results, done):

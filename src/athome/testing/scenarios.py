@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import signal
@@ -871,16 +872,31 @@ def _run_fleet(fleet: Sequence[LoadClient], calls: int, tokens: int) -> float:
     return time.monotonic() - started
 
 
+def _overload_tokens(tokens_per_second: float, clients: int, max_queue_seconds: float) -> int:
+    """Tokens per pass that would make ``clients - 1`` queued passes hold about ``4 * max_queue_seconds`` of work,
+    given the host's throughput under load in tokens per second of passes (forward and backward: two requests); a
+    multiple of 1024, at least 4096. (Measured: the queue the host sees holds about half of that, as the clients'
+    requests are not all queued at once.)"""
+    per_request = 4 * max_queue_seconds / max(clients - 1, 1)
+    wanted = per_request * 2 * tokens_per_second
+    return max(4096, int(math.ceil(wanted / 1024)) * 1024)
+
+
 def load_scenario(workdir: Optional[Path] = None, *, clients: int = 8, calls: int = 12, tokens: int = 1024,
-                  overload_tokens: int = 4096, overload_calls: int = 3, max_queue_seconds: float = 1.0) -> Outcome:
+                  overload_tokens: Optional[int] = None, overload_calls: int = 3,
+                  max_queue_seconds: float = 0.25) -> Outcome:
     """``clients`` trainer clients against one expert host: latency percentiles, backpressure, bounded memory.
 
     The clients are real (own DHT node, p2pd, registry and RemoteDispatcher each) but share this process, to fit
     a small machine. One client runs alone first (the baseline of the latency ratio); then all of them with
     ``tokens`` per pass; then all of them with ``overload_tokens`` per pass, more queued work than the host
-    accepts (``peer join --max_queue_seconds``, set low here so that a small machine can overload it): it must
-    refuse some requests at once (backpressure)
+    accepts (``peer join --max_queue_seconds``, set low here): it must refuse some requests at once (backpressure)
     while every client still gets its passes through, and its memory must stay bounded throughout.
+
+    :param overload_tokens: tokens per pass in the overload; default: sized from the throughput measured with
+      ``tokens`` (:func:`_overload_tokens`). A fixed size overloaded a slow machine and not a faster one (4096
+      tokens queued under 1 s of work here), and sizing it up instead of the queue limit down costs memory
+      (10240 tokens: +1 GiB host RSS), hence the low ``max_queue_seconds``
     """
     checks = Checks()
     busy = _MessageCounter("host busy")
@@ -906,6 +922,8 @@ def load_scenario(workdir: Optional[Path] = None, *, clients: int = 8, calls: in
             latencies = [t for c in fleet for t in c.latencies]
             finished = all(len(c.latencies) == calls for c in fleet)
             refused_before = busy.count
+            if overload_tokens is None:
+                overload_tokens = _overload_tokens(len(latencies) * tokens / wall, clients, max_queue_seconds)
             overload_wall = _run_fleet(fleet, overload_calls, overload_tokens)
             overloaded = [t for c in fleet for t in c.latencies]
             finished &= all(len(c.latencies) == overload_calls for c in fleet)
@@ -927,7 +945,7 @@ def load_scenario(workdir: Optional[Path] = None, *, clients: int = 8, calls: in
     return checks.outcome(
         "load", f"{clients} clients x {calls} fwd+bwd of {tokens} tokens on 1 host: p50 {p50:.2f}s p95 {p95:.2f}s "
                 f"p99 {p99:.2f}s (alone p50 {_percentile(alone, 0.5):.2f}s, x{p50 / _percentile(alone, 0.5):.1f}), "
-                f"{len(latencies) * tokens / wall:.0f} tokens/s; overloaded ({overload_tokens} tokens/pass): "
+                f"{len(latencies) * tokens / wall:.0f} tokens/s, {refused_before} refused; overloaded ({overload_tokens} tokens/pass): "
                 f"{refusals} requests refused busy (queue limit {max_queue_seconds:g}s), all passes through in {overload_wall:.0f}s "
                 f"(p50 {_percentile(overloaded, 0.5):.1f}s, {failed} retried); host RSS +{growth:.0f} MiB",
     )
