@@ -28,7 +28,9 @@ default reducer (centered_clip) and no compression, at N=4 (or the first N given
 With ``--link_mbit M`` (root; :mod:`athome.testing.netlab`), every peer runs in its own network namespace whose
 uplink is shaped with tc tbf to M Mbit/s in each direction, and each variant's time is also divided by the time the
 link allows, ``2(N-1)/N * S / (M/8 MB/s)`` (S = vector bytes as sent): column ``/link``, and a line
-``allreduce_link N=4 athome/link: X.XX, gloo/link: Y.YY`` before the last line. That formula is the right limit
+``allreduce_link N=4 athome/link: X.XX, gloo/link: Y.YY`` before the last line. A row ``plain TCP, no waiting``
+sends the butterfly's bytes (2/N of the vector from every peer to every other peer, all at once) over plain TCP:
+what the links give this traffic when nobody waits for anybody, the floor for athome's pattern of flows. That formula is the right limit
 for this topology (each peer sends and receives 2(N-1)/N * S through its own link, both directions shaped) but it
 counts payload only: tbf shapes whole Ethernet frames, so TCP/IP/Ethernet headers (66 B per 1448 B segment) put
 the reachable floor near 1.05 (measured: 61-63 MB left each peer's veth per round for 60 MB of parts and results).
@@ -63,6 +65,7 @@ DEFAULT_VARIANTS = "hivemind,athome none/mean,athome none/centered_clip,p2p,uint
 # "p2p" variants turn athome's direct TCP data plane off: parts go through p2pd as protobuf (athome before the plane)
 VARIANT_KWARGS = {"athome p2p none/centered_clip": dict(direct_tcp=False)}
 SUMMARY_VARIANT = "athome none/centered_clip"
+FLOOR_LABEL = "plain TCP, no waiting"  # --link_mbit only: see _plain_tcp_exchange
 GLOO_MIN_REPS = 10  # timed gloo all-reduces on loopback, whatever --reps says
 ATHOME_KWARGS: dict = {}  # extra RobustAverager arguments for every athome variant (--part_size_bytes)
 
@@ -117,6 +120,49 @@ def _enter_netns(netns: str) -> None:
         os.close(fd)
 
 
+def _plain_tcp_exchange(rank: int, n: int, vector, host_ip: str, reps: int) -> float:
+    """The butterfly's traffic without its waiting: every peer sends 2/N of the vector's bytes to every other peer
+    at once, over plain TCP (one connection per ordered pair, kernel defaults). Median seconds of ``reps``, slowest
+    peer; a floor for what the links allow with this many flows (needs torch.distributed initialized)."""
+    import threading
+
+    import torch
+    import torch.distributed as dist
+
+    payload = memoryview(vector.numpy()).cast("B")[: 2 * vector.numel() * 4 // n]
+    listener = socket.create_server((host_ip, 0))
+    addresses = [None] * n
+    dist.all_gather_object(addresses, (host_ip, listener.getsockname()[1]))
+    incoming = []
+    acceptor = threading.Thread(target=lambda: incoming.extend(listener.accept()[0] for _ in range(n - 1)))
+    acceptor.start()
+    outgoing = [socket.create_connection(address) for peer, address in enumerate(addresses) if peer != rank]
+    acceptor.join()
+    buffers = [bytearray(len(payload)) for _ in incoming]
+
+    def receive(connection: socket.socket, buffer: bytearray) -> None:
+        view, received = memoryview(buffer), 0
+        while received < len(view):
+            received += connection.recv_into(view[received:])
+
+    times = []
+    for _ in range(reps):
+        dist.barrier()
+        started = time.perf_counter()
+        threads = [threading.Thread(target=c.sendall, args=(payload,)) for c in outgoing]
+        threads += [threading.Thread(target=receive, args=pair) for pair in zip(incoming, buffers)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        elapsed = torch.tensor([time.perf_counter() - started])
+        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+        times.append(float(elapsed))
+    for connection in [*outgoing, *incoming, listener]:
+        connection.close()
+    return statistics.median(times)
+
+
 def _worker(rank, n, size, reps, port, tag, variants, maddr_queue, barrier, results, place=None) -> None:
     # place: None (127.0.0.1) or (netns, ip, device, gloo master ip) inside a NetLab
     host_ip, master_ip = "127.0.0.1", "127.0.0.1"
@@ -149,9 +195,13 @@ def _worker(rank, n, size, reps, port, tag, variants, maddr_queue, barrier, resu
         dist.all_reduce(cpu)
         times.append(float(elapsed))
         cpus.append(float(cpu) / n)
-    dist.destroy_process_group()
     if rank == 0:
         results.put(("gloo", statistics.median(times), float("nan"), size * 4 / 2**20, statistics.mean(cpus)))
+    if place is not None:
+        floor = _plain_tcp_exchange(rank, n, vector, host_ip, reps)
+        if rank == 0:
+            results.put(("floor", floor))
+    dist.destroy_process_group()
 
     # --- DHT
     import hivemind
@@ -235,7 +285,7 @@ def run_group(n: int, size: int, reps: int, variants=VARIANTS, places=None) -> l
     for worker in workers:
         worker.start()
 
-    gloo = None
+    gloo = floor = None
     per_variant: dict[str, list[tuple[int, float, float]]] = {}
     failures: dict[str, list[str]] = {}
     expected = len(variants) * reps * n
@@ -250,6 +300,8 @@ def run_group(n: int, size: int, reps: int, variants=VARIANTS, places=None) -> l
             continue
         if item[0] == "gloo":
             gloo = Measurement("gloo", item[1], item[2], item[3], item[4])
+        elif item[0] == "floor":
+            floor = Measurement(FLOOR_LABEL, item[1], float("nan"), size * 4 / 2**20, float("nan"))
         elif item[0] == "fail":
             _, label, rank, error = item
             failures.setdefault(label, []).append(error)
@@ -265,7 +317,7 @@ def run_group(n: int, size: int, reps: int, variants=VARIANTS, places=None) -> l
 
     for label, errors in failures.items():
         print(f"# N={n} {label}: {len(errors)} failed peer-round(s), e.g. {errors[0]}")
-    measurements = [gloo] if gloo is not None else []
+    measurements = [m for m in (gloo, floor) if m is not None]
     vector_mib = size * 4 / 2**20
     for label, *_ in variants:
         samples = per_variant.get(label, [])
