@@ -28,12 +28,12 @@ default reducer (centered_clip) and no compression, at N=4 (or the first N given
 With ``--link_mbit M`` (root; :mod:`athome.testing.netlab`), every peer runs in its own network namespace whose
 uplink is shaped with tc tbf to M Mbit/s in each direction, and each variant's time is also divided by the time the
 link allows, ``2(N-1)/N * S / (M/8 MB/s)`` (S = vector bytes as sent): column ``/link``, and a line
-``allreduce_link N=4 athome/link: X.XX, gloo/link: Y.YY`` before the last line. A row ``plain TCP, no waiting``
-sends the butterfly's bytes (2/N of the vector from every peer to every other peer, all at once) over plain TCP:
-what the links give this traffic when nobody waits for anybody, the floor for athome's pattern of flows. That formula is the right limit
+``allreduce_link N=4 athome/link: X.XX, gloo/link: Y.YY`` before the last line. That formula is the right limit
 for this topology (each peer sends and receives 2(N-1)/N * S through its own link, both directions shaped) but it
 counts payload only: tbf shapes whole Ethernet frames, so TCP/IP/Ethernet headers (66 B per 1448 B segment) put
 the reachable floor near 1.05 (measured: 61-63 MB left each peer's veth per round for 60 MB of parts and results).
+A row ``plain TCP, no waiting`` sends the butterfly's bytes (2/N of the vector from every peer to every other
+peer, all at once) over plain TCP: what the links give that pattern of flows when nobody waits for anybody.
 """
 from __future__ import annotations
 
@@ -143,7 +143,10 @@ def _plain_tcp_exchange(rank: int, n: int, vector, host_ip: str, reps: int) -> f
     def receive(connection: socket.socket, buffer: bytearray) -> None:
         view, received = memoryview(buffer), 0
         while received < len(view):
-            received += connection.recv_into(view[received:])
+            count = connection.recv_into(view[received:])
+            if count == 0:
+                raise ConnectionError("a peer closed its connection before sending everything")
+            received += count
 
     times = []
     for _ in range(reps):

@@ -1037,7 +1037,7 @@ def _timeouts_over_link(rate_mbit: float) -> dict:
 
 
 @pytest.mark.timeout(300)
-def test_slower_link_yields_longer_round_limits():  # ~20 s: in CI since it rotted unnoticed as a slow test
+def test_slower_link_yields_longer_round_limits():  # ~20 s; not `slow`: there it went stale unnoticed
     """Two peers in network namespaces, their links shaped with tc tbf: the limits of the round after the first one
     derive from the throughput measured over the link, so 20 Mbit/s gives longer limits than 200 Mbit/s. Parts are
     sized to the link too (about 40 ms of sending, at least 128 KiB), and the per-part (sender) limit is that part's

@@ -40,7 +40,7 @@ def test_training_survives_coordinator_death_and_restart(tmp_path):
     _held(scenarios.coordinator_death_scenario(tmp_path))
 
 
-def test_eight_clients_on_one_host(tmp_path):  # ~30 s: in CI since it rotted unnoticed as a slow test
+def test_eight_clients_on_one_host(tmp_path):  # ~30 s; not `slow`: there it went stale unnoticed
     _held(scenarios.load_scenario(tmp_path))
 
 
