@@ -4,7 +4,7 @@ hivemind, plus athome's bytes sent per peer relative to the bandwidth-optimal 2(
 Every peer is a separate process (forked). Per N, in one run:
 
 * gloo: ``dist.all_reduce`` of the same tensor (after a warm-up), time = slowest rank, median of at least
-  ``GLOO_MIN_REPS`` reps on loopback;
+  ``GLOO_MIN_REPS`` reps on loopback (athome's variants: at least ``ATHOME_MIN_REPS``);
 * hivemind: stock ``DecentralizedAverager`` (no compression, mean), run first and again last (baseline = mean);
 * athome: ``RobustAverager`` with reducer x compression variants (fp16 only with ``--variants all``), over its
   direct TCP data plane, and once with the plane off ("athome p2p ...": parts through p2pd, as before the plane).
@@ -67,6 +67,9 @@ VARIANT_KWARGS = {"athome p2p none/centered_clip": dict(direct_tcp=False)}
 SUMMARY_VARIANT = "athome none/centered_clip"
 FLOOR_LABEL = "plain TCP, no waiting"  # --link_mbit only: see _plain_tcp_exchange
 GLOO_MIN_REPS = 10  # timed gloo all-reduces on loopback, whatever --reps says
+# timed rounds per athome variant on loopback, whatever --reps says: one round takes ~0.1 s and a single one on a shared
+# 2-core box ranged 0.109-0.172 s in one session, so a one-rep median moved the summary ratio by up to 0.5
+ATHOME_MIN_REPS = 5
 ATHOME_KWARGS: dict = {}  # extra RobustAverager arguments for every athome variant (--part_size_bytes)
 
 
@@ -233,7 +236,8 @@ def _worker(rank, n, size, reps, port, tag, variants, maddr_queue, barrier, resu
                                       compression=compression, **common, **ATHOME_KWARGS,
                                       **VARIANT_KWARGS.get(label, {}))
         times, ratios = [], []
-        for rep in range(-1, reps):  # rep -1 is an untimed warm-up (first rounds pay one-off costs, as gloo's does)
+        # rep -1 is an untimed warm-up (first rounds pay one-off costs, as gloo's does)
+        for rep in range(-1, _variant_reps(kind, reps, shaped=place is not None)):
             with averager.get_tensors() as tensors:
                 tensors[0].copy_(vector)
             control = averager.step(wait=False, require_trigger=True, timeout=120)
@@ -272,6 +276,11 @@ def _worker(rank, n, size, reps, port, tag, variants, maddr_queue, barrier, resu
     dht.shutdown()
 
 
+def _variant_reps(kind: str, reps: int, shaped: bool) -> int:
+    """Timed rounds of one averager variant: ``--reps``, at least ATHOME_MIN_REPS for athome on loopback."""
+    return reps if kind != "athome" or shaped else max(reps, ATHOME_MIN_REPS)
+
+
 def run_group(n: int, size: int, reps: int, variants=VARIANTS, places=None) -> list[Measurement]:
     ctx = mp.get_context("fork")
     tag = uuid.uuid4().hex[:8]  # fresh averaging prefixes for every run
@@ -291,7 +300,7 @@ def run_group(n: int, size: int, reps: int, variants=VARIANTS, places=None) -> l
     gloo = floor = None
     per_variant: dict[str, list[tuple[int, float, float]]] = {}
     failures: dict[str, list[str]] = {}
-    expected = len(variants) * reps * n
+    expected = n * sum(_variant_reps(kind, reps, shaped=places[0] is not None) for _, kind, *_ in variants)
     received = 0
     deadline = time.monotonic() + 600
     while (gloo is None or received < expected) and time.monotonic() < deadline:
@@ -405,7 +414,10 @@ def main() -> None:
                 if baselines
                 else None
             )
-            print(f"\n## N={n}, {size:,} fp32 ({size * 4 / 2**20:.1f} MiB), median of {args.reps} rep(s)")
+            reps_note = f"median of {args.reps} rep(s)"
+            if not args.link_mbit:
+                reps_note += f" (on loopback at least {ATHOME_MIN_REPS} for athome, {GLOO_MIN_REPS} for gloo)"
+            print(f"\n## N={n}, {size:,} fp32 ({size * 4 / 2**20:.1f} MiB), {reps_note}")
             link_column = f" {'/link':>8}" if args.link_mbit else ""
             print(
                 f"{'variant':<28} {'seconds':>8} {'/gloo':>8} {'/hivemind':>10} {'bytes/optimal':>14} "
@@ -429,9 +441,10 @@ def main() -> None:
             if hivemind_m:
                 print(f"# /hivemind baseline: mean of {len(baselines)} stock runs, {hivemind_m.seconds:.3f}s")
             athome = by_label.get(SUMMARY_VARIANT)
-            if athome and gloo and hivemind_m and (summary is None or n == 4):
-                summary = (n, athome.seconds / gloo.seconds, athome.seconds / hivemind_m.seconds, athome.bytes_ratio)
-                cpu_summary = (n, athome.cpu / gloo.cpu, athome.cpu / hivemind_m.cpu)
+            if athome and gloo and (summary is None or n == 4):  # without the stock runs: athome/hivemind nan
+                stock = hivemind_m or Measurement("hivemind (not run)", float("nan"), float("nan"), 0)
+                summary = (n, athome.seconds / gloo.seconds, athome.seconds / stock.seconds, athome.bytes_ratio)
+                cpu_summary = (n, athome.cpu / gloo.cpu, athome.cpu / stock.cpu)
                 if args.link_mbit:
                     link_summary = (n, vs_link(athome), vs_link(gloo))
             sys.stdout.flush()
