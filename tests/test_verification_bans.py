@@ -29,6 +29,35 @@ def test_banned_peer_gets_weight_zero_and_reduces_nothing(make_averagers, dhts):
 
 
 @pytest.mark.timeout(120)
+def test_peer_never_follows_a_banned_leader(make_averagers, dhts):  # noqa: F811
+    """hivemind's matchmaking makes the peer whose search began first the leader (a follower asks only peers that
+    declared earlier), so the banned peer, started first, would lead the honest one. The honest peer keeps out of its
+    group: its step fails with its tensors unchanged, instead of "succeeding" as the group's only contributor."""
+    import threading
+    import time
+
+    honest, poison = _random_sets(1, seed=8)[0], [-1000 * t for t in _random_sets(1, seed=8)[0]]
+    averager, banned = make_averagers([honest, poison], reducer="mean")
+    averager.ban_peers([str(dhts[1].peer_id)])
+    results = {}
+
+    def step(name, target):
+        try:
+            results[name] = target.step(timeout=8, allow_retries=False)
+        except BaseException as e:  # noqa: B902 - asserted below
+            results[name] = e
+
+    leader = threading.Thread(target=step, args=("banned", banned))
+    leader.start()
+    time.sleep(1.0)  # the banned peer declares first: it is the leader the honest peer's matchmaking offers
+    step("honest", averager)
+    leader.join()
+    assert isinstance(results["honest"], Exception), results["honest"]
+    assert torch.equal(_flat(_tensors(averager)), _flat(honest))
+    assert not any(str(dhts[1].peer_id) in report.peers for report in averager.round_history())
+
+
+@pytest.mark.timeout(120)
 def test_banned_peer_is_refused_when_it_asks_to_join_a_group(make_averagers, dhts):  # noqa: F811
     """A leader answers a banned peer's join request with PROTOCOL_VIOLATION; another peer's request reaches
     hivemind's own checks (this leader is not looking for a group: NOT_LOOKING_FOR_GROUP)."""

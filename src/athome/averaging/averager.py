@@ -63,7 +63,7 @@ from hivemind.averaging.allreduce import AllreduceException, AveragingMode
 from hivemind.averaging.control import StepControl
 from hivemind.averaging.group_info import GroupInfo
 from hivemind.averaging.load_balancing import hagenbach_bishoff, load_balance_peers
-from hivemind.averaging.matchmaking import MatchmakingException
+from hivemind.averaging.matchmaking import Matchmaking, MatchmakingException
 from hivemind.compression import CompressionBase, CompressionInfo
 from hivemind.compression import deserialize_torch_tensor
 from hivemind.compression import serialization as hivemind_serialization
@@ -218,6 +218,20 @@ def keep_freed_memory_mapped() -> None:
     m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's <malloc.h>
     if not (mallopt(m_mmap_threshold, 32 << 20) and mallopt(m_trim_threshold, 256 << 20)):
         logger.debug("malloc thresholds left alone: mallopt refused them")
+
+
+class BanAwareMatchmaking(Matchmaking):
+    """hivemind's ``Matchmaking`` that never asks a banned peer to lead its group, nor follows a leader's redirect to
+    one: as the only honest member of a banned leader's group, this peer would have nobody to average with. (As a
+    leader, the averager refuses banned followers in ``rpc_join_group``.) ``banned_peers``: base58 peer IDs."""
+
+    banned_peers: set
+
+    async def _request_join_group(self, leader: PeerID) -> Optional[GroupInfo]:
+        if str(leader) in self.banned_peers:
+            logger.debug(f"Not joining the group of banned peer {leader}")
+            return None
+        return await super()._request_join_group(leader)
 
 
 class RobustAveragingMixin:
@@ -404,7 +418,11 @@ class RobustAveragingMixin:
     async def _step(self, *, step: StepControl, future_for_init: MPFuture):
         """hivemind's ``_step`` (averager process), with this peer's part size proposal added to the data it sends
         its group (:meth:`~athome.averaging.timeouts.AdaptiveTimeouts.part_bytes`: the configured ``part_size_bytes``
-        until a round has measured this peer's throughput, then less on slow links)."""
+        until a round has measured this peer's throughput, then less on slow links), and matchmaking that never
+        follows a banned leader (:class:`BanAwareMatchmaking`)."""
+        if type(self._matchmaking) is Matchmaking:  # hivemind's _run_internal builds it and offers no factory
+            self._matchmaking.__class__ = BanAwareMatchmaking
+            self._matchmaking.banned_peers = self._banned_peers  # the same set: later bans apply at once
         bandwidth, mode, user_bytes = self.serializer.loads(step.data_for_gather)
         proposal = self._adaptive_timeouts.part_bytes(self._part_size_bytes)
         wrapped = self.serializer.dumps([PART_PROPOSAL, proposal, user_bytes])
@@ -443,6 +461,11 @@ class RobustAveragingMixin:
         )
         self._current_report = report
         try:
+            others = [peer for peer in group_info.peer_ids if peer != self.peer_id]
+            if others and all(str(peer) in self._banned_peers for peer in others):
+                # their parts would get weight 0 and they would reduce nothing: "averaging" would return our own
+                # tensors as a success
+                raise AllreduceException(f"every other member of group {report.group_id} is banned")
             bandwidths, mode_ids, user_gathered_bytes = zip(*map(self.serializer.loads, group_info.gathered))
             proposals, user_data = zip(*(self._split_gathered(raw) for raw in user_gathered_bytes))
             user_gathered = dict(zip(group_info.peer_ids, user_data))
