@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import deque
 from contextlib import aclosing
 from typing import AsyncIterator, Callable, Dict, Optional, Sequence, Set, Tuple
 
@@ -445,31 +444,48 @@ class RobustAllReduceRunner(AllReduceRunner):
     async def _accumulate_ahead(
         self, parts: AsyncIterator[Tuple[torch.Tensor, float, Optional[int], int]], sender_index: int
     ) -> AsyncIterator[Tuple[torch.Tensor, torch.Tensor, Optional[int]]]:
-        """Give one sender's parts to the reducer up to ``ACCUMULATE_AHEAD`` parts before their results are taken,
-        and yield ``(aggregate, part, compression)`` in order. hivemind awaits each part's aggregate before handing
-        over the next part, so a reducer could not start on part k+1 until part k was reduced and its result sent:
-        every part paid a full round trip. Counts ``bytes_received``; raises BannedException like the reducer."""
-        pending: deque = deque()
-        part_index = 0
+        """Give one sender's parts to the reducer as they arrive, up to ``ACCUMULATE_AHEAD`` parts before their
+        results are taken, and yield ``(aggregate, part, compression)`` in order, each as soon as it is ready.
+
+        hivemind awaits each part's aggregate before handing over the next part, so a reducer could not start on
+        part k+1 until part k was reduced and its result sent: every part paid a full round trip. Parts are taken
+        from ``parts`` by a task of their own, so that an aggregate completed by *another* sender's part is yielded
+        at once, not when this sender's next part happens to arrive (which held results back by up to a part's
+        transfer time, mid-round). Counts ``bytes_received``; raises BannedException like the reducer, and what
+        ``parts`` raises once the aggregates of the parts before it are yielded."""
+        submitted: asyncio.Queue = asyncio.Queue()  # (task, part, compression) in part order, then an end marker
+        room = asyncio.Semaphore(ACCUMULATE_AHEAD)
+
+        async def _submit_parts():
+            part_index, error = 0, None
+            try:
+                async for tensor_part, weight, part_compression, size in parts:
+                    self.bytes_received += size
+                    task = asyncio.ensure_future(
+                        self.tensor_part_reducer.accumulate_part(sender_index, part_index, tensor_part, weight=weight)
+                    )
+                    task.add_done_callback(_retrieve_exception)
+                    submitted.put_nowait((task, tensor_part, part_compression))
+                    part_index += 1
+                    await room.acquire()
+            except Exception as e:  # noqa: B902 - re-raised by the generator, in order
+                error = e
+            finally:
+                submitted.put_nowait(error)
+
+        submitter = asyncio.create_task(_submit_parts())
         try:
-            async for tensor_part, weight, part_compression, size in parts:
-                self.bytes_received += size
-                task = asyncio.ensure_future(
-                    self.tensor_part_reducer.accumulate_part(sender_index, part_index, tensor_part, weight=weight)
-                )
-                task.add_done_callback(_retrieve_exception)
-                pending.append((task, tensor_part, part_compression))
-                part_index += 1
-                while pending and (len(pending) > ACCUMULATE_AHEAD or pending[0][0].done()):
-                    task, tensor_part, part_compression = pending.popleft()
-                    yield await asyncio.shield(task), tensor_part, part_compression
-            while pending:
-                task, tensor_part, part_compression = pending.popleft()
+            while isinstance(item := await submitted.get(), tuple):
+                task, tensor_part, part_compression = item
                 yield await asyncio.shield(task), tensor_part, part_compression
+                room.release()
+            if item is not None:
+                raise item
         finally:
-            # never cancel these: a task awaiting a part's future that other senders share would cancel that future
-            # for everyone. Left alone, they end with the part or with BannedException once the caller bans us
-            pending.clear()
+            # never cancel the accumulation tasks: a task awaiting a part's future that other senders share would
+            # cancel that future for everyone. Left alone, they end with the part or with BannedException once the
+            # caller bans us
+            submitter.cancel()
 
     async def _reduce_stream(
         self, parts: AsyncIterator[Tuple[torch.Tensor, float, int, int]], sender_index: int
