@@ -134,7 +134,12 @@ def test_tickets_hello_and_frames_over_tcp():
     asyncio.run(main())
 
 
-def test_a_clean_connection_carries_the_next_round_without_a_ticket():
+def test_a_clean_connection_carries_the_next_round_without_a_ticket(monkeypatch):
+    from athome.averaging.dataplane import FrameConnection
+
+    restarts = []  # both ends restart congestion control when a kept connection starts a round
+    monkeypatch.setattr(FrameConnection, "restart_congestion_control", lambda self: restarts.append(self.peer))
+
     async def main():
         plane = DataPlane("127.0.0.1", connect_timeout=2.0)
         rounds, tickets = [], []
@@ -167,9 +172,11 @@ def test_a_clean_connection_carries_the_next_round_without_a_ticket():
 
         await plane.start(handler)
         first = await one_round(b"round 1")
+        assert restarts == []  # a fresh connection starts fresh anyway
         second = await one_round(b"round 2")
         assert second is first and tickets == [b"round 1"]  # the kept connection, no new ticket
         assert rounds == [b"round 1", b"round 2"]
+        assert len(restarts) == 2 and "bob" in restarts  # the sender's end (named by the reducer) and the reducer's
 
         # a round the reducer refuses on the kept connection: that connection is dropped and a fresh one is tried
         assert await plane.connect("bob", lambda: ticket(b"refused"), b"refused") is None
@@ -362,6 +369,31 @@ def test_peer_killed_mid_tcp_stream_does_not_hang_the_others(dhts, victim_dht, m
         victim.join(5)
         for averager in survivors:
             averager.shutdown()
+
+
+def test_congestion_control_restart_keeps_the_algorithm(monkeypatch):
+    """The restart switches the algorithm away and back: the socket must end on the algorithm it had, and a
+    process that may not set either algorithm leaves the socket alone."""
+    from athome.averaging import dataplane
+
+    def algorithm(sock: socket.socket) -> bytes:
+        return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, 16).split(b"\0", 1)[0]
+
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        with socket.create_connection(server.getsockname()) as client:
+            connection = dataplane.FrameConnection(client, "peer")
+            before = algorithm(client)
+            connection.restart_congestion_control()
+            assert algorithm(client) == before
+            for other in (b"reno", b"cubic"):  # explicitly set: the restart must come back to it, not to the default
+                if other in dataplane._allowed_congestion_controls():
+                    client.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, other)
+                    connection.restart_congestion_control()
+                    assert algorithm(client) == other
+            monkeypatch.setattr(dataplane, "_allowed_congestion_controls", lambda: frozenset())
+            current = algorithm(client)
+            connection.restart_congestion_control()
+            assert algorithm(client) == current
 
 
 def test_socket_buffers_are_fixed_only_where_the_kernel_grants_them(monkeypatch):

@@ -22,10 +22,12 @@ Matchmaking, the group and its membership stay on libp2p. What this module adds,
 **Kept connections**: a connection whose round ended cleanly (every frame of both directions consumed) stays open,
 and the sender's next round with that reducer starts with a :data:`ROUND` header naming the new group instead of a
 ticket: the reducer checks again that the (already authenticated) sender belongs to that group and answers
-:data:`ACK_OK`, or refuses. This saves the ticket RPC and the TCP handshake, and keeps the congestion controller's
-estimate of the path (fresh connections spent the first ~0.5 s of a 5 s round on a 100 Mbit/s link at ~60%). A
-kept connection that fails to start a round is closed and a fresh one is tried within the same ``connect_timeout``.
-Idle connections are closed after ``idle_ttl`` seconds.
+:data:`ACK_OK`, or refuses. This saves the ticket RPC and the TCP handshake (fresh connections spent the first ~0.5 s
+of a 5 s round on a 100 Mbit/s link at ~60%). Congestion control itself restarts at each round on both ends
+(:meth:`FrameConnection.restart_congestion_control`): what a round leaves, such as BBR's bandwidth estimate of a flow
+that shared its link with five others, would pace the next one. A kept connection that fails to start a round is
+closed and a fresh one is tried within the same ``connect_timeout``. Idle connections are closed after ``idle_ttl``
+seconds.
 
 **Fallback**: if the reducer has no endpoint, refuses the ticket, or the TCP connect / hello does not succeed within
 ``connect_timeout``, that pair uses hivemind's p2p ``rpc_aggregate_part`` in the same round. A reducer that failed
