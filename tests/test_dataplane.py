@@ -176,7 +176,7 @@ def test_a_clean_connection_carries_the_next_round_without_a_ticket(monkeypatch)
         second = await one_round(b"round 2")
         assert second is first and tickets == [b"round 1"]  # the kept connection, no new ticket
         assert rounds == [b"round 1", b"round 2"]
-        assert len(restarts) == 2 and "bob" in restarts  # the sender's end (named by the reducer) and the reducer's
+        assert len(set(restarts)) == 2  # the sender's end and the reducer's (each named by its remote address)
 
         # a round the reducer refuses on the kept connection: that connection is dropped and a fresh one is tried
         assert await plane.connect("bob", lambda: ticket(b"refused"), b"refused") is None
@@ -379,21 +379,24 @@ def test_congestion_control_restart_keeps_the_algorithm(monkeypatch):
     def algorithm(sock: socket.socket) -> bytes:
         return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, 16).split(b"\0", 1)[0]
 
-    with socket.create_server(("127.0.0.1", 0)) as server:
-        with socket.create_connection(server.getsockname()) as client:
-            connection = dataplane.FrameConnection(client, "peer")
-            before = algorithm(client)
-            connection.restart_congestion_control()
-            assert algorithm(client) == before
-            for other in (b"reno", b"cubic"):  # explicitly set: the restart must come back to it, not to the default
-                if other in dataplane._allowed_congestion_controls():
-                    client.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, other)
-                    connection.restart_congestion_control()
-                    assert algorithm(client) == other
-            monkeypatch.setattr(dataplane, "_allowed_congestion_controls", lambda: frozenset())
-            current = algorithm(client)
-            connection.restart_congestion_control()
-            assert algorithm(client) == current
+    async def main():
+        with socket.create_server(("127.0.0.1", 0)) as server:
+            with socket.create_connection(server.getsockname()) as client:
+                connection = dataplane.FrameConnection(client, "peer")
+                before = algorithm(client)
+                connection.restart_congestion_control()
+                assert algorithm(client) == before
+                for other in (b"reno", b"cubic"):  # set explicitly: the restart comes back to it, not the default
+                    if other in dataplane._allowed_congestion_controls():
+                        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, other)
+                        connection.restart_congestion_control()
+                        assert algorithm(client) == other
+                monkeypatch.setattr(dataplane, "_allowed_congestion_controls", lambda: frozenset())
+                current = algorithm(client)
+                connection.restart_congestion_control()
+                assert algorithm(client) == current
+
+    asyncio.run(main())
 
 
 def test_socket_buffers_are_fixed_only_where_the_kernel_grants_them(monkeypatch):
