@@ -250,10 +250,10 @@ class FrameConnection:
 
         A kept connection would otherwise start a round with the state the previous one left: BBR's bandwidth
         estimate of a flow that ended a round sharing its link with five others, say, paces the new round's first
-        seconds by it. Switching the algorithm away and back re-initializes it. Measured on 100 Mbit/s links with
-        4 peers (plain TCP model of the round, 3 runs each): a second round on kept connections took 1.21-1.23x the
-        link-bound time, 1.15-1.19x with this restart, 1.13-1.15x on fresh connections (which pay a ticket RPC and a
-        handshake in athome instead). Skipped where an algorithm is not open to this process."""
+        seconds by it. Switching the algorithm away and back re-initializes it. Measured with 4 peers behind
+        100 Mbit/s links (``bench/allreduce.py --link_mbit 100`` variants side by side, 5 pairs in one run): rounds
+        took 1.16-1.19x the link-bound time with this restart, 1.20-1.32x without. Skipped where an algorithm is not
+        open to this process."""
         allowed = _allowed_congestion_controls()
         try:
             current = self.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, 16).split(b"\0", 1)[0]
