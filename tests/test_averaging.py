@@ -783,6 +783,21 @@ def test_centered_clip_matches_the_textbook_iteration():
             assert float((result - base).abs().max()) < 1.0 and float(scale[-1]) < 1e-20, n
             result, scale = centered_clip(stacked.flip(0), torch.ones(n), 1.0, 5)
             assert float((result - base).abs().max()) < 1.0 and float(scale[0]) < 1e-20, n
+    # rows as far apart as gradients of different batches: the Gram matrix comes from the rows themselves (one
+    # matrix product, see _raw_gram), within its stated rounding of the textbook result; an attacker x1000 among
+    # them makes the honest rows too close for it, relative to its norm: the deviations' way then
+    from athome.averaging.reducer import _raw_gram
+
+    for n in (2, 4, 5):
+        for attack in (False, True):
+            stacked = torch.randn(n, 5000, generator=generator) + 0.5
+            if attack:
+                stacked[-1] = -1000 * stacked[0]
+            assert (_raw_gram(stacked) is None) == (attack and n > 2), (n, attack)  # 2 rows: far apart anyway
+            weights = torch.rand(n, generator=generator) + 0.5
+            result, _ = centered_clip(stacked, weights, 1.0, 5)
+            expected = textbook(stacked.double(), weights.double(), 1.0, 5).float()
+            assert float((result - expected).abs().max()) <= 1e-4 * float(stacked[:-1].abs().max()), (n, attack)
     # values so small that their float32 squares are denormal: the Gram matrix falls back to float64, and the
     # result still matches the textbook iteration relative to the (tiny) spread
     for attack in (False, True):

@@ -102,3 +102,42 @@ def test_receive_pool_reuses_given_buffers_within_its_limit():
     pool.give(again[:2])
     pool.give([torch.empty(3000)])  # parts changed size: the old size is dropped to make room
     assert pool.take(3000, torch.float32).numel() == 3000 and not pool._free.get((1000, torch.float32))
+
+
+def test_centered_clip_rows_are_one_pooled_matrix_per_part():
+    """A CenteredClip reducer keeps each part's senders in the rows of one matrix: a part received into its row
+    stays where it is, one handed over elsewhere (our own, a p2p one) is copied there, the aggregate is what the
+    rows give, and the matrices go back to the pool once the reducer is finished."""
+    from athome.averaging.reducer import RobustTensorPartReducer, centered_clip
+
+    generator = torch.Generator().manual_seed(3)
+    pool = ReceiveBufferPool(max_bytes=1 << 20)
+    shapes = (torch.Size([64]), torch.Size([10]))
+    parts = [[torch.randn(shape, generator=generator) for shape in shapes] for _ in range(3)]
+
+    async def run():
+        reducer = RobustTensorPartReducer(shapes, num_senders=3, row_pool=pool)
+        matrices = []
+        for part_index in range(len(shapes)):
+            received = reducer.receive_row(0, part_index)  # sender 0's part arrives "over the data plane"
+            received.copy_(parts[0][part_index])
+            matrices.append(received)
+            results = await asyncio.gather(
+                reducer.accumulate_part(0, part_index, received),
+                reducer.accumulate_part(1, part_index, parts[1][part_index]),  # copied into its row
+                reducer.accumulate_part(2, part_index, parts[2][part_index].double().float()),
+            )
+            stacked = torch.stack([senders[part_index] for senders in parts])
+            expected, _ = centered_clip(stacked, torch.ones(3), 1.0, 5)
+            for result in results:
+                assert torch.allclose(result, expected, atol=1e-6)
+            assert torch.equal(reducer._rows[part_index][1], parts[1][part_index])  # copied into its row
+        assert reducer.finished.is_set() and reducer.receive_row(0, 0) is None
+        reducer.release_rows()
+        assert RobustTensorPartReducer(shapes, 3, method="mean").receive_row(0, 0) is None  # the mean keeps no rows
+        return matrices
+
+    matrices = asyncio.run(run())
+    # given back: the same memory is handed out again for the same part sizes
+    again = {pool.take(3 * shape.numel(), torch.float32).data_ptr() for shape in shapes}
+    assert again == {matrix.data_ptr() for matrix in matrices}

@@ -151,6 +151,7 @@ class RobustAllReduceRunner(AllReduceRunner):
         self._parts_received_before_failure: Dict[int, int] = {}
         self._replies_done = asyncio.Event()
         self._replies_done.set()
+        self._live_readers = 0  # data plane tasks that may still receive into the reducer's rows
 
     async def wait_until_served(self, timeout: Optional[float]) -> bool:
         """Wait until this peer's reducer has aggregated every part and streamed every result back to its senders.
@@ -341,7 +342,9 @@ class RobustAllReduceRunner(AllReduceRunner):
                 for part_index, shape in enumerate(shapes):
                     await slots.acquire()
                     into = None
-                    if self.receive_pool is not None:
+                    if dtypes[part_index] == torch.float32:  # raw parts arrive as float32: straight into its row
+                        into = self.tensor_part_reducer.receive_row(sender_index, part_index)
+                    if into is None and self.receive_pool is not None:
                         into = self.receive_pool.take(shape.numel(), dtypes[part_index])
                         taken.append(into)
                     async with asyncio.timeout(self.sender_timeout):
@@ -370,6 +373,8 @@ class RobustAllReduceRunner(AllReduceRunner):
                 yield item
 
         reader = asyncio.create_task(_read_parts())
+        self._live_readers += 1
+        reader.add_done_callback(self._reader_ended)
         delayed = [] if self.should_delay_results(peer_id) else None
         part_index = 0
         clean = False
@@ -404,6 +409,19 @@ class RobustAllReduceRunner(AllReduceRunner):
             if self.receive_pool is not None and reader.done() and self.tensor_part_reducer.finished.is_set():
                 self.receive_pool.give(taken)
         return clean
+
+    def _reader_ended(self, _reader: asyncio.Task) -> None:
+        self._live_readers -= 1
+        self.release_reducer_rows()
+
+    def release_reducer_rows(self) -> None:
+        """Give the reducer's row matrices back to their pool once that is safe: the reducer is finished and no
+        reader of received parts is alive (one that is could still write into a row). Called as readers end and by
+        the averager after the round; whichever call finds both true releases them."""
+        if self._live_readers == 0 and self.tensor_part_reducer.finished.is_set():
+            release = getattr(self.tensor_part_reducer, "release_rows", None)
+            if release is not None:
+                release()
 
     def received_mask(self) -> torch.Tensor:
         """Bool mask over the flattened vector: True where this peer received the element's aggregate."""

@@ -330,8 +330,9 @@ class RobustAveragingMixin:
             self._vector_bytes = float(
                 sum(t.numel() * t.element_size() * codec.estimate_compression_ratio(i) for t, i in zip(tensors, infos))
             )
-            # the raw parts our reducer receives are at most the whole (uncompressed) vector in a round
-            self._receive_pool = ReceiveBufferPool(max_bytes=sum(t.numel() * t.element_size() for t in tensors))
+            # what our reducer receives in a round (CenteredClip: its rows, our own part included) is the slice it
+            # owns, once per sender: the whole vector for an equal split; bandwidth-weighted splits may own more
+            self._receive_pool = ReceiveBufferPool(max_bytes=2 * sum(t.numel() * t.element_size() for t in tensors))
         threading.Thread(
             target=_forward_reports,
             args=(self._report_reader, weakref.ref(self._round_log)),
@@ -538,7 +539,9 @@ class RobustAveragingMixin:
         )
 
         runner = (self.runner_type or RobustAllReduceRunner)(
-            reducer_factory=functools.partial(self.reducer_settings.build, workspace=self._reducer_workspace),
+            reducer_factory=functools.partial(
+                self.reducer_settings.build, workspace=self._reducer_workspace, row_pool=self._receive_pool
+            ),
             dataplane=await self._get_dataplane(),
             outputs=self._output_buffers.take(tensors),
             receive_pool=self._receive_pool,
@@ -594,6 +597,7 @@ class RobustAveragingMixin:
             raise
         finally:
             self._fill_report(report, runner, time.perf_counter() - started)
+            runner.release_reducer_rows()
 
         if is_aux:
             self._round_outcomes.publish(group_id, None)

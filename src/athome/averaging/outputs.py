@@ -146,7 +146,8 @@ class OutputBufferPool:
 
 
 class ReceiveBufferPool:
-    """Buffers that raw parts received by this peer's reducer land in, reused from round to round.
+    """Buffers that raw parts received by this peer's reducer land in (for CenteredClip, one matrix of all senders'
+    rows per part: :meth:`~athome.averaging.reducer.RobustTensorPartReducer.receive_row`), reused from round to round.
 
     A fresh multi-megabyte tensor is faulted in page by page as the socket writes into it (measured, 4 peers
     averaging 10M floats: ~700 page faults per second of rounds in one averager, 83% of them in ``recv``; 15-26 with
