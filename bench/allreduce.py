@@ -3,8 +3,9 @@ hivemind, plus athome's bytes sent per peer relative to the bandwidth-optimal 2(
 
 Every peer is a separate process (forked). Per N, in one run:
 
-* gloo: ``dist.all_reduce`` of the same tensor (after a warm-up), time = slowest rank, median of at least
-  ``GLOO_MIN_REPS`` reps on loopback (athome's variants: at least ``ATHOME_MIN_REPS``);
+* gloo: ``dist.all_reduce`` of the same tensor (after a warm-up), time = slowest rank, run first and again after
+  every other variant, median of both slots' reps (at least ``GLOO_MIN_REPS`` per slot on loopback; athome's
+  variants: at least ``ATHOME_MIN_REPS``);
 * hivemind: stock ``DecentralizedAverager`` (no compression, mean), run first and again last (baseline = mean);
 * athome: ``RobustAverager`` with reducer x compression variants (fp16 only with ``--variants all``), over its
   direct TCP data plane, and once with the plane off ("athome p2p ...": parts through p2pd, as before the plane).
@@ -187,27 +188,28 @@ def _worker(rank, n, size, reps, port, tag, variants, maddr_queue, barrier, resu
     dist.init_process_group("gloo", init_method=f"tcp://{master_ip}:{port}", rank=rank, world_size=n)
     buffer = vector.clone()
     dist.all_reduce(buffer)  # warm-up (connections)
-    times, cpus = [], []
-    # on loopback gloo's all-reduce takes ~0.05 s and one slow rep on a shared box moves it 1.5x: the denominator of
-    # every ratio gets at least GLOO_MIN_REPS reps (a second in all); over a shaped link one rep is steady and 5 s long
-    for _ in range(reps if place is not None else max(reps, GLOO_MIN_REPS)):
-        buffer.copy_(vector)
-        dist.barrier()
-        started, cpu_started = time.perf_counter(), time.process_time()  # gloo's threads live in this process
-        dist.all_reduce(buffer)
-        elapsed = torch.tensor([time.perf_counter() - started])
-        cpu = torch.tensor([time.process_time() - cpu_started])
-        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
-        dist.all_reduce(cpu)
-        times.append(float(elapsed))
-        cpus.append(float(cpu) / n)
-    if rank == 0:
-        results.put(("gloo", statistics.median(times), float("nan"), size * 4 / 2**20, statistics.mean(cpus)))
+    gloo_times, gloo_cpus = [], []
+
+    def _time_gloo() -> None:
+        # on loopback gloo's all-reduce takes ~0.05 s and one slow rep on a shared box moves it 1.5x: the denominator
+        # of every ratio gets at least GLOO_MIN_REPS reps per slot; over a shaped link one rep is steady and 5 s long
+        for _ in range(reps if place is not None else max(reps, GLOO_MIN_REPS)):
+            buffer.copy_(vector)
+            dist.barrier()
+            started, cpu_started = time.perf_counter(), time.process_time()  # gloo's threads live in this process
+            dist.all_reduce(buffer)
+            elapsed = torch.tensor([time.perf_counter() - started])
+            cpu = torch.tensor([time.process_time() - cpu_started])
+            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+            dist.all_reduce(cpu)
+            gloo_times.append(float(elapsed))
+            gloo_cpus.append(float(cpu) / n)
+
+    _time_gloo()
     if place is not None:
         floor = _plain_tcp_exchange(rank, n, vector, host_ip, reps)
         if rank == 0:
             results.put(("floor", floor))
-    dist.destroy_process_group()
 
     # --- DHT
     import hivemind
@@ -274,6 +276,15 @@ def _worker(rank, n, size, reps, port, tag, variants, maddr_queue, barrier, resu
         averager.shutdown()
         barrier.wait()
     dht.shutdown()
+    # gloo again, after every variant (as stock hivemind): the baseline is the median of both slots' reps, so that a
+    # box whose load drifts during the run weighs on gloo as on the variants (measured in one session: gloo's
+    # median moved from 0.059 to 0.12 s between runs minutes apart)
+    _time_gloo()
+    if rank == 0:
+        results.put(
+            ("gloo", statistics.median(gloo_times), float("nan"), size * 4 / 2**20, statistics.mean(gloo_cpus))
+        )
+    dist.destroy_process_group()
 
 
 def _variant_reps(kind: str, reps: int, shaped: bool) -> int:
@@ -303,7 +314,7 @@ def run_group(n: int, size: int, reps: int, variants=VARIANTS, places=None) -> l
     expected = n * sum(_variant_reps(kind, reps, shaped=places[0] is not None) for _, kind, *_ in variants)
     received = 0
     deadline = time.monotonic() + 600
-    while (gloo is None or received < expected) and time.monotonic() < deadline:
+    while (gloo is None or received < expected) and time.monotonic() < deadline:  # gloo's result comes last
         try:
             item = results.get(timeout=5)
         except Exception:
@@ -416,7 +427,7 @@ def main() -> None:
             )
             reps_note = f"median of {args.reps} rep(s)"
             if not args.link_mbit:
-                reps_note += f" (on loopback at least {ATHOME_MIN_REPS} for athome, {GLOO_MIN_REPS} for gloo)"
+                reps_note += f" (on loopback at least {ATHOME_MIN_REPS} for athome, {GLOO_MIN_REPS} per slot for gloo)"
             print(f"\n## N={n}, {size:,} fp32 ({size * 4 / 2**20:.1f} MiB), {reps_note}")
             link_column = f" {'/link':>8}" if args.link_mbit else ""
             print(
