@@ -623,8 +623,9 @@ class RobustTensorPartReducer(TensorPartReducer):
         distance from the reference row is finite, which is the case for every finite row: see
         :func:`_centered_clip`)."""
         rows = [part.reshape(-1).to(torch.float32) for _, part, _ in contributions]
-        # every sender's part in its row (in sender order): the part's matrix holds exactly these rows
-        stacked = self._rows.get(self.current_part_index) if len(contributions) == self.num_senders else None
+        # every sender's part in its row, in sender order: the part's matrix holds exactly these rows
+        senders = [sender for sender, _, _ in contributions]
+        stacked = self._rows.get(self.current_part_index) if senders == list(range(self.num_senders)) else None
         claimed = torch.tensor([weight for _, _, weight in contributions], dtype=torch.float32)
         positive = [weight for weight in claimed.tolist() if weight > 0]
         if not positive:
