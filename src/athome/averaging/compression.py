@@ -30,6 +30,7 @@ Error bounds (per element, per compressed part; tested in tests/test_averaging.p
 from __future__ import annotations
 
 import logging
+import math
 from typing import Dict, Tuple, Union
 
 import numpy as np
@@ -66,33 +67,34 @@ class Uniform8BitCodec(Uniform8BitQuantization):
     """Min-max 8-bit quantization; wire-compatible with hivemind's UNIFORM_8BIT. Error <= (max - min) / 255."""
 
     def quantize(self, tensor: torch.Tensor, allow_inplace: bool = False) -> Tuple[np.ndarray, np.ndarray]:
-        values = tensor.detach().reshape(-1).to(torch.float32).numpy()
+        # torch, not numpy: its bincount of uint8 codes with weights is ~5x faster than numpy's (measured, 262144
+        # values: 0.47 vs 2.6 ms), which made the whole encoding 3-4x faster
+        values = tensor.detach().reshape(-1).to(torch.float32)
         n_bins = self.n_bins
-        if values.size == 0:
+        if values.numel() == 0:
             return np.zeros(0, dtype=self.indices_dtype), np.zeros(n_bins, dtype=self.codebook_dtype)
-        low, high = values.min(), values.max()  # NaN if any value is NaN, ±inf if any is infinite
-        if not (np.isfinite(low) and np.isfinite(high)):
+        low, high = (float(bound) for bound in torch.aminmax(values))  # NaN if any value is NaN, ±inf if infinite
+        if not (math.isfinite(low) and math.isfinite(high)):
             # keep NaN visible to the receiver: a NaN codebook decodes to NaN everywhere
-            return np.zeros(values.size, dtype=self.indices_dtype), np.full(n_bins, np.nan, dtype=self.codebook_dtype)
-        span = float(high) - float(low)
+            return np.zeros(values.numel(), dtype=self.indices_dtype), np.full(n_bins, np.nan, self.codebook_dtype)
+        span = high - low
         # float32 arithmetic (half the memory traffic) unless the range overflows it (values near ±3.4e38) or the
         # bucket width underflows it (denormal inputs)
-        work_dtype = np.float32 if span < 3.0e38 and (span == 0 or span / (n_bins - 1) > 1e-30) else np.float64
-        low, width = work_dtype(low), work_dtype(span / (n_bins - 1))
+        work_dtype = torch.float32 if span < 3.0e38 and (span == 0 or span / (n_bins - 1) > 1e-30) else torch.float64
+        width = span / (n_bins - 1)
+        values = values.to(work_dtype)
         if width > 0:
-            scaled = np.subtract(values, low, dtype=work_dtype)
-            np.divide(scaled, width, out=scaled)
-            np.rint(scaled, out=scaled)
-            np.clip(scaled, 0, n_bins - 1, out=scaled)
-            indices = scaled.astype(self.indices_dtype)
+            indices = values.sub(low).div_(width).round_().clamp_(0, n_bins - 1).to(torch.uint8)
         else:
-            indices = np.zeros(values.size, dtype=self.indices_dtype)
+            indices = torch.zeros(values.numel(), dtype=torch.uint8)
         # a bucket decodes to the mean of its members (lower MSE than the center, still inside the bucket)
-        counts = np.bincount(indices, minlength=n_bins)
-        sums = np.bincount(indices, weights=values, minlength=n_bins)  # float64 sums
-        centers = low + width * np.arange(n_bins, dtype=work_dtype)
-        codebook = np.where(counts > 0, sums / np.maximum(counts, 1), centers)
-        return indices, codebook.astype(self.codebook_dtype)
+        counts = torch.bincount(indices, minlength=n_bins).to(torch.float64)
+        sums = torch.bincount(indices, weights=values, minlength=n_bins).to(torch.float64)
+        centers = low + width * torch.arange(n_bins, dtype=torch.float64)
+        means = torch.where(counts > 0, sums / counts.clamp_min(1), centers)
+        # float32 sums may round a mean just past its bucket's edge: keep it inside, as the error bound says
+        codebook = torch.minimum(torch.maximum(means, centers - width / 2), centers + width / 2)
+        return indices.numpy(), codebook.numpy().astype(self.codebook_dtype)
 
     def extract(self, serialized_tensor: runtime_pb2.Tensor) -> torch.Tensor:
         return _extract_codebook_format(self, serialized_tensor)
