@@ -331,8 +331,10 @@ class RobustAveragingMixin:
                 sum(t.numel() * t.element_size() * codec.estimate_compression_ratio(i) for t, i in zip(tensors, infos))
             )
             # what our reducer receives in a round (CenteredClip: its rows, our own part included) is the slice it
-            # owns, once per sender: the whole vector for an equal split; bandwidth-weighted splits may own more
-            self._receive_pool = ReceiveBufferPool(max_bytes=2 * sum(t.numel() * t.element_size() for t in tensors))
+            # owns, once per sender: the whole vector for an equal split, give or take an element per sender (a
+            # larger, bandwidth-weighted slice is allocated afresh instead: memory stays bounded by the vector)
+            vector_bytes = sum(t.numel() * t.element_size() for t in tensors)
+            self._receive_pool = ReceiveBufferPool(max_bytes=vector_bytes + (1 << 20))
         threading.Thread(
             target=_forward_reports,
             args=(self._report_reader, weakref.ref(self._round_log)),
