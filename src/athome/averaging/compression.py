@@ -68,7 +68,7 @@ class Uniform8BitCodec(Uniform8BitQuantization):
 
     def quantize(self, tensor: torch.Tensor, allow_inplace: bool = False) -> Tuple[np.ndarray, np.ndarray]:
         # torch, not numpy: its bincount of uint8 codes with weights is ~5x faster than numpy's (measured, 262144
-        # values: 0.47 vs 2.6 ms), which made the whole encoding 3-4x faster
+        # values: 0.47 vs 2.6 ms): a 262144-value part now encodes in 1.7 ms instead of 4.1
         values = tensor.detach().reshape(-1).to(torch.float32)
         n_bins = self.n_bins
         if values.numel() == 0:

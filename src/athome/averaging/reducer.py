@@ -54,6 +54,8 @@ import numpy as np
 import torch
 from hivemind.averaging.partition import AllreduceException, BannedException, TensorPartReducer
 
+from athome.averaging.outputs import ReceiveBufferPool
+
 logger = logging.getLogger(__name__)
 
 ReducerMethod = Literal["mean", "centered_clip"]
@@ -364,7 +366,7 @@ class RobustTensorPartReducer(TensorPartReducer):
         *,
         outputs: Optional[Sequence[torch.Tensor]] = None,
         workspace: Optional[Workspace] = None,
-        row_pool=None,
+        row_pool: Optional[ReceiveBufferPool] = None,
         method: ReducerMethod = "centered_clip",
         clip_tau: float = 1.0,
         clip_iterations: int = 5,
@@ -681,7 +683,7 @@ class ReducerSettings:
         num_senders: int,
         outputs: Optional[Sequence[torch.Tensor]] = None,
         workspace: Optional[Workspace] = None,
-        row_pool=None,
+        row_pool: Optional[ReceiveBufferPool] = None,
     ) -> RobustTensorPartReducer:
         return RobustTensorPartReducer(
             part_shapes,
