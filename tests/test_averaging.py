@@ -264,6 +264,41 @@ def test_reducer_rejects_every_sender_of_a_non_finite_part(method):
     assert reducer.sender_failed_after == [1, 1] and all(record.elements == 16 for record in reducer.evidence)
 
 
+@pytest.mark.parametrize("method", ["centered_clip", "mean"])
+def test_reducer_refuses_a_second_stream_of_the_same_sender(method):
+    """A sender that streams the same part twice in one round (a second ticket, or p2p beside TCP) is refused and
+    excluded: its duplicate neither closes the part before an honest sender's part arrived nor votes twice."""
+    torch.manual_seed(7)
+    shapes = [torch.Size([64])] * 2
+    parts = [[torch.randn(64) for _ in shapes] for _ in range(3)]
+
+    async def main():
+        reducer = RobustTensorPartReducer(shapes, 3, method=method)
+        first = [asyncio.ensure_future(reducer.accumulate_part(sender, 0, parts[sender][0])) for sender in (0, 2)]
+        await asyncio.sleep(0)
+        with pytest.raises(BannedException, match="twice"):
+            await reducer.accumulate_part(2, 0, parts[2][0])  # the duplicate
+        assert not any(task.done() for task in first), "part 0 must wait for sender 1"
+        last = await reducer.accumulate_part(1, 0, parts[1][0])
+        part_zero = [await task for task in first] + [last]
+        with pytest.raises(BannedException):  # excluded from the parts after
+            await reducer.accumulate_part(2, 1, parts[2][1])
+        part_one = await asyncio.gather(*(reducer.accumulate_part(s, 1, parts[s][1]) for s in (0, 1)))
+        return reducer, part_zero, part_one
+
+    reducer, part_zero, part_one = asyncio.run(main())
+    assert "twice" in reducer.evidence[2].rejected and reducer.finished.is_set()
+    for result in part_zero:  # the three senders, each once
+        expected, _ = _run_reducer(
+            lambda: RobustTensorPartReducer(shapes[:1], 3, method=method), [[p[0]] for p in parts], [1.0] * 3
+        )
+        assert torch.allclose(result, expected[0][0], atol=1e-6)
+    expected, _ = _run_reducer(
+        lambda: RobustTensorPartReducer(shapes[:1], 2, method=method), [[p[1]] for p in parts[:2]], [1.0] * 2
+    )
+    assert all(torch.allclose(result, expected[0][0], atol=1e-6) for result in part_one)
+
+
 def test_all_finite_sees_every_non_finite_element():
     from athome.averaging.reducer import all_finite
 

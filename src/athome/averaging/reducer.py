@@ -448,6 +448,10 @@ class RobustTensorPartReducer(TensorPartReducer):
         current_part_future = self.current_part_future
 
         reason = self._reason_to_reject(part_index, tensor_part, weight)
+        if reason is None and any(sender == sender_index for sender, _, _ in self._contributions):
+            # a second stream of the same sender in one round (a second ticket, or p2p beside TCP): counted twice,
+            # its parts would close a part before an honest sender's arrived and vote twice in CenteredClip
+            reason = "sent the same part twice (a second stream in one round)"
         if reason is not None:
             logger.warning(f"Rejecting sender {sender_index}, part {part_index}: {reason}")
             self.evidence[sender_index].rejected = reason
