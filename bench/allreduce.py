@@ -16,7 +16,9 @@ all-reduce proper with gloo's. Each averager first runs one untimed warm-up roun
 athome's runner (frames, or serialized messages over p2p, sent to other peers); S is the vector size *as sent* (after compression), so
 bytes/optimal measures the protocol, not the codec. ``cpu-s/peer`` is the CPU time one peer's processes (worker,
 DHT, averager, p2pd; for gloo the worker) used per round, counted until every peer finished: on a shared, loaded box
-the CPU ratios are much steadier than the wall-time ones, and a ``allreduce_cpu`` line reports them.
+the CPU ratios are much steadier than the wall-time ones, and a ``allreduce_cpu`` line reports them. On a VM, each
+group also prints the CPU steal during it (time the host gave its other tenants, from ``/proc/stat``): wall ratios
+move with it.
 
 The last line is ``allreduce N=4 athome/gloo: X.XX, athome/hivemind: Y.YY, bytes/optimal: Z.ZZ`` for athome with its
 default reducer (centered_clip) and no compression, at N=4 (or the first N given if 4 is not among them).
@@ -287,6 +289,22 @@ def _worker(rank, n, size, reps, port, tag, variants, maddr_queue, barrier, resu
     dist.destroy_process_group()
 
 
+def _cpu_steal() -> tuple[int, int]:
+    """(steal, total) jiffies of this machine so far, from /proc/stat ((0, 0) where it cannot be read)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(value) for value in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return 0, 0
+    steal = fields[7] if len(fields) > 7 else 0
+    return steal, sum(fields[:8])  # user nice system idle iowait irq softirq steal (guest time is in user)
+
+
+def _steal_fraction(before: tuple[int, int], after: tuple[int, int]) -> float:
+    total = after[1] - before[1]
+    return (after[0] - before[0]) / total if total > 0 else float("nan")
+
+
 def _variant_reps(kind: str, reps: int, shaped: bool) -> int:
     """Timed rounds of one averager variant: ``--reps``, at least ATHOME_MIN_REPS for athome on loopback."""
     return reps if kind != "athome" or shaped else max(reps, ATHOME_MIN_REPS)
@@ -400,6 +418,7 @@ def main() -> None:
     codec_of = {label: compression for label, _, _, compression in variants}
     for size in sizes:
         for n in peers:
+            steal_before = _cpu_steal()
             if args.link_mbit:
                 from athome.testing.netlab import NetLab
 
@@ -411,6 +430,7 @@ def main() -> None:
                     measurements = run_group(n, size, args.reps, variants, places)
             else:
                 measurements = run_group(n, size, args.reps, variants)
+            steal = _steal_fraction(steal_before, _cpu_steal())
             by_label = {m.label: m for m in measurements}
             gloo = by_label.get("gloo")
             baselines = [m for m in measurements if m.label.startswith("hivemind")]
@@ -451,6 +471,11 @@ def main() -> None:
                 )
             if hivemind_m:
                 print(f"# /hivemind baseline: mean of {len(baselines)} stock runs, {hivemind_m.seconds:.3f}s")
+            if steal == steal:
+                # a VM's vCPUs taken by the host's other tenants: gloo's lock-step ring suffers more from it than
+                # athome (measured, 4 runs in a row: athome/gloo 2.36 at 2% steal, 1.87 at 8%, 1.42-1.52 at 10-15%)
+                print(f"# CPU steal during this group: {100 * steal:.0f}% (the host's other tenants; ratios drift "
+                      f"with it, compare runs with little)")
             athome = by_label.get(SUMMARY_VARIANT)
             if athome and gloo and (summary is None or n == 4):  # without the stock runs: athome/hivemind nan
                 stock = hivemind_m or Measurement("hivemind (not run)", float("nan"), float("nan"), 0)
