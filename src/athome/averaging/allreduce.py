@@ -336,14 +336,16 @@ class RobustAllReduceRunner(AllReduceRunner):
         slots = asyncio.Semaphore(max(1, self.tensor_part_container.prefetch))
 
         taken = []  # receive buffers from the pool, given back once the reducer no longer holds any part
+        # a reducer that keeps its senders' rows (athome's, for CenteredClip) takes raw float32 parts straight there
+        receive_row = getattr(self.tensor_part_reducer, "receive_row", None)
 
         async def _read_parts():
             try:
                 for part_index, shape in enumerate(shapes):
                     await slots.acquire()
                     into = None
-                    if dtypes[part_index] == torch.float32:  # raw parts arrive as float32: straight into its row
-                        into = self.tensor_part_reducer.receive_row(sender_index, part_index)
+                    if receive_row is not None and dtypes[part_index] == torch.float32:
+                        into = receive_row(sender_index, part_index)
                     if into is None and self.receive_pool is not None:
                         into = self.receive_pool.take(shape.numel(), dtypes[part_index])
                         taken.append(into)
