@@ -128,11 +128,9 @@ def centered_clip(
     :returns: (aggregate of shape [d], final per-sender clip scale in (0, 1]); inputs must be finite (the reducer
       checks afterwards, see :func:`_centered_clip`)
     """
-    if isinstance(stacked, torch.Tensor):
-        rows = list(stacked.unbind(0))
-        center, scale, _ = _centered_clip(rows, weights, clip_tau, iterations, stacked=stacked)
-    else:
-        center, scale, _ = _centered_clip(list(stacked), weights, clip_tau, iterations)
+    matrix = stacked if isinstance(stacked, torch.Tensor) else None
+    rows = list(matrix.unbind(0)) if matrix is not None else list(stacked)
+    center, scale, _ = _centered_clip(rows, weights, clip_tau, iterations, stacked=matrix)
     return center, scale
 
 
@@ -175,15 +173,11 @@ def _centered_clip(
         squared_norms = [0.0 if all_finite(rows[0]) else math.inf]
         return _copy(rows[0], out), torch.ones(1, dtype=dtype), squared_norms
     raw = _raw_gram(stacked) if stacked is not None else None
-    if raw is not None:  # G for any reference row from X X^T, without a pass over the data
 
-        def gram_from(reference: int) -> Tuple[Optional[List[List[float]]], Optional[torch.Tensor]]:
+    def gram_from(reference: int) -> Tuple[Optional[List[List[float]]], Optional[torch.Tensor]]:
+        if raw is not None:  # G for any reference row from X X^T, without a pass over the data
             return _gram_around(raw, reference), None
-
-    else:
-
-        def gram_from(reference: int) -> Tuple[Optional[List[List[float]]], Optional[torch.Tensor]]:
-            return _gram_from(rows, reference, workspace)
+        return _gram_from(rows, reference, workspace)
 
     reference = 0
     gram, deviations = gram_from(reference)
