@@ -91,26 +91,38 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _tree_cpu(root: int) -> float:
-    """CPU seconds (user + system) used so far by process ``root`` and all its descendants (e.g. averager, p2pd)."""
-    tick = os.sysconf("SC_CLK_TCK")
-    table = {}
+def _process_tree(root: int) -> list[int]:
+    """Process ``root`` and all its descendants (e.g. DHT, averager, p2pd), from one scan of /proc."""
+    parents = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
                 with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-                table[int(entry)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
+                    parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
             except (OSError, IndexError, ValueError):
                 pass  # the process ended while we listed
     tree, changed = {root}, True
     while changed:
         changed = False
-        for pid, (ppid, _) in table.items():
+        for pid, ppid in parents.items():
             if ppid in tree and pid not in tree:
                 tree.add(pid)
                 changed = True
-    return sum(table[pid][1] for pid in tree if pid in table)
+    return sorted(tree)
+
+
+def _cpu_of(pids: list[int]) -> float:
+    """CPU seconds (user + system) used so far by these processes (ended ones count 0). Reading a few stat files
+    costs ~0.1 ms; scanning all of /proc (:func:`_process_tree`) ~2 ms, which would land in the measured rounds."""
+    tick, total = os.sysconf("SC_CLK_TCK"), 0.0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
 
 
 def _enter_netns(netns: str) -> None:
@@ -247,9 +259,11 @@ def _worker(rank, n, size, reps, port, tag, variants, maddr_queue, barrier, resu
             control = averager.step(wait=False, require_trigger=True, timeout=120)
             while control.stage != AveragingStage.AWAITING_TRIGGER and not control.done():
                 time.sleep(0.01)
-            # the CPU count (~2 ms of /proc reading) comes before the barrier: after it, a peer still counting would
-            # hold back the all-reduce that the others' clocks already measure
-            cpu_started = _tree_cpu(os.getpid())
+            # the CPU count comes before the barrier: after it, a peer still counting would hold back the all-reduce
+            # that the others' clocks already measure
+            if rep == -1:  # the averager's processes exist from start=True on: list them once, outside the count
+                processes = _process_tree(os.getpid())
+            cpu_started = _cpu_of(processes)
             barrier.wait()
             started = time.perf_counter()
             control.allow_allreduce()
@@ -271,7 +285,7 @@ def _worker(rank, n, size, reps, port, tag, variants, maddr_queue, barrier, resu
                 optimal = 2 * (n - 1) / n * report.vector_bytes
                 ratios.append(report.bytes_sent / optimal)
             barrier.wait()  # every peer is done: whatever this peer did for the others is counted too
-            cpu = _tree_cpu(os.getpid()) - cpu_started
+            cpu = _cpu_of(processes) - cpu_started
             if rep >= 0:
                 times.append(elapsed)
                 results.put(("rep", label, rank, elapsed, ratios[-1] if ratios else float("nan"), cpu))
