@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import tempfile
 
-import pytest
 import torch
 from hivemind.compression import serialize_torch_tensor
 from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker

@@ -751,7 +751,6 @@ def coordinator_death_scenario(workdir: Optional[Path] = None, *, steps_without:
 
         tree = process_tree(coordinator.process.pid)
         at_kill = len(swarm.steps("trainer"))
-        killed_at = time.time()
         os.killpg(coordinator.process.pid, signal.SIGKILL)
         kill_tree(tree)
         coordinator.process.wait()
