@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 from hivemind.averaging.control import AveragingStage
+from hivemind.utils import get_dht_time
 from hivemind.averaging.partition import BannedException
 from hivemind.compression import CompressionInfo, Uniform8BitQuantization
 from hivemind.compression import serialization as hivemind_serialization
@@ -435,6 +436,28 @@ def test_four_peers_reach_the_mean(make_averagers):
         # every peer reduced a slice, so everybody has evidence (nobody clipped heavily)
         assert all(averager.last_round_evidence for averager in averagers)
         assert not any(averager.last_round.suspects() for averager in averagers)
+
+
+def test_rounds_leave_the_state_sharing_record_alone(make_averagers, dhts):
+    """hivemind stores a peer's state-sharing record in the DHT again after every round, though nothing in it
+    changed: DHT and p2pd work inside each round. athome refreshes it on ``declare_state_period`` only."""
+    period = 600.0
+    averagers = make_averagers(_random_sets(2, seed=3), declare_state_period=period)
+    key = f"{averagers[0].prefix}.all_averagers"
+
+    def expirations() -> list:
+        found = dhts[0].get(key, latest=True)
+        return [item.expiration_time for item in found.value.values()] if found is not None else []
+
+    deadline = time.monotonic() + 15
+    while len(expirations()) < 2:
+        assert time.monotonic() < deadline, "the averagers never declared their state in the DHT"
+        time.sleep(0.2)
+    round_started = get_dht_time()  # a record stored from here on expires after round_started + period
+    results = _step_all(averagers)
+    assert all(isinstance(r, dict) for r in results), results
+    time.sleep(1.0)  # a store issued after the round lands well within this
+    assert len(expirations()) == 2 and max(expirations()) < round_started + period
 
 
 @pytest.mark.timeout(120)
