@@ -75,7 +75,7 @@ def host_id(child) -> str:
 def test_join_serves_a_plain_hivemind_client(coordinator, spawn, client, tmp_path):
     _, address = coordinator
     host = spawn(
-        "host", "join", "--run", address, "--experts", "ffn.0.[0:2]", *LOOPBACK,
+        "host", "join", "--run", address, "--experts", "ffn.0.[0:2]", *LOOPBACK, "--status_every", "1",
         "--identity_path", str(tmp_path / "host.key"), "--checkpoint_dir", str(tmp_path / "ckpt"),
     )
     assert host.wait_line("serving experts:") == "ffn.0.0,ffn.0.1"
@@ -107,6 +107,12 @@ def test_join_serves_a_plain_hivemind_client(coordinator, spawn, client, tmp_pat
     with pytest.raises(Exception, match="does not serve"):
         client.expert("ffn.1.0", peer_id).info
     assert torch.equal(remote(x.detach()), before)
+
+    # the volunteer sees what its host did: a status line with the calls served (5 calls above, at least)
+    deadline = time.time() + 20
+    while not any(re.match(r"status: 2 experts served ([5-9]|\d\d+) calls", line) for line in host.lines):
+        assert time.time() < deadline, host.lines
+        time.sleep(0.5)
 
     # a second volunteer with --experts auto picks experts nobody serves yet
     second = spawn(

@@ -60,6 +60,8 @@ def _join(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--team", default="", help="your team on the leaderboard")
     parser.add_argument("--checkpoint_dir", default=None, help="where expert checkpoints go (default ~/.athome/<run>)")
     parser.add_argument("--train", action="store_true", help="also run a trainer in this process")
+    parser.add_argument("--status_every", type=float, default=30.0,
+                        help="seconds between status lines (expert calls served, replica averaging rounds)")
     parser.add_argument("--max_queue_seconds", type=float, default=5.0,
                         help="refuse expert requests (busy) while more than this much work is queued: backpressure")
     parser.add_argument("--attack", default=None,

@@ -2,7 +2,8 @@
 
 Start-up order: join the DHT through the run address, verify the run config against the coordinator's peer ID,
 choose experts, build them (from a checkpoint, from a live replica, or from the uid's deterministic init),
-serve them, declare them, and print ``serving experts: <uids>``.
+serve them, declare them, and print ``serving experts: <uids>``; then, every ``--status_every`` seconds, a
+``status:`` line with the calls served and the replica averaging rounds (what ``peer demo`` shows for hosts).
 """
 from __future__ import annotations
 
@@ -197,6 +198,20 @@ def replica_directory(dht, config: RunConfig, own_peer_id: str) -> Callable[[str
     return has_partners
 
 
+def host_status_line(backends: Dict[str, ExpertBackend], replica_averagers: Sequence[ExpertReplicaAverager],
+                     uptime: float) -> str:
+    """``status: ...``: the expert calls served so far and the replica averaging rounds, for the volunteer."""
+    calls = sum(b.num_forward_calls + b.num_backward_calls for b in backends.values())
+    ok = sum(a.rounds_ok for a in replica_averagers)
+    failed = sum(a.rounds_failed for a in replica_averagers)
+    skipped = sum(a.rounds_skipped for a in replica_averagers)
+    # short enough for one row of `peer demo`'s table; "skipped": no other live replica of that expert
+    return (
+        f"status: {len(backends)} experts served {calls} calls ({calls / max(uptime, 1e-3):.1f}/s); "
+        f"replica rounds: {ok} ok, {failed} failed, {skipped} skipped"
+    )
+
+
 def start_replica_averaging(
     dht, config: RunConfig, backends: Dict[str, ExpertBackend], live_hosts: Dict[str, list], own_peer_id: str
 ) -> list[ExpertReplicaAverager]:
@@ -240,6 +255,8 @@ def run_join(args: argparse.Namespace) -> None:
         address = RunAddress.parse(args.run)
     except RunAddressError as error:
         die(str(error))
+    if not args.status_every > 0:
+        die(f"--status_every must be a positive number of seconds, got {args.status_every}")
     if getattr(args, "attack", None):
         from athome.verification.attacks import AttacksDisabled, check_attack_flag
 
@@ -331,6 +348,11 @@ def run_join(args: argparse.Namespace) -> None:
 
     ban_follower = PeriodicThread(exclude_banned_replicas, period=10.0, name="replica bans")
     ban_follower.start()
+    status = PeriodicThread(
+        lambda: emit(host_status_line(backends, replica_averagers, time.time() - started_at)),
+        period=args.status_every, name="status", run_first=False,
+    )
+    status.start()
     restore_interrupt_handler()  # hivemind's averagers switch Ctrl+C off in this process
     if declarer.declared.wait(timeout=60):
         emit(f"serving experts: {','.join(backends)}")
@@ -351,6 +373,7 @@ def run_join(args: argparse.Namespace) -> None:
         logger.info("Leaving: saving checkpoints and withdrawing declarations")
         presence.stop()
         ban_follower.stop()
+        status.stop()
         for averager in replica_averagers:
             averager.shutdown()
         saver.stop()

@@ -670,7 +670,8 @@ def churn_scenario(workdir: Optional[Path] = None, *, ttl: float = 10.0, steps_a
         try:
             swarm.wait_steps("trainer", 10, 2 * STARTUP)
             victim, victim_id = hosts["host-0"], peer_id_of(swarm, "host-0")
-            served = len(victim.lines[-1].split(",")) if victim.lines else 6
+            serving = [line for line in victim.lines if line.startswith("serving experts:")]
+            served = len(serving[0].split(",")) if serving else 6
             ckpt = swarm.checkpoints("host-0")
             deadline = time.monotonic() + 180  # the host saves every 60 s: wait for its first checkpoint
             while len(list(ckpt.glob("*.safetensors"))) < served and time.monotonic() < deadline:
