@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 import torch
 from hivemind.averaging.control import AveragingStage
-from hivemind.utils import get_dht_time
 from hivemind.averaging.partition import BannedException
 from hivemind.compression import CompressionInfo, Uniform8BitQuantization
 from hivemind.compression import serialization as hivemind_serialization
+from hivemind.utils import get_dht_time
 
 from athome.averaging import averager as athome_averager_module
 from athome.averaging.consistency import RoundOutcomes

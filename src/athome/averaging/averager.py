@@ -687,9 +687,10 @@ class RobustAveragingMixin:
     def _mark_updated(self) -> None:
         # hivemind also sets ``_state_updated`` here, which makes ``_declare_for_download_periodically`` store this
         # peer's state-sharing record in the DHT again after every round: a DHT store (RPCs to the nearest nodes,
-        # through p2pd, in every member's DHT) inside each round, ~3 ms CPU per peer, although the record (priority,
-        # expiration) does not depend on the tensors. It is refreshed every ``declare_state_period`` and whenever
-        # ``allow_state_sharing`` or ``state_sharing_priority`` change (hivemind's setters set the event)
+        # through p2pd, in every member's DHT) inside each round, although the record (priority, expiration) does not
+        # depend on the tensors (4 peers, 1000 floats: 11 ms of CPU per peer per round with it, 5 without). It is
+        # refreshed every ``declare_state_period`` and whenever ``allow_state_sharing`` or ``state_sharing_priority``
+        # change (hivemind's setters set the event)
         self.last_updated = get_dht_time()
 
     async def rpc_round_result(

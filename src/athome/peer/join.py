@@ -352,12 +352,12 @@ def run_join(args: argparse.Namespace) -> None:
         lambda: emit(host_status_line(backends, replica_averagers, time.time() - started_at)),
         period=args.status_every, name="status", run_first=False,
     )
-    status.start()
     restore_interrupt_handler()  # hivemind's averagers switch Ctrl+C off in this process
     if declarer.declared.wait(timeout=60):
         emit(f"serving experts: {','.join(backends)}")
     else:
         logger.warning("Still no DHT node accepted the declaration after 60 s; serving anyway, will keep trying")
+    status.start()
 
     trainer_thread = None
     if args.train:
