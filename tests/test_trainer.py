@@ -48,12 +48,15 @@ def test_loss_falls_and_a_killed_host_does_not_stop_training(coordinator, spawn,
 
 def test_demo_end_to_end(tmp_path):
     out = tmp_path / "demo"
+    config = tmp_path / "run.toml"
+    config.write_text('name = "demo-test"\nbatch_size = 8\n')  # published by the coordinator, used by the trainer
     result = subprocess.run(
         [sys.executable, "-m", "athome.cli", "demo", "--steps", "12", "--expert_hosts", "2", "--trainers", "1",
-         "--out", str(out)],
+         "--out", str(out), "--config", str(config)],
         capture_output=True, text=True, timeout=400,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    assert _losses(out / "trainer-0.jsonl")[0]["samples"] == 8
     line = next(l for l in result.stdout.splitlines() if l.startswith("loss:"))
     first, last = (float(v) for v in line.split(":")[1].split("->"))
     assert last < first
@@ -68,3 +71,16 @@ def test_demo_end_to_end(tmp_path):
             except OSError:
                 pass
     assert leftovers == []
+
+
+def test_demo_refuses_a_bad_config_before_starting_anything(tmp_path):
+    config = tmp_path / "run.toml"
+    config.write_text('[averaging]\ncompression = "int4"\n')
+    out = tmp_path / "demo"
+    result = subprocess.run(
+        [sys.executable, "-m", "athome.cli", "demo", "--out", str(out), "--config", str(config)],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 1
+    assert "averaging.compression = 'int4'" in result.stderr and "--config" in result.stderr
+    assert not out.exists()

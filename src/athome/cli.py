@@ -95,6 +95,8 @@ def _demo(sub: argparse._SubParsersAction) -> None:
     budget = parser.add_mutually_exclusive_group()
     budget.add_argument("--steps", type=int, default=None, help="steps per trainer")
     budget.add_argument("--minutes", type=float, default=None, help="wall-clock budget (default 2)")
+    parser.add_argument("--config", default=None,
+                        help="run config TOML to try on 127.0.0.1 before publishing it (default: the built-in demo run)")
     parser.add_argument("--out", default="demo_out", help="where logs and loss.png go")
     parser.add_argument("--http_port", type=int, default=0, help="dashboard port (0 = any free port)")
     parser.add_argument("--attack", default=None,

@@ -2,7 +2,9 @@
 
 Every process is a real ``peer`` command (the same a volunteer runs), in its own session so that its forked DHT
 process and p2pd can be cleaned up with it. The demo stops when the trainers' budget runs out or on Ctrl+C,
-then prints ``loss: FIRST -> LAST``, the leaderboard, and writes ``loss.png``.
+then prints ``loss: FIRST -> LAST``, the leaderboard, and writes ``loss.png``. ``--config run.toml`` runs that run
+config instead of the built-in one (the coordinator publishes it, as ``peer coordinator --config`` would): a run
+organizer's dry run on one machine.
 
 ``--attack KIND`` (testing only, ``ATHOME_ALLOW_ATTACKS=1``) adds one malicious peer: a trainer (``peer train
 --attack``) or, for host kinds or ``--attacker host``, an expert host serving every expert (``peer join --attack``).
@@ -28,7 +30,7 @@ from typing import Dict, List, Optional
 from rich.live import Live
 from rich.table import Table
 
-from athome.config import RunConfig
+from athome.config import ConfigError, load_config
 from athome.lifecycle import PARENT_PID_ENV, die, emit, shutdown_requested, stderr_console
 
 logger = logging.getLogger(__name__)
@@ -205,6 +207,14 @@ class BanWatch:
 
 
 def run_demo(args: argparse.Namespace) -> None:
+    config_path = getattr(args, "config", None)
+    try:
+        config = load_config(config_path)
+    except ConfigError as error:
+        die(f"{error} (fix it, or leave --config out to run the built-in demo run)")
+    model = config.model
+    logger.info(f"Run config: {config_path or 'the built-in demo run'} ({config.name}: {model.n_layers} layers x "
+                f"{model.experts_per_layer} experts, batch {config.batch_size}); override with --config")
     out = Path(args.out)
     (out / "logs").mkdir(parents=True, exist_ok=True)
     (out / "keys").mkdir(exist_ok=True)
@@ -219,7 +229,7 @@ def run_demo(args: argparse.Namespace) -> None:
         check_rate = ATTACK_CHECK_RATE
         logger.info(f"With --attack the coordinator checks {check_rate:.0%} of trusted trainers' steps (newcomers: "
                     f"every step), so the catch happens within the demo; override with --check_rate")
-    grid = len(RunConfig().model.expert_uids())
+    grid = len(config.model.expert_uids())
     per_host = min(grid, math.ceil(grid * min(2, args.expert_hosts) / args.expert_hosts))  # replication 2 when possible
     budget = ["--max_steps", str(args.steps)] if args.steps else ["--max_minutes", str(args.minutes or DEFAULT_TRAIN_MINUTES)]
     net = ["--host_maddrs", "/ip4/127.0.0.1/tcp/0"]
@@ -228,7 +238,8 @@ def run_demo(args: argparse.Namespace) -> None:
     coordinator = Child(
         "coordinator",
         ["coordinator", *net, "--data_dir", str(out / "coordinator"), "--identity_path", str(out / "keys" / "coordinator.key"),
-         "--http_port", str(args.http_port), *(["--check_rate", str(check_rate)] if check_rate is not None else [])],
+         "--http_port", str(args.http_port), *(["--check_rate", str(check_rate)] if check_rate is not None else []),
+         *(["--config", str(Path(config_path).resolve())] if config_path else [])],
         out / "logs" / "coordinator.log",
     )
     children: List[Child] = [coordinator]
@@ -258,7 +269,7 @@ def run_demo(args: argparse.Namespace) -> None:
         key = out / "keys" / "attacker.key"
         attacker_id = Identity.load_or_create(key).peer_id
         if role == "host":  # every expert, so that every host audit includes it
-            all_experts = f"ffn.[0:{RunConfig().model.n_layers}].[0:{RunConfig().model.experts_per_layer}]"
+            all_experts = f"{model.expert_prefix}.[0:{model.n_layers}].[0:{model.experts_per_layer}]"
             argv = ["join", "--run", "RUN", "--experts", all_experts, *net, "--checkpoint_dir",
                     str(out / "checkpoints" / "attacker")]
         else:
