@@ -1191,3 +1191,43 @@ def test_trainers_parameter_averaging_is_robust_too():
     weight = finished[0.0][1]  # CenteredClip of (0, 1, 1000) from the median: 1; the plain mean: 333.7
     assert done.is_set() and not torch.equal(weight, torch.zeros_like(weight)), "no parameter averaging happened"
     assert float(weight.abs().max()) < 10.0, weight
+
+
+@pytest.mark.timeout(90)
+def test_member_that_gave_up_matchmaking_refuses_a_group_it_never_joined_at_once(make_averagers, dhts):
+    """A leader can assemble a group just as a follower's matchmaking times out: the follower never runs that round.
+    When the leader then asks it for a ticket or sends it parts, the follower answers at once that it has no such
+    group, so the leader's round fails in a moment instead of waiting out its timeouts (hivemind waits for the next
+    group the follower registers, which may never come)."""
+    from hivemind.proto import averaging_pb2
+    from hivemind.utils import MSGPackSerializer
+    from hivemind.utils.asyncio import as_aiter
+
+    from athome.averaging import RobustAverager
+    from athome.averaging.dataplane import DataPlane
+
+    (alone,) = make_averagers(_random_sets(1, seed=41), min_group_size=2)
+    with pytest.raises(Exception, match="could not find a group"):
+        alone.step(timeout=3, allow_retries=False)  # nobody else: matchmaking gives up
+    group_id = b"a group it never joined".ljust(32, b".")
+
+    async def ask() -> tuple:
+        p2p = await dhts[1].replicate_p2p()
+        stub = RobustAverager.get_stub(p2p, alone.peer_id, namespace=alone.prefix)
+        started = time.monotonic()
+        ticket = MSGPackSerializer.loads((await stub.rpc_dataplane_ticket(DataPlane.ticket_request(group_id))).metadata)
+        ticket_seconds = time.monotonic() - started
+        started = time.monotonic()
+        stream = await stub.rpc_aggregate_part(as_aiter(averaging_pb2.AveragingData(group_id=group_id)))
+        reply = await asyncio.wait_for(anext(stream), 30)
+        part_seconds = time.monotonic() - started
+        started = time.monotonic()  # a member whose round was partial asks for our outcome (repair)
+        stream = await stub.rpc_round_result(averaging_pb2.AveragingData(group_id=group_id))
+        outcome = await asyncio.wait_for(anext(stream), 30)
+        return ticket, ticket_seconds, reply.code, part_seconds, outcome.code, time.monotonic() - started
+
+    ticket, ticket_seconds, code, part_seconds, outcome, outcome_seconds = asyncio.run(ask())
+    assert "token" not in ticket and ticket_seconds < 2.0, (ticket, ticket_seconds)  # connect_timeout is 5 s
+    assert code == averaging_pb2.BAD_GROUP_ID and part_seconds < 2.0, (code, part_seconds)
+    # CANCELLED ("incomplete here") ends the asker's wait for us; BAD_GROUP_ID would mean "ask again"
+    assert outcome == averaging_pb2.CANCELLED and outcome_seconds < 2.0, (outcome, outcome_seconds)

@@ -55,7 +55,7 @@ import time
 import weakref
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable, Dict, List, Literal, Optional, Sequence, Tuple, Union
+from typing import Any, AsyncIterator, Callable, Deque, Dict, List, Literal, Optional, Sequence, Tuple, Union
 
 import torch
 from hivemind.averaging import DecentralizedAverager
@@ -72,7 +72,7 @@ from hivemind.optim.state_averager import TrainingStateAverager
 from hivemind.p2p import P2PContext, PeerID
 from hivemind.proto import averaging_pb2, runtime_pb2
 from hivemind.utils import MPFuture
-from hivemind.utils.asyncio import aiter_with_timeout, enter_asynchronously
+from hivemind.utils.asyncio import achain, aiter_with_timeout, as_aiter, enter_asynchronously
 from hivemind.utils.streaming import combine_from_streaming
 from hivemind.utils.timed_storage import ValueWithExpiration, get_dht_time
 
@@ -99,6 +99,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_PART_VALUES = 2**19  # values per streamed part by default (2 MiB of fp32); half as many for coded parts
 PART_PROPOSAL = "athome.part_bytes"  # marks gathered data that carries a member's part size proposal
 MAX_PARTS = 4096  # parts per vector a group may agree on (10M fp32 in 128 KiB parts: 306)
+JOINED_GROUPS_KEPT = 16  # group IDs a matchmaking remembers joining (rounds of steps in flight at once: a few)
 
 RoundStatus = Literal["ok", "partial", "timeout", "failed", "cancelled"]
 
@@ -220,18 +221,28 @@ def keep_freed_memory_mapped() -> None:
         logger.debug("malloc thresholds left alone: mallopt refused them")
 
 
-class BanAwareMatchmaking(Matchmaking):
+class RobustMatchmaking(Matchmaking):
     """hivemind's ``Matchmaking`` that never asks a banned peer to lead its group, nor follows a leader's redirect to
     one: as the only honest member of a banned leader's group, this peer would have nobody to average with. (As a
-    leader, the averager refuses banned followers in ``rpc_join_group``.) ``banned_peers``: base58 peer IDs."""
+    leader, the averager refuses banned followers in ``rpc_join_group``.) ``banned_peers``: base58 peer IDs.
+
+    It also remembers the groups it was assembled into (``joined_groups``, the latest ``JOINED_GROUPS_KEPT``), so that
+    the averager can tell a round it may still run from one it never will (:meth:`RobustAveragingMixin._never_runs`)."""
 
     banned_peers: set
+    joined_groups: Deque[bytes]
 
     async def _request_join_group(self, leader: PeerID) -> Optional[GroupInfo]:
         if str(leader) in self.banned_peers:
             logger.debug(f"Not joining the group of banned peer {leader}")
             return None
         return await super()._request_join_group(leader)
+
+    async def look_for_group(self, step: StepControl) -> Optional[GroupInfo]:
+        group_info = await super().look_for_group(step)
+        if group_info is not None:
+            self.joined_groups.append(group_info.group_id)
+        return group_info
 
 
 class RobustAveragingMixin:
@@ -422,15 +433,24 @@ class RobustAveragingMixin:
         """hivemind's ``_step`` (averager process), with this peer's part size proposal added to the data it sends
         its group (:meth:`~athome.averaging.timeouts.AdaptiveTimeouts.part_bytes`: the configured ``part_size_bytes``
         until a round has measured this peer's throughput, then less on slow links), and matchmaking that never
-        follows a banned leader (:class:`BanAwareMatchmaking`)."""
+        follows a banned leader (:class:`RobustMatchmaking`)."""
         if type(self._matchmaking) is Matchmaking:  # hivemind's _run_internal builds it and offers no factory
-            self._matchmaking.__class__ = BanAwareMatchmaking
+            self._matchmaking.__class__ = RobustMatchmaking
             self._matchmaking.banned_peers = self._banned_peers  # the same set: later bans apply at once
+            self._matchmaking.joined_groups = deque(maxlen=JOINED_GROUPS_KEPT)
         bandwidth, mode, user_bytes = self.serializer.loads(step.data_for_gather)
         proposal = self._adaptive_timeouts.part_bytes(self._part_size_bytes)
         wrapped = self.serializer.dumps([PART_PROPOSAL, proposal, user_bytes])
         step._data_for_gather = self.serializer.dumps([bandwidth, mode, wrapped])  # noqa: SLF001 (built by step())
-        return await super()._step(step=step, future_for_init=future_for_init)
+        try:
+            return await super()._step(step=step, future_for_init=future_for_init)
+        finally:
+            # hivemind clears this event when matchmaking starts and sets it only when a group registers: a step that
+            # ends without a group (its matchmaking timed out just as a leader assembled a group with it) left
+            # that leader's requests for its parts (here and in rpc_aggregate_part) waiting for a group that will
+            # never come, until the leader's own timeouts (~20 s in a demo). With no step looking, they are told now
+            if not self._matchmaking.is_looking_for_group:
+                self._pending_groups_registered.set()
 
     def _split_gathered(self, raw: bytes) -> Tuple[Optional[int], Any]:
         """A member's gathered user data: (its part size proposal or None, the data its user passed to ``step``)."""
@@ -697,6 +717,10 @@ class RobustAveragingMixin:
         self, request: averaging_pb2.AveragingData, context: P2PContext
     ) -> AsyncIterator[averaging_pb2.AveragingData]:
         """A group member whose all-reduce was incomplete asks for our outcome of that round (:mod:`.consistency`)."""
+        if not self._round_outcomes.known(request.group_id) and self._never_runs(request.group_id):
+            # "incomplete here", for good: BAD_GROUP_ID would make the asker wait for us until its repair deadline
+            yield averaging_pb2.AveragingData(code=averaging_pb2.CANCELLED)
+            return
         async for message in self._round_outcomes.serve(request.group_id, context.remote_id):
             yield message
 
@@ -733,8 +757,22 @@ class RobustAveragingMixin:
                 return None
         return dataplane
 
+    def _never_runs(self, group_id: bytes) -> bool:
+        """True if this averager will never run round ``group_id``: it is not running it, not looking for a group (it
+        may be the group being assembled now) and was never assembled into it (a step awaiting its trigger holds a
+        group it has not registered yet). A leader can assemble a group just as a follower's matchmaking gives up;
+        that follower then answers the others' requests for the round at once instead of letting them wait."""
+        matchmaking = self._matchmaking
+        return (
+            group_id not in self._running_groups
+            and not matchmaking.is_looking_for_group
+            and group_id not in getattr(matchmaking, "joined_groups", ())
+        )
+
     async def _running_runner(self, group_id: bytes, timeout: float) -> Optional[RobustAllReduceRunner]:
         """The runner of a round this averager takes part in (waiting up to ``timeout`` for it to start)."""
+        if self._never_runs(group_id):
+            return None
         if group_id not in self._running_groups:
             # as in hivemind's rpc_aggregate_part: the leader's reply may reach us after other members' requests
             try:
@@ -805,7 +843,11 @@ class RobustAveragingMixin:
         self, stream: AsyncIterator[averaging_pb2.AveragingData], context: P2PContext
     ) -> AsyncIterator[averaging_pb2.AveragingData]:
         await admit(context)
-        async for message in super().rpc_aggregate_part(stream, context):
+        request = await anext(stream)
+        if self._never_runs(request.group_id):
+            yield averaging_pb2.AveragingData(code=averaging_pb2.BAD_GROUP_ID)
+            return
+        async for message in super().rpc_aggregate_part(achain(as_aiter(request), stream), context):
             yield message
 
     async def rpc_download_state(
