@@ -1231,3 +1231,27 @@ def test_member_that_gave_up_matchmaking_refuses_a_group_it_never_joined_at_once
     assert code == averaging_pb2.BAD_GROUP_ID and part_seconds < 2.0, (code, part_seconds)
     # CANCELLED ("incomplete here") ends the asker's wait for us; BAD_GROUP_ID would mean "ask again"
     assert outcome == averaging_pb2.CANCELLED and outcome_seconds < 2.0, (outcome, outcome_seconds)
+
+
+@pytest.mark.timeout(120)
+def test_swarm_optimizer_gives_averager_opts_to_both_averagers(dhts):
+    """hivemind 1.1.12 passes ``averager_opts`` to the state averager only; the gradient averager then matched for 3 s
+    with a 3 s request timeout, which hivemind warns can deadlock matchmaking."""
+    from functools import partial
+
+    from athome.trainer.train import SwarmOptimizer
+
+    model = torch.nn.Linear(4, 1, bias=False)
+    optimizer = SwarmOptimizer(
+        robust_opts={}, dht=dhts[0], run_id="averager_opts_test", params=model.parameters(),
+        optimizer=partial(torch.optim.SGD, lr=0.1), target_batch_size=8, batch_size_per_step=4,
+        matchmaking_time=3.0, averager_opts=dict(request_timeout=1.0), grad_averager_factory=RobustGradientAverager,
+        verbose=False,
+    )
+    try:
+        for averager in (optimizer.state_averager, optimizer.grad_averager):
+            assert isinstance(averager, (RobustGradientAverager, athome_averager_module.RobustTrainingStateAverager))
+            assert averager.matchmaking_kwargs["request_timeout"] == 1.0
+            assert averager.matchmaking_kwargs["min_matchmaking_time"] == 3.0
+    finally:
+        optimizer.shutdown()

@@ -63,11 +63,17 @@ MIN_ANSWERED_FRACTION = 0.5  # below this share of (token, expert) slots answere
 
 class SwarmOptimizer(hivemind.Optimizer):
     """``hivemind.Optimizer`` whose every-epoch parameter averaging is robust too (:class:`RobustTrainingStateAverager`:
-    CenteredClip, bans, admission). ``robust_opts`` are its reducer settings (as for the gradient averager)."""
+    CenteredClip, bans, admission). ``robust_opts`` are its reducer settings (as for the gradient averager).
+    ``averager_opts`` reach both averagers, as hivemind documents (1.1.12 gives them to the state averager only: the
+    gradient averager kept ``request_timeout`` 3 s with 3 s of matchmaking, the setting hivemind warns can deadlock)."""
 
     def __init__(self, *args, robust_opts: dict, **kwargs):
         self._robust_opts = robust_opts
+        self._averager_opts = dict(kwargs.get("averager_opts") or {})
         super().__init__(*args, **kwargs)
+
+    def _make_gradient_averager(self, factory, **kwargs) -> RobustGradientAverager:
+        return super()._make_gradient_averager(factory, **{**self._averager_opts, **kwargs})
 
     def _make_state_averager(self, **kwargs) -> RobustTrainingStateAverager:
         # hivemind's own arguments (hivemind/optim/optimizer.py), with the robust class and its settings
