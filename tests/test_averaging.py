@@ -1255,3 +1255,33 @@ def test_swarm_optimizer_gives_averager_opts_to_both_averagers(dhts):
             assert averager.matchmaking_kwargs["min_matchmaking_time"] == 3.0
     finally:
         optimizer.shutdown()
+
+
+def test_hivemind_step_failures_reach_the_console_once():
+    """hivemind logs a failed step at ERROR with its traceback and hands the same exception to the caller, who
+    reports it: the averager process's filter sends that duplicate to DEBUG and lets everything else through."""
+    import logging
+    import sys
+
+    from athome.averaging.averager import _step_failures_to_debug
+
+    def record(level, func, exc_info=None):
+        return logging.LogRecord("hivemind.averaging.averager", level, __file__, 1, "msg", (), exc_info, func=func)
+
+    try:
+        raise RuntimeError("Averaging step failed: could not find a group")
+    except RuntimeError:
+        failure = sys.exc_info()
+    logger = logging.getLogger("hivemind.averaging.averager")
+    level = logger.level
+    try:
+        logger.setLevel(logging.INFO)
+        duplicate = record(logging.ERROR, "_step", failure)
+        assert not _step_failures_to_debug(duplicate) and duplicate.levelname == "DEBUG"
+        logger.setLevel(logging.DEBUG)
+        assert _step_failures_to_debug(record(logging.ERROR, "_step", failure))  # kept when debugging
+        logger.setLevel(logging.INFO)
+        assert _step_failures_to_debug(record(logging.ERROR, "_run", failure))  # other failures stay errors
+        assert _step_failures_to_debug(record(logging.WARNING, "_step"))  # e.g. "caught ..., retrying"
+    finally:
+        logger.setLevel(level)

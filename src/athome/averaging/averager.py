@@ -221,6 +221,17 @@ def keep_freed_memory_mapped() -> None:
         logger.debug("malloc thresholds left alone: mallopt refused them")
 
 
+def _step_failures_to_debug(record: logging.LogRecord) -> bool:
+    """Logging filter for hivemind's averager logger in the averager process: hivemind logs every failed step at
+    ERROR with its traceback ("could not find a group" included) and then hands the same exception to the caller,
+    who reports it (replica averaging, hivemind's Optimizer, the round report). That duplicate, a traceback in a
+    volunteer's console for a round nobody could join, goes to DEBUG."""
+    if record.funcName == "_step" and record.levelno >= logging.ERROR and record.exc_info:
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+    return True
+
+
 class RobustMatchmaking(Matchmaking):
     """hivemind's ``Matchmaking`` that never asks a banned peer to lead its group, nor follows a leader's redirect to
     one: as the only honest member of a banned leader's group, this peer would have nobody to average with. (As a
@@ -427,6 +438,7 @@ class RobustAveragingMixin:
             torch.set_num_threads(self._torch_threads)
         keep_freed_memory_mapped()
         enable_stack_dumps()
+        logging.getLogger("hivemind.averaging.averager").addFilter(_step_failures_to_debug)
         super()._run_internal()
 
     async def _step(self, *, step: StepControl, future_for_init: MPFuture):
