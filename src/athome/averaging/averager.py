@@ -822,9 +822,10 @@ class RobustAveragingMixin:
         dataplane = await self._get_dataplane()
         deadline = time.monotonic() + (dataplane.connect_timeout if dataplane else 0.0)
         runner = await self._running_runner(group_id, max(0.0, deadline - time.monotonic()))
-        while runner is None and time.monotonic() < deadline:
-            # a kept connection's next round can arrive before we have even started matchmaking for it (then
-            # _running_runner returns at once): give the round until the sender's connect timeout to appear
+        while runner is None and time.monotonic() < deadline and not self._never_runs(group_id):
+            # a kept connection's next round can arrive while our matchmaking for it still runs, with hivemind's
+            # "groups registered" event set by the previous round (then _running_runner returns at once): give the
+            # round until the sender's connect timeout to appear
             await asyncio.sleep(0.05)
             runner = await self._running_runner(group_id, max(0.0, deadline - time.monotonic()))
         if (
