@@ -1065,6 +1065,56 @@ def test_gradient_averager_averages_grads_and_plugs_into_hivemind_optimizer(dhts
         optimizer.shutdown()
 
 
+@pytest.mark.timeout(60)
+def test_failed_gradient_round_leaves_the_local_gradient_for_the_optimizer(dhts):
+    """hivemind's Optimizer resets the accumulators when it starts a gradient round, and after a failed round
+    "proceeds with local gradients" by loading the (now empty) accumulators again: the optimizer got zeros. A failed
+    round leaves the averaged tensors at the local gradient (consistent rounds), so that reload keeps them."""
+    model = torch.nn.Linear(4, 3)
+    averager = RobustGradientAverager(model.parameters(), dht=dhts[0], prefix=f"alone_{uuid.uuid4().hex[:8]}",
+                                      start=True, **AVERAGER_KWARGS)
+    try:
+        model(torch.randn(8, 4)).pow(2).mean().backward()
+        local = [p.grad.clone() for p in model.parameters()]
+        averager.accumulate_grads_(batch_size=8)
+        control = averager.step(reset_accumulators=True, wait=False, timeout=3, allow_retries=False)  # nobody else
+        with pytest.raises(Exception, match="could not find a group"):
+            control.result(30)
+        averager.load_accumulators_into_averager_()  # hivemind.Optimizer._load_local_gradients_into_optimizer
+        with averager.use_averaged_gradients() as gradients:
+            for used, expected in zip(gradients, local):
+                assert torch.equal(used, expected)
+    finally:
+        averager.shutdown()
+
+
+@pytest.mark.timeout(60)
+def test_worker_momentum_is_what_a_peer_averages(dhts):
+    """With worker_momentum beta, a peer loads the bias-corrected momentum of its own gradients for averaging:
+    m1 = (1-b) g1, m2 = b m1 + (1-b) g2, loaded as m_t / (1 - b^t)."""
+    model = torch.nn.Linear(3, 2, bias=False)
+    averager = RobustGradientAverager(model.parameters(), dht=dhts[0], prefix=f"momentum_{uuid.uuid4().hex[:8]}",
+                                      worker_momentum=0.5, start=True, **AVERAGER_KWARGS)
+    try:
+        loaded = []
+        for step, batch in enumerate((torch.randn(4, 3), torch.randn(4, 3))):
+            model.zero_grad()
+            model(batch).pow(2).mean().backward()
+            loaded.append(model.weight.grad.clone())
+            averager.accumulate_grads_(batch_size=4)
+            averager.load_accumulators_into_averager_()
+            averager.reset_accumulated_grads_()
+            with averager.get_tensors() as (averaged,):
+                loaded[step] = (loaded[step], averaged.clone())
+        (g1, first), (g2, second) = loaded
+        assert torch.allclose(first, g1)  # bias correction: the first round is not damped
+        assert torch.allclose(second, (0.25 * g1 + 0.5 * g2) / 0.75)
+    finally:
+        averager.shutdown()
+    with pytest.raises(ValueError, match="worker_momentum"):
+        RobustGradientAverager(model.parameters(), dht=dhts[0], prefix="bad", worker_momentum=1.0)
+
+
 # ---- shaped links (network namespaces, root) ----------------------------------------------------------------------
 
 _LINK_PEER = r"""
@@ -1285,3 +1335,46 @@ def test_hivemind_step_failures_reach_the_console_once():
         assert _step_failures_to_debug(record(logging.WARNING, "_step"))  # e.g. "caught ..., retrying"
     finally:
         logger.setLevel(level)
+
+
+@pytest.mark.parametrize("make_loop", ["uvloop", "asyncio"])
+def test_averager_loop_keeps_a_task_that_only_a_weak_reference_can_wake(make_loop):
+    """hivemind's averager process starts each piped request with create_task and drops the task; one awaiting an
+    MPFuture (woken through weak references) is then cyclic garbage, and a gc.collect() destroyed it mid-await (a
+    trainer waited 10 minutes in load_state_from_peers). With the loop's task factory the task lives until done."""
+    import gc
+    import weakref
+
+    import uvloop
+
+    from athome.averaging.averager import _keep_tasks_until_done
+
+    def run(keep: bool) -> bool:
+        loop = uvloop.new_event_loop() if make_loop == "uvloop" else asyncio.new_event_loop()
+        if keep:
+            _keep_tasks_until_done(loop)
+        woken, weak = [], {}
+
+        async def request():
+            future = loop.create_future()
+            weak["future"] = weakref.ref(future)  # like MPFuture._active_futures
+            await future
+            woken.append(True)
+
+        async def main():
+            loop.create_task(request())  # the reference is dropped, as in hivemind's _run_internal
+            await asyncio.sleep(0.01)
+            gc.collect()
+            future = weak["future"]()
+            if future is not None:
+                future.set_result(None)
+            await asyncio.sleep(0.01)
+
+        try:
+            loop.run_until_complete(main())
+        finally:
+            loop.close()
+        return bool(woken)
+
+    assert run(keep=True)
+    assert not run(keep=False)  # the failure this guards against still happens without it

@@ -71,6 +71,10 @@ class AveragingConfig(_Strict):
     clip_tau: float = Field(1.0, gt=0)
     clip_iterations: int = Field(5, ge=1, le=100)
     target_batch_size: int = Field(64, ge=1, description="samples the swarm accumulates per dense optimizer step")
+    worker_momentum: float = Field(
+        0.9, ge=0, lt=1, description="trainers average this momentum of their own dense gradients instead of the "
+                                    "gradients (robust aggregation of low-variance momenta); 0: the gradients"
+    )
     direct_tcp: bool = Field(
         True, description="move all-reduce tensor parts over direct TCP between group members (tickets over p2p; "
                           "falls back to p2p per pair). Off: everything through libp2p, encrypted"

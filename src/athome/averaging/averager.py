@@ -59,6 +59,7 @@ from typing import Any, AsyncIterator, Callable, Deque, Dict, List, Literal, Opt
 
 import torch
 from hivemind.averaging import DecentralizedAverager
+from hivemind.averaging import averager as hivemind_averager_module
 from hivemind.averaging.allreduce import AllreduceException, AveragingMode
 from hivemind.averaging.control import StepControl
 from hivemind.averaging.group_info import GroupInfo
@@ -72,7 +73,7 @@ from hivemind.optim.state_averager import TrainingStateAverager
 from hivemind.p2p import P2PContext, PeerID
 from hivemind.proto import averaging_pb2, runtime_pb2
 from hivemind.utils import MPFuture
-from hivemind.utils.asyncio import achain, aiter_with_timeout, as_aiter, enter_asynchronously
+from hivemind.utils.asyncio import achain, aiter_with_timeout, as_aiter, enter_asynchronously, switch_to_uvloop
 from hivemind.utils.streaming import combine_from_streaming
 from hivemind.utils.timed_storage import ValueWithExpiration, get_dht_time
 
@@ -219,6 +220,32 @@ def keep_freed_memory_mapped() -> None:
     m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's <malloc.h>
     if not (mallopt(m_mmap_threshold, 32 << 20) and mallopt(m_trim_threshold, 256 << 20)):
         logger.debug("malloc thresholds left alone: mallopt refused them")
+
+
+def _keep_tasks_until_done(loop: asyncio.AbstractEventLoop) -> None:
+    """Make ``loop`` hold a strong reference to every task it creates until the task is done.
+
+    hivemind's averager process starts every request from its pipe (``_step``, ``_load_state_from_peers``, ...) with
+    ``create_task`` and drops the task. A task that awaits an ``MPFuture`` (resolved by a thread that keeps only
+    weak references) is then referenced by nothing but its own cycle, and the cyclic garbage collector may destroy it
+    mid-await ("Task was destroyed but it is pending!"): the caller's future never resolves (seen: a trainer stuck
+    in ``load_state_from_peers`` until its 10-minute timeout)."""
+    tasks: set = set()
+    make_task = loop.get_task_factory() or (lambda loop, coro, **kwargs: asyncio.Task(coro, loop=loop, **kwargs))
+
+    def factory(loop, coro, **kwargs):
+        task = make_task(loop, coro, **kwargs)
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+        return task
+
+    loop.set_task_factory(factory)
+
+
+def _switch_to_uvloop_keeping_tasks() -> asyncio.AbstractEventLoop:
+    loop = switch_to_uvloop()
+    _keep_tasks_until_done(loop)
+    return loop
 
 
 def _step_failures_to_debug(record: logging.LogRecord) -> bool:
@@ -428,6 +455,10 @@ class RobustAveragingMixin:
     def on_round(self, callback: Optional[Callable[[RoundReport], Any]]) -> None:
         self._round_log.callback = callback
 
+    def __del__(self):
+        if hasattr(self, "_parent_pid"):  # not when __init__ refused its arguments before hivemind's ran
+            super().__del__()
+
     # ---- averager-process side --------------------------------------------------------------------------------
 
     def _run_internal(self):
@@ -439,6 +470,9 @@ class RobustAveragingMixin:
         keep_freed_memory_mapped()
         enable_stack_dumps()
         logging.getLogger("hivemind.averaging.averager").addFilter(_step_failures_to_debug)
+        # hivemind's _run_internal builds its event loop with this module-level function: this (forked) process's
+        # loop then keeps the tasks it starts alive (_keep_tasks_until_done)
+        hivemind_averager_module.switch_to_uvloop = _switch_to_uvloop_keeping_tasks
         super()._run_internal()
 
     async def _step(self, *, step: StepControl, future_for_init: MPFuture):
@@ -926,9 +960,52 @@ class RobustGradientAverager(RobustAveragingMixin, GradientAverager):
     """``hivemind.optim.GradientAverager`` that aggregates gradients with CenteredClip by default.
 
     Use with ``hivemind.Optimizer(..., grad_averager_factory=functools.partial(RobustGradientAverager,
-    reducer="centered_clip", clip_tau=..., on_round=...))``; hivemind passes ``compression=grad_compression``,
-    which may be an athome codec from :func:`~athome.averaging.compression.get_codec`.
+    reducer="centered_clip", clip_tau=..., worker_momentum=0.9, on_round=...))``; hivemind passes
+    ``compression=grad_compression``, which may be an athome codec from :func:`~athome.averaging.compression.get_codec`.
+
+    **Worker momentum** (Karimireddy, He, Jaggi 2021, "Learning from History for Byzantine Robust Optimization"):
+    with ``worker_momentum`` = beta > 0, each peer keeps ``m <- beta m + (1 - beta) g`` of its own accumulated
+    gradients ``g`` and averages ``m / (1 - beta^t)`` (bias-corrected, so the first rounds are not damped) in their
+    place; the optimizer steps with the robust aggregate of the peers' momenta. Momenta vary far less between honest
+    peers than single gradients (by about ``(1 - beta) / (1 + beta)`` in variance), so CenteredClip's radius, set by
+    the honest spread, shrinks with it and an attacker's pull per round with the radius; and an attacker who shifts
+    its gradients a little every round no longer hides in the honest noise. Each peer's momentum stays its own:
+    the aggregate is not fed back.
+
+    **Failed rounds**: hivemind's ``Optimizer`` resets the accumulators when it starts a round and, after a failed
+    one, "proceeds with local gradients" by loading the (now empty) accumulators again, which gave the optimizer
+    zeros. A failed round leaves the averaged tensors exactly as loaded (:mod:`.consistency`), so that reload keeps
+    them: the optimizer steps with this peer's own gradient (or momentum).
+
+    :param worker_momentum: beta in [0, 1); 0 averages the gradients themselves
     """
+
+    def __init__(self, parameters, *, worker_momentum: float = 0.0, **kwargs):
+        if not 0.0 <= worker_momentum < 1.0:
+            raise ValueError(f"worker_momentum must be in [0, 1), got {worker_momentum}")
+        self.worker_momentum = float(worker_momentum)
+        self._momentum: Optional[List[torch.Tensor]] = None  # this peer's own, in float32 on the CPU
+        self._momentum_updates = 0
+        super().__init__(parameters, **kwargs)
+
+    @torch.no_grad()
+    def load_accumulators_into_averager_(self):
+        """Load this peer's gradients (or their momentum) into the averaged tensors; keep what is there when the
+        accumulators were already loaded and reset for a round whose result was not used (see the class doc)."""
+        if self.local_times_accumulated == 0 and self._new_averaged_grads:
+            return
+        super().load_accumulators_into_averager_()
+        if not self.worker_momentum:
+            return
+        beta = self.worker_momentum
+        with self.get_tensors() as averaged:
+            if self._momentum is None:
+                self._momentum = [torch.zeros_like(tensor, dtype=torch.float32) for tensor in averaged]
+            self._momentum_updates += 1
+            correction = 1.0 - beta**self._momentum_updates
+            for momentum, tensor in zip(self._momentum, averaged):
+                momentum.mul_(beta).add_(tensor, alpha=1.0 - beta)
+                tensor.copy_(momentum / correction)
 
 
 class RobustTrainingStateAverager(RobustAveragingMixin, TrainingStateAverager):

@@ -205,7 +205,8 @@ class Trainer:
             averaging_timeout=30.0,
             averager_opts=dict(request_timeout=1.0),  # below matchmaking_time, see hivemind #443
             grad_compression=get_codec(config.averaging.compression),
-            grad_averager_factory=partial(RobustGradientAverager, **robust_opts),
+            grad_averager_factory=partial(RobustGradientAverager, worker_momentum=config.averaging.worker_momentum,
+                                          **robust_opts),
             verbose=False,
             # explicit: with None, hivemind 1.1.12's Optimizer thinks it is no client, while its averagers (from the
             # DHT) are, and its first epoch fails ("averager in client mode cannot share its state")
