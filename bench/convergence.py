@@ -7,8 +7,9 @@ all subprocesses on 127.0.0.1, with athome's default dispatch path.
 Centralized: ``build_local_model`` (same config, same seed, so the same dense init; experts from the same
 uid-seeded init) trained in this process on exactly the swarm's batches: at step t it takes the concatenation of
 every trainer's batch ``corpus.batch(batch_seed(run, trainer_peer_id, t), ...)``. Same update rule as the swarm:
-AdamW(dense_lr) on the dense parameters after clipping them to ``grad_clip`` and taking their bias-corrected
-momentum (``averaging.worker_momentum``: what a trainer averages), and AdamW(expert_lr) on each
+AdamW(dense_lr) on the dense parameters after clipping them to ``grad_clip`` and, with ``averaging.worker_momentum``,
+taking their bias-corrected momentum first (what a trainer averages; AdamW then has no first moment of its own:
+``RunConfig.dense_momentum``), and AdamW(expert_lr) on each
 expert after clipping that expert's gradient to ``grad_clip`` (what ``ExpertBackend`` does on a host). The run
 config sets ``averaging.target_batch_size = batch_size x trainers``, so the swarm's collaborative optimizer
 also steps once per round of trainer steps; with one trainer the two runs are the same computation, and any gap
@@ -53,10 +54,10 @@ RUN_NAME = "convergence"
 LOOPBACK = ["--host_maddrs", "/ip4/127.0.0.1/tcp/0"]
 
 
-def write_config(path: Path, batch_size: int, trainers: int, worker_momentum: float) -> RunConfig:
+def write_config(path: Path, batch_size: int, trainers: int, worker_momentum: bool) -> RunConfig:
     path.write_text(
         f'name = "{RUN_NAME}"\nbatch_size = {batch_size}\nexpert_ttl = 60\n'
-        f"[averaging]\ntarget_batch_size = {batch_size * trainers}\nworker_momentum = {worker_momentum!r}\n"
+        f"[averaging]\ntarget_batch_size = {batch_size * trainers}\nworker_momentum = {str(worker_momentum).lower()}\n"
     )
     return load_config(str(path))
 
@@ -123,11 +124,12 @@ def train_centralized(config: RunConfig, peers: List[str], steps: int, eval_batc
     dense = model.dense_parameters()
     experts = [expert for layer in model.moe_layers() for expert in layer.dispatcher.experts]
 
-    def adamw(params, lr):
-        return torch.optim.AdamW(params, lr=lr, betas=tuple(opt.betas), eps=1e-8, weight_decay=opt.weight_decay)
+    def adamw(params, lr, betas):
+        return torch.optim.AdamW(params, lr=lr, betas=betas, eps=1e-8, weight_decay=opt.weight_decay)
 
-    optimizers = [adamw(dense, opt.dense_lr)] + [adamw(expert.parameters(), opt.expert_lr) for expert in experts]
-    beta = config.averaging.worker_momentum
+    beta, dense_betas = config.dense_momentum()
+    optimizers = [adamw(dense, opt.dense_lr, dense_betas)]
+    optimizers += [adamw(expert.parameters(), opt.expert_lr, tuple(opt.betas)) for expert in experts]
     momentum = [torch.zeros_like(param) for param in dense]
     corpus = load_corpus(config.data)
     losses = []
@@ -160,8 +162,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=150, help="steps per trainer")
     parser.add_argument("--trainers", type=int, default=1)
-    parser.add_argument("--worker_momentum", type=float, default=RunConfig().averaging.worker_momentum,
-                        help="the run config's averaging.worker_momentum (0: trainers average plain gradients)")
+    parser.add_argument("--no_worker_momentum", action="store_true",
+                        help="averaging.worker_momentum = false: trainers average plain gradients")
     parser.add_argument("--hosts", type=int, default=1, help="expert hosts, each serving every expert")
     parser.add_argument("--batch_size", type=int, default=16, help="sequences per trainer step")
     parser.add_argument("--window", type=int, default=30, help="last steps averaged")
@@ -177,7 +179,7 @@ def main() -> None:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)  # inherited by the peer subprocesses
 
     workdir = Path(tempfile.mkdtemp(prefix="athome-convergence-"))
-    config = write_config(workdir / "run.toml", args.batch_size, args.trainers, args.worker_momentum)
+    config = write_config(workdir / "run.toml", args.batch_size, args.trainers, not args.no_worker_momentum)
     previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         logs = run_swarm(workdir, workdir / "run.toml", args)

@@ -192,12 +192,16 @@ class Trainer:
         robust_opts = dict(reducer=config.averaging.reducer, clip_tau=config.averaging.clip_tau,
                            clip_iterations=config.averaging.clip_iterations, direct_tcp=config.averaging.direct_tcp,
                            on_round=self.verification.note_round)  # heavily clipped senders: hints for validators
+        worker_beta, adamw_betas = config.dense_momentum()
+        if worker_beta:
+            logger.info(f"Worker momentum: this trainer averages the momentum (beta {worker_beta:g}) of its own dense "
+                        f"gradients; AdamW runs with betas {adamw_betas} (run config averaging.worker_momentum)")
         self.optimizer = SwarmOptimizer(
             robust_opts=robust_opts,
             dht=dht,
             run_id=f"athome_{config.name}_dense",  # hivemind group prefixes may not contain dots
             params=self.model.parameters(),
-            optimizer=partial(AggregateClippedAdamW, max_norm=opt.grad_clip, lr=opt.dense_lr, betas=tuple(opt.betas),
+            optimizer=partial(AggregateClippedAdamW, max_norm=opt.grad_clip, lr=opt.dense_lr, betas=adamw_betas,
                               weight_decay=opt.weight_decay),
             target_batch_size=config.averaging.target_batch_size,
             batch_size_per_step=self.batch_size,
@@ -205,8 +209,7 @@ class Trainer:
             averaging_timeout=30.0,
             averager_opts=dict(request_timeout=1.0),  # below matchmaking_time, see hivemind #443
             grad_compression=get_codec(config.averaging.compression),
-            grad_averager_factory=partial(RobustGradientAverager, worker_momentum=config.averaging.worker_momentum,
-                                          **robust_opts),
+            grad_averager_factory=partial(RobustGradientAverager, worker_momentum=worker_beta, **robust_opts),
             verbose=False,
             # explicit: with None, hivemind 1.1.12's Optimizer thinks it is no client, while its averagers (from the
             # DHT) are, and its first epoch fails ("averager in client mode cannot share its state")
