@@ -967,6 +967,27 @@ def test_round_that_runs_out_of_time_is_not_applied(make_averagers):
         assert averager.last_round.throughput == pytest.approx(1e15 / 2)
 
 
+def test_replicas_that_start_out_of_phase_still_look_for_groups_together():
+    """Each replica starts a round at next_round_time and spends up to round_timeout in it. With a period shorter
+    than that, replicas used to alternate slots for good when one started a slot later; now they share every slot
+    after their first attempt."""
+    from athome.averaging.replica import next_round_time
+
+    period, attempt = 6.0, 10.0
+
+    def starts(first: float, rounds: int = 6) -> list:
+        times, now = [], first
+        for _ in range(rounds):
+            now = next_round_time(now, period, attempt)
+            times.append(now)
+            now += attempt  # a failed attempt lasts the whole round_timeout
+        return times
+
+    early, late = starts(1000.5), starts(1006.5)  # the second replica came up one slot later
+    assert set(early[1:]) <= set(late) and set(late[1:]) <= set(early), (early, late)
+    assert next_round_time(1000.5, 30.0, 15.0) == 1020.0  # attempts that fit the period: every slot, as before
+
+
 @pytest.mark.timeout(120)
 def test_expert_replica_averager_averages_in_background_without_blocking(dhts):
     torch.manual_seed(16)
@@ -1337,6 +1358,8 @@ def test_hivemind_step_failures_reach_the_console_once():
         logger.setLevel(level)
 
 
+# the gc.collect() below also finalizes event loops that earlier tests left behind; their __del__ complaints are theirs
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize("make_loop", ["uvloop", "asyncio"])
 def test_averager_loop_keeps_a_task_that_only_a_weak_reference_can_wake(make_loop):
     """hivemind's averager process starts each piped request with create_task and drops the task; one awaiting an

@@ -49,6 +49,16 @@ def averaging_prefix(name: str) -> str:
     return f"{name.replace('.', '_')}_{digest}"
 
 
+def next_round_time(now: float, period: float, round_timeout: float) -> float:
+    """When the next replica-averaging round starts: the next slot of a grid of DHT time that every replica of an
+    expert shares. The grid's step is ``period``, stretched to a multiple of it that one attempt (up to
+    ``round_timeout``) fits in: with a step shorter than an attempt, a replica that started one slot after another
+    (a slower start) would keep looking for groups one slot out of phase, and two such replicas never met (seen with
+    period 6 s, attempts of 10 s: every round of both failed for 4 minutes)."""
+    step = period * max(1, math.ceil(round_timeout / period))
+    return (math.floor(now / step) + 1) * step
+
+
 def moshpit_initial_bits(expected_peers: int, target_group_size: int, rng: Optional[random.Random] = None) -> str:
     """Random initial group bits for a Moshpit grid of about ``expected_peers / target_group_size`` groups."""
     if expected_peers <= target_group_size:
@@ -71,7 +81,8 @@ class ExpertReplicaAverager:
     :param target_group_size: Moshpit group size
     :param period: seconds between rounds
     :param expected_replicas: number of replicas expected; sizes the Moshpit grid (None: one bucket)
-    :param round_timeout: how long a round may spend looking for a group (default: ``period / 2``)
+    :param round_timeout: how long a round may spend looking for a group (default: ``max(period / 2, 2 *
+      min_matchmaking_time)``); rounds are then at least this far apart (:func:`next_round_time`)
     :param on_round: called with each :class:`~athome.averaging.averager.RoundReport` (host-process thread)
     :param has_partners: called before each scheduled round; when it returns False (no other live replica), the
       round is skipped instead of spending ``round_timeout`` in matchmaking that cannot succeed (None: always try)
@@ -134,9 +145,9 @@ class ExpertReplicaAverager:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            # align rounds to DHT time so that replicas on different hosts look for groups at the same moment
+            # rounds on a grid of DHT time, so that replicas on different hosts look for groups at the same moment
             now = get_dht_time()
-            next_round = (math.floor(now / self.period) + 1) * self.period
+            next_round = next_round_time(now, self.period, self.round_timeout)
             if self._stop.wait(max(0.0, next_round - now)):
                 break
             try:
