@@ -168,7 +168,8 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=16, help="sequences per trainer step")
     parser.add_argument("--window", type=int, default=30, help="last steps averaged")
     parser.add_argument("--eval_batches", type=int, default=8, help="validation batches for the centralized model")
-    parser.add_argument("--timeout", type=float, default=600, help="seconds the trainers may take")
+    parser.add_argument("--timeout", type=float, default=1500,
+                        help="seconds the trainers may take (150 steps took 645 s on a 2-core box)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads here and in every peer (0: torch's default); 1 keeps a shared "
                              "2-core box from oversubscribing, which made 2-thread training ~10x slower")
