@@ -44,6 +44,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import torch  # noqa: E402
 
+from athome.averaging.averager import apply_worker_momentum_  # noqa: E402
 from athome.config import RunConfig, load_config  # noqa: E402
 from athome.demo import Child  # noqa: E402
 from athome.dht import Identity  # noqa: E402
@@ -140,10 +141,8 @@ def train_centralized(config: RunConfig, peers: List[str], steps: int, eval_batc
         cross_entropy, aux = model.losses(batch)
         (cross_entropy + model.aux_coef * aux).backward()
         torch.nn.utils.clip_grad_norm_(dense, opt.grad_clip)
-        if beta:  # as RobustGradientAverager.load_accumulators_into_averager_
-            for param, average in zip(dense, momentum):
-                average.mul_(beta).add_(param.grad, alpha=1 - beta)
-                param.grad.copy_(average / (1 - beta ** (step + 1)))
+        if beta:  # what each trainer averages
+            apply_worker_momentum_(momentum, [param.grad for param in dense], beta, step + 1)
         for expert in experts:
             torch.nn.utils.clip_grad_norm_(expert.parameters(), opt.grad_clip)
         for optimizer in optimizers:

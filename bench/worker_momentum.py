@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import torch  # noqa: E402
 
+from athome.averaging.averager import apply_worker_momentum_  # noqa: E402
 from athome.averaging.reducer import centered_clip  # noqa: E402
 
 
@@ -37,8 +38,9 @@ def run(beta: float, peers: int, rounds: int, dim: int, z: float, seed: int = 0)
         gradients = mu + torch.randn(honest, dim, generator=generator)
         attack = gradients.mean(0) + z * gradients.std(0)
         sent = torch.cat([gradients, attack[None]])
-        momentum = beta * momentum + (1 - beta) * sent
-        averaged = momentum / (1 - beta**t)  # beta 0: the gradients themselves
+        averaged = sent.clone()
+        if beta:  # what a trainer averages; the attacker keeps the momentum of what it sends too
+            apply_worker_momentum_([momentum], [averaged], beta, t)
         aggregate, _ = centered_clip(averaged, torch.ones(peers), 1.0, 5)
         if t > rounds // 4:  # after the momentum's warm-up
             for name, value in (("centered_clip", aggregate), ("mean", averaged.mean(0)),

@@ -222,6 +222,17 @@ def keep_freed_memory_mapped() -> None:
         logger.debug("malloc thresholds left alone: mallopt refused them")
 
 
+@torch.no_grad()
+def apply_worker_momentum_(momenta: Sequence[torch.Tensor], values: Sequence[torch.Tensor], beta: float,
+                           updates: int) -> None:
+    """The worker-momentum rule, in place: ``m <- beta m + (1 - beta) x``, then ``x <- m / (1 - beta^updates)``
+    (bias-corrected; ``updates`` counts this one). What :class:`RobustGradientAverager` averages instead of ``x``."""
+    correction = 1.0 - beta**updates
+    for momentum, value in zip(momenta, values):
+        momentum.mul_(beta).add_(value, alpha=1.0 - beta)
+        torch.div(momentum, correction, out=value)
+
+
 def _keep_tasks_until_done(loop: asyncio.AbstractEventLoop) -> None:
     """Make ``loop`` hold a strong reference to every task it creates until the task is done.
 
@@ -984,7 +995,7 @@ class RobustGradientAverager(RobustAveragingMixin, GradientAverager):
         if not 0.0 <= worker_momentum < 1.0:
             raise ValueError(f"worker_momentum must be in [0, 1), got {worker_momentum}")
         self.worker_momentum = float(worker_momentum)
-        self._momentum: Optional[List[torch.Tensor]] = None  # this peer's own, in float32 on the CPU
+        self._momentum: Optional[List[torch.Tensor]] = None  # this peer's own, like the averaged tensors
         self._momentum_updates = 0
         super().__init__(parameters, **kwargs)
 
@@ -997,15 +1008,11 @@ class RobustGradientAverager(RobustAveragingMixin, GradientAverager):
         super().load_accumulators_into_averager_()
         if not self.worker_momentum:
             return
-        beta = self.worker_momentum
         with self.get_tensors() as averaged:
             if self._momentum is None:
-                self._momentum = [torch.zeros_like(tensor, dtype=torch.float32) for tensor in averaged]
+                self._momentum = [torch.zeros_like(tensor) for tensor in averaged]
             self._momentum_updates += 1
-            correction = 1.0 - beta**self._momentum_updates
-            for momentum, tensor in zip(self._momentum, averaged):
-                momentum.mul_(beta).add_(tensor, alpha=1.0 - beta)
-                tensor.copy_(momentum / correction)
+            apply_worker_momentum_(self._momentum, averaged, self.worker_momentum, self._momentum_updates)
 
 
 class RobustTrainingStateAverager(RobustAveragingMixin, TrainingStateAverager):
