@@ -1,8 +1,15 @@
 """Shared fixtures: real ``peer`` processes on 127.0.0.1, each in its own session so teardown leaves nothing."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Callable, List
+
+# The suite's exact-match assertions are CPU fp32 numerics, and its peers pick CUDA when they see it: on a GPU machine
+# it hides the GPU from itself and every peer it starts (torch reads this at its first CUDA call). The CUDA tests
+# (tests/test_cuda.py) need it visible: ATHOME_TEST_CUDA=1 python -m pytest -q tests/test_cuda.py
+if os.environ.get("ATHOME_TEST_CUDA") != "1":
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 import hypothesis  # noqa: F401  (see below)
 import pytest

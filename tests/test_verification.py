@@ -18,7 +18,8 @@ from athome.dht.records import owner_subkey
 from athome.dht.schemas import BanEntry, BanRecord, run_key
 from athome.verification.attacks import HOST_KINDS, TRAINER_KINDS, AttacksDisabled, AttackSpec, TrainerAttack
 from athome.verification.board import DHTBoard
-from athome.verification.calibration import CPU_TOLERANCES
+from athome.verification.calibration import (CPU_TOLERANCES, CROSS_PLATFORM_CPU, CUDA_PLATFORM, METRICS,
+                                              tolerances_for)
 from athome.verification.commitments import CommitmentBook, CommitmentWindow, commit
 from athome.verification.expert_checks import GradNormGuard
 from athome.verification.proof import StepProof
@@ -158,6 +159,21 @@ def test_no_honest_peer_is_banned_over_500_bf16_checks():
     worst = max(r.figures["grad"] for r in results)
     assert worst <= CPU_TOLERANCES["bf16"].grad
     assert swarm.evaluate() < 5.3  # it trained (from ~5.55)
+
+
+def test_tolerances_follow_the_pair_of_platforms():
+    cpu, other_cpu = "cpu:AVX2:torch2.13.0+cpu", "cpu:AVX512:torch2.13.0+cpu"
+    gpu = "cuda:NVIDIAH10080GBHBM3:sm90:torch2.11.0+cu130"
+    for precision in ("fp32", "bf16", "fp16"):
+        same, cross = tolerances_for(precision, cpu, cpu), tolerances_for(precision, cpu, other_cpu)
+        with_gpu = tolerances_for(precision, gpu, cpu)
+        assert same == CPU_TOLERANCES[precision] and cross == CROSS_PLATFORM_CPU[precision]
+        assert with_gpu == CUDA_PLATFORM[precision] == tolerances_for(precision, cpu, gpu)
+        assert tolerances_for(precision, gpu, gpu) == same  # the same GPU, kernels and torch: thread noise only
+        for metric in METRICS:  # each wider profile is never tighter
+            assert getattr(same, metric) <= getattr(cross, metric) <= getattr(with_gpu, metric)
+    with pytest.raises(ValueError, match="precision"):
+        tolerances_for("int8", cpu, cpu)
 
 
 def test_loss_with_an_attacker_stays_within_5_percent_of_a_clean_run(attacks_allowed):

@@ -190,6 +190,9 @@ class ExpertBackend(ModuleBackend):
             betas=tuple(optimizer_config.betas),
             eps=ADAM_EPS,
             weight_decay=optimizer_config.weight_decay,
+            # one kernel over all tensors: 4x faster than the default per-tensor loop on a CPU (the offload host
+            # step, and CPU experts), measured on 2 cores for an 8M-parameter expert: 11 vs 46 ms
+            fused=True,
         )
         self.scaler = DynamicLossScaler(
             enabled=precision == "fp16",

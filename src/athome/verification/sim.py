@@ -168,8 +168,8 @@ class _SimCall(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, expert_index, layer: SimExpertLayer):
         num_tokens, k = expert_index.shape
-        wire = x.detach().float()
-        flat = expert_index.reshape(-1)
+        wire = x.detach().to("cpu", torch.float32)  # the hosts compute on the CPU, as the trainer's may be a GPU
+        flat = expert_index.reshape(-1).cpu()
         token_of_slot = torch.arange(num_tokens).repeat_interleave(k)
         slot_of_slot = torch.arange(k).repeat(num_tokens)
         outputs = torch.zeros(num_tokens, k, x.shape[-1])
@@ -187,21 +187,22 @@ class _SimCall(torch.autograd.Function):
             answered[tokens, slots] = True
             calls.append((uid, host, tokens, slots, inputs))
         layer.last_answered_fraction = float(answered.float().mean()) if answered.numel() else 1.0
-        ctx.calls, ctx.x_meta = calls, (x.shape, x.dtype)
+        ctx.calls, ctx.x_meta = calls, (x.shape, x.dtype, x.device)
+        answered = answered.to(x.device)
         ctx.mark_non_differentiable(answered)
-        return outputs.to(x.dtype), answered
+        return outputs.to(device=x.device, dtype=x.dtype), answered
 
     @staticmethod
     def backward(ctx, grad_outputs, _):
-        shape, dtype = ctx.x_meta
+        shape, dtype, device = ctx.x_meta
         grad_x = torch.zeros(shape, dtype=torch.float32)
-        wire = grad_outputs.detach().float()
+        wire = grad_outputs.detach().to("cpu", torch.float32)
         for uid, host, tokens, slots, inputs in ctx.calls:
             try:
                 grad_x.index_add_(0, tokens, host.backward(uid, inputs, wire[tokens, slots]))
             except RequestRefused:
                 pass  # like a host answering with an error: that expert's part of the gradient is missing
-        return grad_x.to(dtype), None, None
+        return grad_x.to(device=device, dtype=dtype), None, None
 
 
 @dataclass
@@ -362,7 +363,7 @@ class SimSwarm:
         started = time.perf_counter()
         scales = None
         if contributions:
-            stacked = torch.stack(contributions)
+            stacked = torch.stack([c.cpu() for c in contributions])  # aggregated on the CPU, as averagers do
             if self.config.aggregator == "centered_clip" and len(contributions) > 1:
                 aggregate, scales = centered_clip(stacked, torch.ones(len(contributions)), self.config.clip_tau,
                                                   self.config.clip_iterations)
@@ -370,7 +371,7 @@ class SimSwarm:
                 aggregate = stacked.mean(dim=0)
             offset = 0
             for p in self.params:
-                p.grad = aggregate[offset:offset + p.numel()].view_as(p).to(p.dtype).clone()
+                p.grad = aggregate[offset:offset + p.numel()].view_as(p).to(device=p.device, dtype=p.dtype, copy=True)
                 offset += p.numel()
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
