@@ -1,9 +1,12 @@
 """Expert backend bench: throughput and device memory per expert for fp32, bf16 and fp16+offload, side by side.
 
 Throughput is samples/s through ``ExpertBackend.forward`` + ``backward`` (which includes the optimizer update), as
-hivemind's Runtime would drive it. Device memory per expert: on CUDA the peak ``torch.cuda.max_memory_allocated``
-while that expert trains (weights, grads, optimizer state, activations); on CPU the bytes of tensors the expert
-keeps on its compute device (``device_memory_bytes``: with offload, the fp32 master and AdamW state are host-side).
+hivemind's Runtime would drive it. Device memory per expert is what it keeps between requests, which decides how
+many experts fit (a host computes one request at a time, so activations are needed once, not per expert): on CUDA
+``torch.cuda.memory_allocated`` after its calls, less what was allocated before it (the process's one-time cuBLAS
+workspaces are taken by a throwaway expert first), with the peak while it trains (activations included) beside it;
+on CPU the bytes of tensors the expert keeps on its compute device (``device_memory_bytes``: with offload, the
+fp32 master and AdamW state are host-side).
 
 CPU caveat: bf16/fp16 autocast on CPU is slower than fp32 (no fast half matmuls on most CPUs), so CPU throughput
 ratios say nothing about GPU speed.
@@ -15,6 +18,7 @@ The last line is ``experts per GB fp16+offload/fp32: X.XX, throughput ratio: Y.Y
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import statistics
 import time
@@ -59,14 +63,8 @@ def main() -> None:
     if cuda:
         x, grad = x.to(device), grad.to(device)
 
-    backends, memory = {}, {}
-    for label, precision, offload in MODES:
-        if cuda:
-            # experts built earlier stay resident but idle: peak minus current allocation is this expert's own
-            sync()
-            base = torch.cuda.memory_allocated(device)
-            torch.cuda.reset_peak_memory_stats(device)
-        backend = backends[label] = ExpertBackend(
+    def build(label: str, precision: str, offload: bool) -> ExpertBackend:
+        backend = ExpertBackend(
             f"bench.{label}", make_expert(args.d_model, args.hidden), optimizer_config=OptimizerConfig(),
             precision=precision, offload=offload, device=device,
             args_schema=(BatchTensorDescriptor(args.d_model),), max_batch_size=args.batch,
@@ -75,7 +73,22 @@ def main() -> None:
             backend.forward(x)
             backend.backward(x, grad)
         sync()
-        memory[label] = torch.cuda.max_memory_allocated(device) - base if cuda else backend.device_memory_bytes()
+        return backend
+
+    if cuda:
+        for label, precision, offload in MODES:  # cuBLAS workspaces: once per process, not per expert
+            build(label, precision, offload)
+        gc.collect()
+    backends, memory, peak = {}, {}, {}
+    for label, precision, offload in MODES:
+        if cuda:
+            # experts built earlier stay resident but idle: what this one adds is its own
+            sync()
+            base = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        backend = backends[label] = build(label, precision, offload)
+        memory[label] = torch.cuda.memory_allocated(device) - base if cuda else backend.device_memory_bytes()
+        peak[label] = torch.cuda.max_memory_allocated(device) - base if cuda else memory[label]
 
     rates = {label: [] for label, _, _ in MODES}
     for _ in range(args.rounds):
@@ -93,15 +106,16 @@ def main() -> None:
     params = sum(p.numel() for p in make_expert(args.d_model, args.hidden).parameters())
     print(f"device={device} d_model={args.d_model} hidden={args.hidden} params/expert={params} batch={args.batch} "
           f"steps={args.steps}x{args.rounds} threads={torch.get_num_threads()}")
-    print(f"memory: {'cuda max_memory_allocated' if cuda else 'device_memory_bytes (tensors kept on device)'}")
-    print(f"{'mode':<14}{'samples/s':>12}{'x fp32':>8}{'MiB/expert':>12}{'experts/GB':>12}{'x fp32':>8}"
-          f"{'skipped':>9}{'updates':>9}")
+    print(f"memory kept between requests: {'cuda memory_allocated' if cuda else 'device_memory_bytes'}; "
+          f"peak: {'cuda max_memory_allocated (with activations)' if cuda else 'the same'}")
+    print(f"{'mode':<14}{'samples/s':>12}{'x fp32':>8}{'MiB/expert':>12}{'peak MiB':>10}{'experts/GB':>12}"
+          f"{'x fp32':>8}{'skipped':>9}{'updates':>9}")
     for label, _, _ in MODES:
         per_gb = 2**30 / memory[label]
         b = backends[label]
         print(f"{label:<14}{throughput[label]:>12.0f}{throughput[label] / throughput['fp32']:>8.2f}"
-              f"{memory[label] / 2**20:>12.3f}{per_gb:>12.0f}{memory['fp32'] / memory[label]:>8.2f}"
-              f"{b.skipped_steps:>9}{b.num_updates:>9}")
+              f"{memory[label] / 2**20:>12.3f}{peak[label] / 2**20:>10.1f}{per_gb:>12.0f}"
+              f"{memory['fp32'] / memory[label]:>8.2f}{b.skipped_steps:>9}{b.num_updates:>9}")
     if not cuda:
         print("note: CPU has no fast half-precision matmul; bf16/fp16 CPU throughput is not indicative of GPUs")
     print(f"experts per GB fp16+offload/fp32: {memory['fp32'] / memory['fp16+offload']:.2f}, "

@@ -17,7 +17,7 @@ from athome.config import RunConfig
 from athome.dht import Identity, get_records, start_dht
 from athome.dht.schemas import ServerRecord
 from athome.model.expert import build_expert
-from athome.peer.experts import ExpertPatternError, choose_least_replicated, expand_pattern
+from athome.peer.experts import ExpertPatternError, choose_least_replicated, expand_pattern, experts_that_fit
 from conftest import LOOPBACK
 
 MODEL = RunConfig().model
@@ -70,6 +70,21 @@ def client(coordinator):
 
 def host_id(child) -> str:
     return Identity.load_or_create(child.argv[child.argv.index("--identity_path") + 1]).peer_id
+
+
+def test_auto_sizes_the_expert_count_to_memory_kept_between_requests():
+    big = RunConfig().model.model_copy(update=dict(d_model=1024, expert_hidden=4096, experts_per_layer=512))
+    params = 2 * 1024 * 4096 + 1024 + 4096
+    budget = 8 * 2**30  # --max_memory 8
+    fp32, per_fp32, working = experts_that_fit(big, "fp32", False, 1, budget, 16384, "cuda")
+    offload, per_offload, _ = experts_that_fit(big, "fp16", True, 1, budget, 16384, "cuda")
+    # the bytes measured on an H100 by tests/test_cuda.py: fp32 weights + 2 Adam moments; the fp16 working copy
+    assert (per_fp32, per_offload) == (12 * params, 2 * params)
+    assert 1.5 * 2**30 > working > 128 * 2**20  # one request's activations (16384 tokens), once, + cuBLAS workspace
+    assert fp32 == (budget - working) // per_fp32 and 6 * fp32 <= offload <= 6 * fp32 + 6
+    accumulating, per_accumulating, _ = experts_that_fit(big, "fp32", False, 4, budget, 16384, "cuda")
+    assert per_accumulating == 16 * params and accumulating < fp32  # fp32 gradients kept between calls
+    assert experts_that_fit(big, "fp32", False, 1, 2**20, 16384, "cuda")[0] == 1  # at least one, whatever the budget
 
 
 def test_join_serves_a_plain_hivemind_client(coordinator, spawn, client, tmp_path):

@@ -46,7 +46,7 @@ from athome.peer.experts import (
     choose_least_replicated,
     count_replicas,
     expand_pattern,
-    expert_memory_bytes,
+    experts_that_fit,
 )
 from athome.peer.reachability import CLIENT, RELAYED, choose_serving_mode
 from athome.peer.server import Declarer, ExpertServer, download_expert_state
@@ -86,9 +86,15 @@ def choose_experts(args: argparse.Namespace, config: RunConfig, dht, peer_id: st
     if args.num_experts is not None:
         count = args.num_experts
     else:
-        per_expert = expert_memory_bytes(config.model, precision, args.offload, MAX_BATCH_SIZE)
-        count = max(1, min(grid_size, memory_budget_bytes(device, args.max_memory) // per_expert))
-        logger.info(f"Hosting {count} experts, sized to the memory budget (override with --num_experts)")
+        fit, per_expert, working = experts_that_fit(
+            config.model, precision, args.offload, config.optimizer.expert_accumulation,
+            memory_budget_bytes(device, args.max_memory), MAX_BATCH_SIZE, device.type,
+        )
+        count = min(grid_size, fit)
+        hint = "; --offload fits ~6x more" if device.type == "cuda" and not args.offload and count < grid_size else ""
+        logger.info(f"Hosting {count} experts, sized to the memory budget: {per_expert / 2**20:.1f} MiB each between "
+                    f"requests, {working / 2**20:.0f} MiB set aside for the request in flight (override with "
+                    f"--num_experts{hint})")
     uids = choose_least_replicated(config.model, replicas, min(count, grid_size), peer_id)
     logger.info(
         f"auto picked the least-replicated experts {', '.join(uids)} "
