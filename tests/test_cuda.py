@@ -11,13 +11,12 @@ from __future__ import annotations
 import dataclasses
 import subprocess
 import sys
-import tempfile
 
 import pytest
 import torch
 
-from conftest import LOOPBACK
 from test_backend import B, D, batch, make_backend, rel
+from test_remote import serving_host
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (ATHOME_TEST_CUDA=1)")
 
@@ -131,31 +130,20 @@ def test_cpu_validator_passes_honest_gpu_steps_and_catches_scaled_gradients(prec
 
 def test_host_serves_experts_from_the_gpu(coordinator, spawn, tmp_path):
     """A real ``peer join --device cuda --precision fp16 --offload`` answers a CPU trainer like the local model."""
-    from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
     from hivemind.proto import runtime_pb2
 
     from athome.config import RunConfig
-    from athome.dht import Identity, start_dht
     from athome.dht.node import get_records
     from athome.dht.schemas import ServerRecord, run_key
     from athome.model.expert import build_expert
     from athome.model.moe import LocalDispatcher, MoELayer
-    from athome.trainer.remote import ExpertRegistry, RemoteDispatcher
+    from athome.trainer.remote import RemoteDispatcher
 
     model = RunConfig().model
-    _, address = coordinator
-    host = spawn("host", "join", "--run", address, "--experts", "ffn.0.[0:4]", "--device", "cuda",
-                 "--precision", "fp16", "--offload", *LOOPBACK,
-                 "--identity_path", str(tmp_path / "host.key"), "--checkpoint_dir", str(tmp_path / "ckpt"))
-    host.wait_line("serving experts:")
-    dht = start_dht(Identity.load_or_create(tempfile.mkdtemp() + "/t.key"), run_name="demo", client_mode=True,
-                    host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=[address])
-    p2p = RemoteExpertWorker.run_coroutine(dht.replicate_p2p())
-    try:
+    flags = ("--device", "cuda", "--precision", "fp16", "--offload")
+    with serving_host(coordinator, spawn, tmp_path, *flags) as (dht, p2p, registry):
         records = get_records(dht, run_key("demo", "servers"), ServerRecord)
         assert [(r.device, r.precision) for r, _ in records.values()] == [("cuda", "fp16")]
-        registry = ExpertRegistry(dht, run_key("demo", "servers"))
-        registry.refresh(force=True)
         uids = model.expert_uids()[: model.experts_per_layer]
         layers = []
         for dispatcher in (LocalDispatcher([build_expert(model, uid) for uid in uids]),
@@ -175,11 +163,6 @@ def test_host_serves_experts_from_the_gpu(coordinator, spawn, tmp_path):
         assert rel(grads["remote"][1], grads["local"][1]) < 2e-2
         with torch.no_grad():  # the backward trained the host's experts
             assert not torch.allclose(remote(x), grads["remote"][0], atol=1e-5)
-    finally:
-        from test_remote import _close
-
-        RemoteExpertWorker.run_coroutine(_close(p2p))
-        dht.shutdown()
 
 
 def test_demo_swarm_trains_on_the_gpu(tmp_path):

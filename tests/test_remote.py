@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import tempfile
+from contextlib import contextmanager
 
 import torch
 from hivemind.compression import serialize_torch_tensor
@@ -11,6 +12,7 @@ from hivemind.proto import runtime_pb2
 from hivemind.utils import MSGPackSerializer
 
 from athome.config import ModelConfig, OptimizerConfig, RunConfig
+from athome.dht.schemas import run_key
 from athome.model.expert import build_expert, expert_input_schema
 from athome.model.moe import LocalDispatcher, MoELayer
 from athome.peer.backend import ExpertBackend
@@ -129,14 +131,14 @@ def test_a_host_without_the_direct_protocol_falls_back_to_hivemind(monkeypatch):
     assert direct_calls == ["old"] and registry.stats("old").protocol == HIVEMIND
 
 
-def test_remote_layer_matches_local_on_a_real_host(coordinator, spawn, tmp_path):
-    """Outputs and input gradients through a live host equal the in-process MoE (first step, same weights)."""
+@contextmanager
+def serving_host(coordinator, spawn, tmp_path, *flags: str):
+    """A live ``peer join`` serving ffn.0.[0:4] (with ``flags``), and a client DHT on its run: yields
+    (dht, p2p, refreshed registry); the client is closed after."""
     from athome.dht import Identity, start_dht
-    from athome.dht.schemas import run_key
 
-    model = RunConfig().model
     _, address = coordinator
-    host = spawn("host", "join", "--run", address, "--experts", "ffn.0.[0:4]", *LOOPBACK,
+    host = spawn("host", "join", "--run", address, "--experts", "ffn.0.[0:4]", *flags, *LOOPBACK,
                  "--identity_path", str(tmp_path / "host.key"), "--checkpoint_dir", str(tmp_path / "ckpt"))
     host.wait_line("serving experts:")
     dht = start_dht(Identity.load_or_create(tempfile.mkdtemp() + "/t.key"), run_name="demo", client_mode=True,
@@ -145,6 +147,18 @@ def test_remote_layer_matches_local_on_a_real_host(coordinator, spawn, tmp_path)
     try:
         registry = ExpertRegistry(dht, run_key("demo", "servers"))
         registry.refresh(force=True)
+        yield dht, p2p, registry
+    finally:
+        RemoteExpertWorker.run_coroutine(_close(p2p))  # on its own loop: P2P.__del__ elsewhere raises
+        dht.shutdown()
+
+
+def test_remote_layer_matches_local_on_a_real_host(coordinator, spawn, tmp_path):
+    """Outputs and input gradients through a live host equal the in-process MoE (first step, same weights)."""
+    from athome.dht import Identity
+
+    model = RunConfig().model
+    with serving_host(coordinator, spawn, tmp_path) as (_, p2p, registry):
         uids = model.expert_uids()[: model.experts_per_layer]
         layers = {}
         for name, dispatcher in [
@@ -173,9 +187,6 @@ def test_remote_layer_matches_local_on_a_real_host(coordinator, spawn, tmp_path)
         assert registry.stats(host_id).protocol == "athome"
         with torch.no_grad():  # the backward trained the host's experts
             assert not torch.allclose(layers["remote"](x), outputs["remote"], atol=1e-5)
-    finally:
-        RemoteExpertWorker.run_coroutine(_close(p2p))  # on its own loop: P2P.__del__ elsewhere raises
-        dht.shutdown()
 
 
 async def _close(p2p) -> None:
