@@ -300,17 +300,25 @@ def test_reducer_refuses_a_second_stream_of_the_same_sender(method):
     assert all(torch.allclose(result, expected[0][0], atol=1e-6) for result in part_one)
 
 
-def test_all_finite_sees_every_non_finite_element():
-    from athome.averaging.reducer import all_finite
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU (ATHOME_TEST_CUDA=1)"))])
+def test_all_finite_sees_every_non_finite_element(device):
+    from athome.numerics import all_finite, finite_flag
 
     for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
-        values = torch.randn(40, 50).to(dtype)
-        large = torch.full((100,), 6e4 if dtype == torch.float16 else 3e38).to(dtype)  # finite; squares overflow
-        assert all_finite(values) and all_finite(values.T) and all_finite(large) and all_finite(values[:0])
-        for bad in (float("nan"), float("inf"), float("-inf")):
-            poisoned = values.clone()
-            poisoned[39, 49] = bad
-            assert not all_finite(poisoned) and not all_finite(poisoned.T), (dtype, bad)
+        for shape in ((40, 50), (7,), (100003,)):  # vectorised bodies and scalar tails of the reductions
+            values = torch.randn(shape).to(device=device, dtype=dtype)
+            large = torch.full((100,), 6e4 if dtype == torch.float16 else 3e38).to(device=device, dtype=dtype)  # finite; squares overflow
+            assert all_finite(values) and all_finite(values.T) and all_finite(large) and all_finite(values[:0])
+            assert finite_flag(values).device == values.device and bool(finite_flag(values))
+            flat = values.reshape(-1)
+            for position in (0, flat.numel() // 2, flat.numel() - 1):
+                for bad in (float("nan"), float("inf"), float("-inf")):
+                    poisoned = values.clone()
+                    poisoned.view(-1)[position] = bad
+                    assert not all_finite(poisoned) and not all_finite(poisoned.T), (dtype, shape, position, bad)
+                    assert not bool(finite_flag(poisoned))
+    assert all_finite(torch.arange(5, device=device))  # integers are always finite
 
 
 def test_helpers_for_prefixes_and_grid():

@@ -50,7 +50,7 @@ from athome.averaging.dataplane import (
     supports,
 )
 from athome.averaging.outputs import AveragedPartContainer, ReceiveBufferPool
-from athome.averaging.reducer import all_finite
+from athome.numerics import all_finite
 
 logger = logging.getLogger(__name__)
 

@@ -47,6 +47,7 @@ from hivemind.p2p import PeerID
 from hivemind.proto import averaging_pb2
 
 from athome.averaging.compression import Quantile8BitCodec, Uniform8BitCodec, deserialize_tensor
+from athome.numerics import all_finite
 
 logger = logging.getLogger(__name__)
 
@@ -184,7 +185,7 @@ async def fetch_round_result(
             if flat.numel() != own.numel():
                 reasons[str(peer)] = f"sent {flat.numel()} elements, expected {own.numel()}"
                 return None
-            if not bool(torch.isfinite(flat).all()):
+            if not all_finite(flat):
                 reasons[str(peer)] = "sent non-finite values"
                 return None
             gap = float((flat[received] - own[received]).abs().max()) if bool(received.any()) else 0.0

@@ -39,6 +39,7 @@ from hivemind.utils.nested import nested_compare, nested_flatten, nested_map, ne
 from hivemind.utils.tensor_descr import DUMMY_BATCH_SIZE, BatchTensorDescriptor
 
 from athome.config import OptimizerConfig
+from athome.numerics import finite_flag
 
 logger = logging.getLogger(__name__)
 
@@ -613,7 +614,7 @@ def _all_finite(tensors: Sequence[torch.Tensor]) -> bool:
     flags_by_device: Dict[torch.device, List[torch.Tensor]] = {}
     for t in tensors:
         if t.is_floating_point():
-            flags_by_device.setdefault(t.device, []).append(torch.isfinite(t).all())
+            flags_by_device.setdefault(t.device, []).append(finite_flag(t))
     # one host sync per device rather than one per tensor
     return all(bool(torch.stack(flags).all()) for flags in flags_by_device.values())
 

@@ -42,6 +42,7 @@ from athome.dht import store_record, withdraw_record
 from athome.dht.auth import admit
 from athome.verification.integration import refuse_banned
 from athome.dht.schemas import ServerRecord
+from athome.numerics import all_finite
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +88,7 @@ def check_tensors(
             batch_size = tensor.shape[0]
         elif tensor.shape[0] != batch_size:
             raise BadRequest(f"{uid}: {what} tensors disagree on batch size ({batch_size} vs {tensor.shape[0]})")
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        if not all_finite(tensor):
             raise BadRequest(f"{uid}: {what} tensor {index} contains NaN or Inf")
     if not batch_size:
         raise BadRequest(f"{uid}: {what} batch is empty")

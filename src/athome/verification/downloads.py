@@ -35,6 +35,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
+from athome.numerics import all_finite
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_SOURCES = 3
@@ -84,7 +86,7 @@ def tensors_problem(own: Sequence[torch.Tensor], tensors: Sequence[Any], names: 
             return f"{name} is a {type(theirs).__name__}, not a tensor"
         if theirs.shape != mine.shape or theirs.dtype != mine.dtype:
             return f"{name} is {theirs.dtype} {tuple(theirs.shape)}, expected {mine.dtype} {tuple(mine.shape)}"
-        if theirs.is_floating_point() and not bool(torch.isfinite(theirs).all()):
+        if not all_finite(theirs):
             return f"{name} has non-finite values"
     return None
 

@@ -28,6 +28,7 @@ from typing import Callable, Deque, Dict, List, Optional, Protocol, Sequence
 import torch
 
 from athome.dht.schemas import Accusation
+from athome.numerics import all_finite
 
 logger = logging.getLogger(__name__)
 
@@ -127,7 +128,7 @@ class ReplicaCrossCheck:
         stacked = torch.stack([answers[p].detach().double().reshape(-1) for p in peers])
         median = stacked.median(dim=0).values if len(peers) > 2 else stacked.mean(dim=0)
         scale = float(median.norm()) + 1e-12
-        distances = {p: float((stacked[i] - median).norm()) / scale if torch.isfinite(stacked[i]).all() else math.inf
+        distances = {p: float((stacked[i] - median).norm()) / scale if all_finite(stacked[i]) else math.inf
                      for i, p in enumerate(peers)}
         if len(peers) < self.min_replicas:
             return CrossCheckVerdict(distances, [], False)

@@ -32,6 +32,7 @@ import torch
 
 from athome.config import RunConfig
 from athome.dht.schemas import MAX_ACCUSATIONS, Accusation, AccusationRecord, CommitmentRecord, StepCommitment
+from athome.numerics import all_finite
 from athome.trainer.data import Corpus, batch_seed
 from athome.verification.board import Board
 from athome.verification.calibration import Tolerances, numerics_platform, tolerances_for
@@ -197,7 +198,7 @@ class StepChecker:
                     return verdict("fail", "params", f"parameters are {steps:.1f} optimizer steps away from the "
                                                      f"quorum's at epoch {c.epoch} (max {self.params_max_steps})",
                                    **figures)
-        if any(not torch.isfinite(g).all() for g in proof.grads):
+        if not all(map(all_finite, proof.grads)):
             return verdict("fail", "gradient", "the contribution contains NaN/Inf", grad=math.inf, **figures)
 
         old_threads = torch.get_num_threads()
