@@ -308,7 +308,8 @@ def test_all_finite_sees_every_non_finite_element(device):
     for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
         for shape in ((40, 50), (7,), (100003,)):  # vectorised bodies and scalar tails of the reductions
             values = torch.randn(shape).to(device=device, dtype=dtype)
-            large = torch.full((100,), 6e4 if dtype == torch.float16 else 3e38).to(device=device, dtype=dtype)  # finite; squares overflow
+            # finite, but their squares overflow
+            large = torch.full((100,), 6e4 if dtype == torch.float16 else 3e38).to(device=device, dtype=dtype)
             assert all_finite(values) and all_finite(values.T) and all_finite(large) and all_finite(values[:0])
             assert finite_flag(values).device == values.device and bool(finite_flag(values))
             flat = values.reshape(-1)
