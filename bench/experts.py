@@ -78,11 +78,12 @@ def main() -> None:
     if cuda:
         for label, precision, offload in MODES:  # cuBLAS workspaces: once per process, not per expert
             build(label, precision, offload)
-        gc.collect()
     backends, memory, peak = {}, {}, {}
     for label, precision, offload in MODES:
         if cuda:
-            # experts built earlier stay resident but idle: what this one adds is its own
+            # experts built earlier stay resident but idle: what this one adds is its own (a backend is freed by
+            # the garbage collector, not when dropped: collect now, not while measuring)
+            gc.collect()
             sync()
             base = torch.cuda.memory_allocated(device)
             torch.cuda.reset_peak_memory_stats(device)
