@@ -7,7 +7,7 @@ from typing import Callable, List
 
 # The suite's exact-match assertions are CPU fp32 numerics, and its peers pick CUDA when they see it: on a GPU machine
 # it hides the GPU from itself and every peer it starts (torch reads this at its first CUDA call). The CUDA tests
-# (tests/test_cuda.py) need it visible: ATHOME_TEST_CUDA=1 python -m pytest -q tests/test_cuda.py
+# (tests/test_cuda.py, the [cuda] cases elsewhere) need it visible: ATHOME_TEST_CUDA=1 python -m pytest -q tests -k cuda
 if os.environ.get("ATHOME_TEST_CUDA") != "1":
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
 

@@ -53,6 +53,8 @@ AVERAGER_KWARGS = dict(
     min_chunk_timeout=2.0,
 )
 STEP_TIMEOUT = 30.0
+# tensors on the CPU, and on a GPU where one is visible (ATHOME_TEST_CUDA=1, see conftest.py)
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU"))]
 
 
 # ---- codecs (no network) ----------------------------------------------------------------------------------------
@@ -300,8 +302,7 @@ def test_reducer_refuses_a_second_stream_of_the_same_sender(method):
     assert all(torch.allclose(result, expected[0][0], atol=1e-6) for result in part_one)
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA GPU (ATHOME_TEST_CUDA=1)"))])
+@pytest.mark.parametrize("device", DEVICES)
 def test_all_finite_sees_every_non_finite_element(device):
     from athome.numerics import all_finite, finite_flag
 
@@ -998,9 +999,10 @@ def test_replicas_that_start_out_of_phase_still_look_for_groups_together():
 
 
 @pytest.mark.timeout(120)
-def test_expert_replica_averager_averages_in_background_without_blocking(dhts):
+@pytest.mark.parametrize("device", DEVICES)
+def test_expert_replica_averager_averages_in_background_without_blocking(dhts, device):
     torch.manual_seed(16)
-    experts = [torch.nn.Linear(8, 8) for _ in range(2)]
+    experts = [torch.nn.Linear(8, 8).to(device) for _ in range(2)]
     mean_weight = (experts[0].weight + experts[1].weight).detach() / 2
     locks = [threading.Lock() for _ in range(2)]
     reports = []
@@ -1052,10 +1054,11 @@ def test_lone_replica_skips_rounds_instead_of_failing_matchmaking(dhts):
 
 
 @pytest.mark.timeout(120)
-def test_gradient_averager_averages_grads_and_plugs_into_hivemind_optimizer(dhts):
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradient_averager_averages_grads_and_plugs_into_hivemind_optimizer(dhts, device):
     torch.manual_seed(17)
     prefix = f"grads_{uuid.uuid4().hex[:8]}"
-    models = [torch.nn.Linear(4, 3) for _ in range(2)]
+    models = [torch.nn.Linear(4, 3).to(device) for _ in range(2)]
     averagers = [
         RobustGradientAverager(
             model.parameters(), dht=dht, prefix=prefix,
@@ -1067,8 +1070,8 @@ def test_gradient_averager_averages_grads_and_plugs_into_hivemind_optimizer(dhts
         grads = []
         for model, averager in zip(models, averagers):
             model.zero_grad()
-            model(torch.randn(8, 4)).pow(2).mean().backward()
-            grads.append([p.grad.clone() for p in model.parameters()])
+            model(torch.randn(8, 4, device=device)).pow(2).mean().backward()
+            grads.append([p.grad.cpu() for p in model.parameters()])
             averager.accumulate_grads_(batch_size=8)
         results = _step_all(averagers)
         assert all(isinstance(r, dict) for r in results), results
@@ -1082,7 +1085,7 @@ def test_gradient_averager_averages_grads_and_plugs_into_hivemind_optimizer(dhts
             averager.shutdown()
 
     # hivemind.Optimizer builds its gradient averager through the factory (a single peer: construction only)
-    model = torch.nn.Linear(4, 1)
+    model = torch.nn.Linear(4, 1).to(device)
     optimizer = hivemind.Optimizer(
         dht=dhts[0], run_id=f"test_{uuid.uuid4().hex[:8]}", target_batch_size=16, batch_size_per_step=4,
         params=model.parameters(), optimizer=functools.partial(torch.optim.SGD, lr=0.1), matchmaking_time=2.0,

@@ -1,7 +1,7 @@
 """CUDA paths: the expert backend's fp16/bf16 compute, its pinned-memory offload and copy stream, a real host
 serving experts from the GPU, and a whole demo swarm (hosts and trainer) on the GPU.
 
-Skipped without a CUDA device. On a GPU machine: ``ATHOME_TEST_CUDA=1 python -m pytest -q tests/test_cuda.py`` (the
+Skipped without a CUDA device. On a GPU machine: ``ATHOME_TEST_CUDA=1 python -m pytest -q tests -k cuda`` (the
 rest of the suite hides GPUs from itself, see conftest.py). Tolerances are those of tests/test_backend.py (relative
 L2 error against a CPU fp32 backend fed the same data): one call fp16 <= 2e-3, bf16 <= 2e-2; the weight change
 after 20 AdamW steps fp16 <= 2e-2, bf16 <= 1e-1.
