@@ -49,6 +49,11 @@ def uid_seed(uid: str) -> int:
     return int.from_bytes(digest, "big") & (2**63 - 1)
 
 
+def expert_parameter_count(model: ModelConfig) -> int:
+    """Parameters of one :class:`Expert` of ``model``: two weight matrices and their biases."""
+    return 2 * model.d_model * model.expert_hidden + model.d_model + model.expert_hidden
+
+
 def build_expert(model: ModelConfig, uid: str) -> Expert:
     """Build the expert ``uid`` with an init seeded by the uid alone (bitwise reproducible on any host)."""
     expert = Expert(model.d_model, model.expert_hidden)

@@ -12,6 +12,7 @@ from collections import Counter
 from typing import Iterable, Mapping, Optional, Tuple
 
 from athome.config import ModelConfig
+from athome.model.expert import expert_parameter_count
 
 logger = logging.getLogger(__name__)
 _RANGE = re.compile(r"\[(\d+):(\d+)\]")
@@ -101,7 +102,7 @@ def expert_memory_bytes(model: ModelConfig, precision: str, offload: bool, accum
     """Device bytes one expert keeps between requests: its weights (the fp16/bf16 working copy with ``offload``),
     AdamW's two fp32 moments unless offloaded, and fp32 gradients while they accumulate over ``accumulation > 1``
     calls. Measured on an H100 (tests/test_cuda.py): 12 bytes per parameter in fp32, 2 with fp16 + offload."""
-    params = 2 * model.d_model * model.expert_hidden + model.d_model + model.expert_hidden
+    params = expert_parameter_count(model)
     if offload:
         return params * (2 if precision in ("fp16", "bf16") else 4)
     return params * (4 + 8 + (4 if accumulation > 1 else 0))
@@ -110,7 +111,7 @@ def expert_memory_bytes(model: ModelConfig, precision: str, offload: bool, accum
 def request_memory_bytes(model: ModelConfig, max_batch_size: int) -> int:
     """Device bytes of the request in flight: a host computes one request at a time, whatever its number of
     experts, so this is needed once: activations and their gradients, and one expert's parameter gradients."""
-    params = 2 * model.d_model * model.expert_hidden + model.d_model + model.expert_hidden
+    params = expert_parameter_count(model)
     activations = max_batch_size * (model.d_model * 2 + model.expert_hidden * 2) * 4
     return 2 * activations + 4 * params
 
