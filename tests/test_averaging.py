@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 from hivemind.averaging.control import AveragingStage
+from hivemind.averaging.matchmaking import MatchmakingException
 from hivemind.averaging.partition import BannedException
 from hivemind.compression import CompressionInfo, Uniform8BitQuantization
 from hivemind.compression import serialization as hivemind_serialization
@@ -913,7 +914,6 @@ def test_parts_shrink_on_slow_links_and_stay_configured_until_measured():
 def test_the_group_takes_the_smallest_part_proposal_and_refuses_tiny_ones():
     from types import SimpleNamespace
 
-    from hivemind.averaging.matchmaking import MatchmakingException
 
     from athome.averaging.averager import RobustAveragingMixin
 
@@ -1316,21 +1316,25 @@ def test_member_that_gave_up_matchmaking_refuses_a_group_it_never_joined_at_once
     assert outcome == averaging_pb2.CANCELLED and outcome_seconds < 2.0, (outcome, outcome_seconds)
 
 
-@pytest.mark.timeout(120)
-def test_swarm_optimizer_gives_averager_opts_to_both_averagers(dhts):
-    """hivemind 1.1.12 passes ``averager_opts`` to the state averager only; the gradient averager then matched for 3 s
-    with a 3 s request timeout, which hivemind warns can deadlock matchmaking."""
+def _lone_swarm_optimizer(dht, run_id: str, **kwargs):
     from functools import partial
 
     from athome.trainer.train import SwarmOptimizer
 
     model = torch.nn.Linear(4, 1, bias=False)
-    optimizer = SwarmOptimizer(
-        robust_opts={}, dht=dhts[0], run_id="averager_opts_test", params=model.parameters(),
+    return SwarmOptimizer(
+        robust_opts={}, dht=dht, run_id=run_id, params=model.parameters(),
         optimizer=partial(torch.optim.SGD, lr=0.1), target_batch_size=8, batch_size_per_step=4,
         matchmaking_time=3.0, averager_opts=dict(request_timeout=1.0), grad_averager_factory=RobustGradientAverager,
-        verbose=False,
+        verbose=False, **kwargs,
     )
+
+
+@pytest.mark.timeout(120)
+def test_swarm_optimizer_gives_averager_opts_to_both_averagers(dhts):
+    """hivemind 1.1.12 passes ``averager_opts`` to the state averager only; the gradient averager then matched for 3 s
+    with a 3 s request timeout, which hivemind warns can deadlock matchmaking."""
+    optimizer = _lone_swarm_optimizer(dhts[0], "averager_opts_test")
     try:
         for averager in (optimizer.state_averager, optimizer.grad_averager):
             assert isinstance(averager, (RobustGradientAverager, athome_averager_module.RobustTrainingStateAverager))
@@ -1338,6 +1342,58 @@ def test_swarm_optimizer_gives_averager_opts_to_both_averagers(dhts):
             assert averager.matchmaking_kwargs["min_matchmaking_time"] == 3.0
     finally:
         optimizer.shutdown()
+
+
+@pytest.mark.timeout(120)
+def test_round_starts_once_the_expected_peers_joined(make_averagers):
+    """Without a group size, a hivemind leader waits out ``min_matchmaking_time`` whoever has joined; told how many
+    peers to expect (as SwarmOptimizer tells it the trainers its progress tracker sees), it starts at once."""
+    matchmaking_time = 25.0
+    averagers = make_averagers(_random_sets(3, seed=43), min_matchmaking_time=matchmaking_time)
+    for averager in averagers:
+        averager.expect_group_size(3)
+    started = time.monotonic()
+    results = _step_all(averagers, timeout=2 * matchmaking_time + 30)
+    elapsed = time.monotonic() - started
+    assert all(isinstance(r, dict) and len(r) == 3 for r in results), results
+    assert elapsed < matchmaking_time / 2, elapsed
+
+
+@pytest.mark.timeout(120)
+def test_leaving_matchmaking_ends_searches_now_and_later(make_averagers):
+    """A peer about to shut down leaves matchmaking: a step still looking for a group fails at once (hivemind would
+    look until the step's deadline), and so does every later one."""
+    (alone,) = make_averagers(_random_sets(1, seed=44))
+    control = alone.step(wait=False, timeout=90)
+    time.sleep(1.0)
+    assert control.stage == AveragingStage.LOOKING_FOR_GROUP
+    alone.leave_matchmaking()
+    with pytest.raises(MatchmakingException, match="left matchmaking"):
+        control.result(timeout=10)
+    started = time.monotonic()
+    with pytest.raises(MatchmakingException, match="left matchmaking"):
+        alone.step(timeout=90)
+    assert time.monotonic() - started < 10
+
+
+@pytest.mark.timeout(120)
+def test_swarm_optimizer_neither_steps_nor_shuts_down_waiting_for_rounds_that_cannot_happen(dhts):
+    """hivemind.Optimizer calls its state averager's step on every step, mostly to apply finished background work:
+    that must not wait for a round report (it cost every trainer step up to 2 s). At shutdown, a background round
+    still looking for peers ends at once, instead of looking until ``averaging_timeout``."""
+    optimizer = _lone_swarm_optimizer(dhts[0], "no_wait_test", averaging_timeout=90.0)
+    try:
+        started = time.monotonic()
+        for _ in range(3):
+            optimizer.state_averager.step(apply_delayed_updates=True)
+        assert time.monotonic() - started < 1.0
+        # a background parameter round, alone: nobody will ever join it
+        optimizer.state_averager.step(averaging_round=True, delay_averaging=True, averaging_opts=dict(timeout=90.0))
+        time.sleep(1.0)
+    finally:
+        started = time.monotonic()
+        optimizer.shutdown()
+    assert time.monotonic() - started < 15
 
 
 def test_hivemind_step_failures_reach_the_console_once():

@@ -276,10 +276,28 @@ class RobustMatchmaking(Matchmaking):
     leader, the averager refuses banned followers in ``rpc_join_group``.) ``banned_peers``: base58 peer IDs.
 
     It also remembers the groups it was assembled into (``joined_groups``, the latest ``JOINED_GROUPS_KEPT``), so that
-    the averager can tell a round it may still run from one it never will (:meth:`RobustAveragingMixin._never_runs`)."""
+    the averager can tell a round it may still run from one it never will (:meth:`RobustAveragingMixin._never_runs`),
+    and, once ``leaving`` (see :meth:`RobustAveragingMixin.leave_matchmaking`), cancels every step that looks for a
+    group (``searching``: the steps in :meth:`look_for_group` now)."""
 
     banned_peers: set
     joined_groups: Deque[bytes]
+    searching: Dict[StepControl, asyncio.Task]
+    leaving: bool = False
+    expected_group_size: Any  # a shared ctypes int (see RobustAveragingMixin.expect_group_size); 0: unknown
+
+    @property
+    def target_group_size(self) -> Optional[int]:
+        """hivemind's group size limit: a leader assembles its group the moment it holds this many peers, and refuses
+        more. Without a configured limit, the peers its owner expects in a round (at least 2) stand in for one, so
+        that a round starts once every expected peer has joined instead of after ``min_matchmaking_time``."""
+        configured = self.__dict__["target_group_size"]
+        expected = self.expected_group_size.value if "expected_group_size" in self.__dict__ else 0
+        return expected if configured is None and expected >= 2 else configured
+
+    @target_group_size.setter
+    def target_group_size(self, value: Optional[int]) -> None:
+        self.__dict__["target_group_size"] = value
 
     async def _request_join_group(self, leader: PeerID) -> Optional[GroupInfo]:
         if str(leader) in self.banned_peers:
@@ -288,10 +306,31 @@ class RobustMatchmaking(Matchmaking):
         return await super()._request_join_group(leader)
 
     async def look_for_group(self, step: StepControl) -> Optional[GroupInfo]:
-        group_info = await super().look_for_group(step)
+        if self.leaving:
+            self._end(step)
+            raise MatchmakingException("this peer is leaving")
+        self.searching[step] = asyncio.current_task()
+        try:
+            group_info = await super().look_for_group(step)
+        finally:
+            self.searching.pop(step, None)
         if group_info is not None:
             self.joined_groups.append(group_info.group_id)
         return group_info
+
+    def leave(self) -> None:
+        self.leaving = True
+        for step, task in list(self.searching.items()):
+            self._end(step)
+            task.cancel()
+
+    @staticmethod
+    def _end(step: StepControl) -> None:
+        """Fail ``step`` for its owner. hivemind's step loop ends a finished step; one that failed to find a group is
+        retried until its deadline. (Not ``step.cancel()``: from this process, hivemind 1.1.12's StepControl.cancel
+        leaves the owner's copy pending, see RobustAveragingMixin.leave_matchmaking.)"""
+        if not step.done():
+            step.set_exception(MatchmakingException("this peer left matchmaking (it is shutting down)"))
 
 
 class RobustAveragingMixin:
@@ -381,6 +420,7 @@ class RobustAveragingMixin:
         self._output_buffers = OutputBufferPool(sets=self._round_outcomes.max_rounds)
         self._reducer_workspace: dict = {}  # CenteredClip's scratch buffers, kept from round to round
         self._banned_peers: set = set()  # peer IDs (base58) banned by the run's coordinator: see ban_peers()
+        self._expected_group_size = mp.Value(ctypes.c_int32, 0, lock=False)  # shared with the averager process
 
         super().__init__(*args, compression=codec, start=False, **kwargs)
 
@@ -441,6 +481,25 @@ class RobustAveragingMixin:
         if self.is_alive():  # before start, the averager process inherits the set
             self._outer_pipe.send(("_ban_peers", [], dict(peer_ids=sorted(new))))
 
+    def expect_group_size(self, size: Optional[int]) -> None:
+        """Tell matchmaking how many peers a round should hold (e.g. the trainers a progress tracker sees): as a leader,
+        this peer starts the all-reduce as soon as that many have joined its group, instead of waiting out
+        ``min_matchmaking_time``, and refuses further peers (who then form a group of their own); ``None`` or fewer
+        than 2: wait the full time again. Applies only where ``target_group_size`` was not set, from the next
+        join on; a stale count costs time (too high: the full wait, as without it) or a split round (too low)."""
+        self._expected_group_size.value = size if size is not None and size >= 2 else 0
+
+    def leave_matchmaking(self) -> None:
+        """Join no more groups, for a peer about to shut down: rounds still looking for a group end now (cancelled), and
+        so does any later one, or a retry after a failed round; rounds whose group has formed run on, so that its
+        members get this peer's parts. (hivemind waits such searches out, up to their timeout, when shutting down:
+        30 s for the trainer that finishes last in ``peer demo``, its background round looking for peers that left.)
+        The steps end with a MatchmakingException for their owner: hivemind's StepControl.cancel, called in the
+        averager process, leaves the owner's copy pending and then raises in the owner's shutdown.
+        Call from the thread that calls ``step``."""
+        if self.is_alive():
+            self._outer_pipe.send(("_leave_matchmaking", [], {}))
+
     async def _ban_peers(self, peer_ids: Sequence[str]) -> None:
         self._banned_peers.update(peer_ids)
 
@@ -491,10 +550,7 @@ class RobustAveragingMixin:
         its group (:meth:`~athome.averaging.timeouts.AdaptiveTimeouts.part_bytes`: the configured ``part_size_bytes``
         until a round has measured this peer's throughput, then less on slow links), and matchmaking that never
         follows a banned leader (:class:`RobustMatchmaking`)."""
-        if type(self._matchmaking) is Matchmaking:  # hivemind's _run_internal builds it and offers no factory
-            self._matchmaking.__class__ = RobustMatchmaking
-            self._matchmaking.banned_peers = self._banned_peers  # the same set: later bans apply at once
-            self._matchmaking.joined_groups = deque(maxlen=JOINED_GROUPS_KEPT)
+        self._robust_matchmaking()
         bandwidth, mode, user_bytes = self.serializer.loads(step.data_for_gather)
         proposal = self._adaptive_timeouts.part_bytes(self._part_size_bytes)
         wrapped = self.serializer.dumps([PART_PROPOSAL, proposal, user_bytes])
@@ -508,6 +564,20 @@ class RobustAveragingMixin:
             # never come, until the leader's own timeouts (~20 s in a demo). With no step looking, they are told now
             if not self._matchmaking.is_looking_for_group:
                 self._pending_groups_registered.set()
+
+    def _robust_matchmaking(self) -> RobustMatchmaking:
+        """This process's matchmaking as a :class:`RobustMatchmaking` (hivemind's ``_run_internal`` builds a plain one
+        and offers no factory: it is converted on first use)."""
+        if type(self._matchmaking) is Matchmaking:
+            self._matchmaking.__class__ = RobustMatchmaking
+            self._matchmaking.banned_peers = self._banned_peers  # the same set: later bans apply at once
+            self._matchmaking.joined_groups = deque(maxlen=JOINED_GROUPS_KEPT)
+            self._matchmaking.searching = {}
+            self._matchmaking.expected_group_size = self._expected_group_size
+        return self._matchmaking
+
+    async def _leave_matchmaking(self) -> None:
+        self._robust_matchmaking().leave()
 
     def _split_gathered(self, raw: bytes) -> Tuple[Optional[int], Any]:
         """A member's gathered user data: (its part size proposal or None, the data its user passed to ``step``)."""
@@ -1040,6 +1110,12 @@ class RobustTrainingStateAverager(RobustAveragingMixin, TrainingStateAverager):
                              f"{download_bound}")
         self.download_sources, self.download_bound = download_sources, download_bound
         super().__init__(*args, **kwargs)
+
+    def step(self, *args, **kwargs):
+        """hivemind's ``TrainingStateAverager.step``, which has no ``wait``: its rounds report (``last_round``,
+        ``on_round``) whenever they end. (The averager step's wait for a report would hold every optimizer step,
+        most of which run no round, for up to 2 s.)"""
+        return TrainingStateAverager.step(self, *args, **kwargs)
 
     async def _load_state_from_peers(self, future: MPFuture, timeout: Optional[float] = None) -> None:
         """Averager-process side of ``load_state_from_peers``: resolves ``future`` with the combined (metadata,
