@@ -1377,6 +1377,33 @@ def test_leaving_matchmaking_ends_searches_now_and_later(make_averagers):
 
 
 @pytest.mark.timeout(120)
+def test_banned_trainers_leave_the_swarm_progress(dhts):
+    """A banned trainer that keeps reporting progress counts neither as a trainer (rounds would wait for it), nor
+    toward the epoch's samples, nor for the swarm's epoch."""
+    from hivemind.utils.timed_storage import ValueWithExpiration
+
+    optimizer = _lone_swarm_optimizer(dhts[0], "banned_progress_test")
+    honest, banned = dhts[1].peer_id, dhts[2].peer_id
+
+    def report(peer, epoch, samples):
+        now = get_dht_time()
+        value = dict(peer_id=peer.to_bytes(), epoch=epoch, samples_accumulated=samples, samples_per_second=1.0,
+                     time=now, client_mode=False)
+        return ValueWithExpiration(value, now + 60)
+
+    reports = {b"honest": report(honest, 0, 3), b"banned": report(banned, 1000, 5000)}
+    try:
+        before = optimizer.tracker._parse_swarm_progress_data(reports)
+        assert (before.num_peers, before.epoch) == (2, 1000)
+        optimizer.ban_peers([banned.to_base58()])
+        after = optimizer.tracker._parse_swarm_progress_data(reports)
+        assert (after.num_peers, after.epoch, after.samples_accumulated) == (1, 0, 3)
+        assert banned.to_base58() in optimizer.grad_averager.banned_peers
+    finally:
+        optimizer.shutdown()
+
+
+@pytest.mark.timeout(120)
 def test_swarm_optimizer_neither_steps_nor_shuts_down_waiting_for_rounds_that_cannot_happen(dhts):
     """hivemind.Optimizer calls its state averager's step on every step, mostly to apply finished background work:
     that must not wait for a round report (it cost every trainer step up to 2 s). At shutdown, a background round

@@ -504,6 +504,11 @@ class RobustAveragingMixin:
         self._banned_peers.update(peer_ids)
 
     @property
+    def banned_peers(self) -> frozenset:
+        """Base58 IDs of the peers :meth:`ban_peers` banned."""
+        return frozenset(self._banned_peers)
+
+    @property
     def last_round(self) -> Optional[RoundReport]:
         """The latest :class:`RoundReport` received from the averager process (None before the first round)."""
         return self._round_log.latest()

@@ -29,6 +29,8 @@ from typing import Optional
 import hivemind
 import torch
 from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
+from hivemind.optim.progress_tracker import ProgressTracker
+from hivemind.p2p import PeerID
 from hivemind.proto import runtime_pb2
 
 from athome.averaging import RobustGradientAverager, RobustTrainingStateAverager, get_codec
@@ -61,6 +63,32 @@ WIRE_COMPRESSION = dict(none=runtime_pb2.CompressionType.NONE, fp16=runtime_pb2.
 MIN_ANSWERED_FRACTION = 0.5  # below this share of (token, expert) slots answered, a step is retried, not applied
 
 
+class RobustProgressTracker(ProgressTracker):
+    """hivemind's ``ProgressTracker`` that leaves out the progress reports of banned peers: they no longer count as
+    trainers (so rounds do not wait for them), toward the epoch's samples, or for the swarm's epoch. (A banned
+    trainer that keeps running goes on reporting: in ``peer demo --attack sign_flip`` every later epoch waited the
+    full matchmaking time for it.) The reports name their peer themselves (hivemind does not tie them to the
+    writer's libp2p identity), so this holds against honest-but-banned peers, not forgers."""
+
+    banned_peers: frozenset = frozenset()  # base58 peer IDs; replaced whole by the training thread (no locking)
+
+    def _parse_swarm_progress_data(self, metadata):
+        banned = self.banned_peers
+        if banned and isinstance(metadata, dict):
+            metadata = {subkey: entry for subkey, entry in metadata.items() if _reporter(entry) not in banned}
+        return super()._parse_swarm_progress_data(metadata)
+
+
+def _reporter(entry) -> Optional[str]:
+    """The peer a progress report names, as base58 (None if it names none)."""
+    value = getattr(entry, "value", None)
+    peer_id = value.get("peer_id") if isinstance(value, dict) else None
+    try:
+        return PeerID(peer_id).to_base58() if isinstance(peer_id, bytes) else None
+    except Exception:  # noqa: B902 - not a peer ID: hivemind's own schema check deals with it
+        return None
+
+
 class SwarmOptimizer(hivemind.Optimizer):
     """``hivemind.Optimizer`` whose every-epoch parameter averaging is robust too (:class:`RobustTrainingStateAverager`:
     CenteredClip, bans, admission). ``robust_opts`` are its reducer settings (as for the gradient averager).
@@ -71,6 +99,19 @@ class SwarmOptimizer(hivemind.Optimizer):
         self._robust_opts = robust_opts
         self._averager_opts = dict(kwargs.get("averager_opts") or {})
         super().__init__(*args, **kwargs)
+
+    def _make_progress_tracker(self, target_batch_size: int, **kwargs) -> RobustProgressTracker:
+        return RobustProgressTracker(  # hivemind's own arguments (hivemind/optim/optimizer.py)
+            dht=self.dht, prefix=self.run_id, target_batch_size=target_batch_size, client_mode=self.client_mode,
+            status_loglevel=self.status_loglevel, start=True, **kwargs,
+        )
+
+    def ban_peers(self, peer_ids) -> None:
+        """Leave these peers (base58 IDs) out of every later round (both averagers) and out of the progress count."""
+        for averager in (self.grad_averager, self.state_averager):
+            if averager is not None:
+                averager.ban_peers(peer_ids)
+        self.tracker.banned_peers = self.tracker.banned_peers | {str(peer) for peer in peer_ids}
 
     def step(self, *args, **kwargs):
         """hivemind's step; first, every trainer the progress tracker sees is expected in the next rounds, so that
@@ -288,9 +329,7 @@ class Trainer:
         while not self._averager_bans.empty():
             banned.append(self._averager_bans.get())
         if banned:
-            for averager in (self.optimizer.grad_averager, self.optimizer.state_averager):
-                if averager is not None:
-                    averager.ban_peers(banned)
+            self.optimizer.ban_peers(banned)
 
     def publish_metrics(self) -> None:
         if self.loss_ewma is None:
