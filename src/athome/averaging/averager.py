@@ -482,7 +482,8 @@ class RobustAveragingMixin:
             self._outer_pipe.send(("_ban_peers", [], dict(peer_ids=sorted(new))))
 
     def expect_group_size(self, size: Optional[int]) -> None:
-        """Tell matchmaking how many peers a round should hold (e.g. the trainers a progress tracker sees): as a leader,
+        """Tell matchmaking how many peers a round should hold (e.g. the trainers a progress tracker has counted for a
+        while): as a leader,
         this peer starts the all-reduce as soon as that many have joined its group, instead of waiting out
         ``min_matchmaking_time``, and refuses further peers (who then form a group of their own); ``None`` or fewer
         than 2: wait the full time again. Applies only where ``target_group_size`` was not set, from the next

@@ -71,12 +71,22 @@ class RobustProgressTracker(ProgressTracker):
     writer's libp2p identity), so this holds against honest-but-banned peers, not forgers."""
 
     banned_peers: frozenset = frozenset()  # base58 peer IDs; replaced whole by the training thread (no locking)
+    _counted: Optional[int] = None  # num_peers of the latest fetch, and since when fetches have agreed on it
+    _counted_since: float = 0.0
 
     def _parse_swarm_progress_data(self, metadata):
         banned = self.banned_peers
         if banned and isinstance(metadata, dict):
             metadata = {subkey: entry for subkey, entry in metadata.items() if _reporter(entry) not in banned}
-        return super()._parse_swarm_progress_data(metadata)
+        progress = super()._parse_swarm_progress_data(metadata)
+        if progress.num_peers != self._counted:
+            self._counted, self._counted_since = progress.num_peers, time.monotonic()
+        return progress
+
+    def steady_num_peers(self, for_seconds: float) -> Optional[int]:
+        """The number of reporting peers, if every fetch in the last ``for_seconds`` counted the same (else None)."""
+        counted, since = self._counted, self._counted_since
+        return counted if counted is not None and time.monotonic() - since >= for_seconds else None
 
 
 def _reporter(entry) -> Optional[str]:
@@ -116,8 +126,10 @@ class SwarmOptimizer(hivemind.Optimizer):
     def step(self, *args, **kwargs):
         """hivemind's step; first, every trainer the progress tracker sees is expected in the next rounds, so that
         they start once all have joined rather than after ``matchmaking_time`` (hivemind waits it out in full when no
-        group size is set: in ``peer demo``, 3-4 s of every 5-6 s epoch)."""
-        expected = self.tracker.global_progress.num_peers
+        group size is set: in ``peer demo``, 3-4 s of every 5-6 s epoch). Only a count that held for
+        ``matchmaking_time``: one that missed a peer just seen (at start, say) split rounds into smaller groups, and
+        a group of two cannot out-vote an attacker. While the count changes, hivemind's full wait gathers everyone."""
+        expected = self.tracker.steady_num_peers(for_seconds=self.matchmaking_time)
         for averager in (self.grad_averager, self.state_averager):
             if averager is not None:
                 averager.expect_group_size(expected)
