@@ -1360,6 +1360,24 @@ def test_round_starts_once_the_expected_peers_joined(make_averagers):
 
 
 @pytest.mark.timeout(120)
+def test_pairs_fail_at_once_while_three_peers_are_seen(make_averagers):
+    """In a group of two, CenteredClip is the plain mean: an attacker's pair partner would take half its values.
+    While a third peer is seen, a pair's step fails at once (no retries until the deadline); with two seen, the pair
+    averages."""
+    averagers = make_averagers(_random_sets(2, seed=45))
+    for averager in averagers:
+        averager.refuse_pairs_while_seeing(3)
+    started = time.monotonic()
+    results = _step_all(averagers, timeout=60)
+    assert all(isinstance(r, MatchmakingException) and "group of 2" in str(r) for r in results), results
+    assert time.monotonic() - started < 20
+    for averager in averagers:
+        averager.refuse_pairs_while_seeing(2)
+    results = _step_all(averagers)
+    assert all(isinstance(r, dict) and len(r) == 2 for r in results), results
+
+
+@pytest.mark.timeout(120)
 def test_leaving_matchmaking_ends_searches_now_and_later(make_averagers):
     """A peer about to shut down leaves matchmaking: a step still looking for a group fails at once (hivemind would
     look until the step's deadline), and so does every later one."""

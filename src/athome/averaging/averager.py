@@ -100,6 +100,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_PART_VALUES = 2**19  # values per streamed part by default (2 MiB of fp32); half as many for coded parts
 PART_PROPOSAL = "athome.part_bytes"  # marks gathered data that carries a member's part size proposal
 MAX_PARTS = 4096  # parts per vector a group may agree on (10M fp32 in 128 KiB parts: 306)
+ROBUST_GROUP_SIZE = 3  # the smallest group in which CenteredClip can out-vote one attacker
 JOINED_GROUPS_KEPT = 16  # group IDs a matchmaking remembers joining (rounds of steps in flight at once: a few)
 
 RoundStatus = Literal["ok", "partial", "timeout", "failed", "cancelled"]
@@ -278,12 +279,15 @@ class RobustMatchmaking(Matchmaking):
     It also remembers the groups it was assembled into (``joined_groups``, the latest ``JOINED_GROUPS_KEPT``), so that
     the averager can tell a round it may still run from one it never will (:meth:`RobustAveragingMixin._never_runs`),
     and, once ``leaving`` (see :meth:`RobustAveragingMixin.leave_matchmaking`), cancels every step that looks for a
-    group (``searching``: the steps in :meth:`look_for_group` now)."""
+    group (``searching``: the steps in :meth:`look_for_group` now). A step assembled into a pair while
+    ``ROBUST_GROUP_SIZE`` or more peers are seen fails at once (see
+    :meth:`RobustAveragingMixin.refuse_pairs_while_seeing`)."""
 
     banned_peers: set
     joined_groups: Deque[bytes]
     searching: Dict[StepControl, asyncio.Task]
     leaving: bool = False
+    peers_seen: Any  # a shared ctypes int (see RobustAveragingMixin.refuse_pairs_while_seeing)
     expected_group_size: Any  # a shared ctypes int (see RobustAveragingMixin.expect_group_size); 0: unknown
 
     @property
@@ -307,13 +311,18 @@ class RobustMatchmaking(Matchmaking):
 
     async def look_for_group(self, step: StepControl) -> Optional[GroupInfo]:
         if self.leaving:
-            self._end(step)
+            self._end(step, "this peer left matchmaking (it is shutting down)")
             raise MatchmakingException("this peer is leaving")
         self.searching[step] = asyncio.current_task()
         try:
             group_info = await super().look_for_group(step)
         finally:
             self.searching.pop(step, None)
+        if group_info is not None and len(group_info.peer_ids) < ROBUST_GROUP_SIZE <= self.peers_seen.value:
+            message = (f"not averaging in a group of {len(group_info.peer_ids)} while {self.peers_seen.value} peers "
+                       f"are seen: CenteredClip cannot out-vote an attacker in it")
+            self._end(step, message)  # at once: retried, the pair would meet again until the step's deadline
+            raise MatchmakingException(message)
         if group_info is not None:
             self.joined_groups.append(group_info.group_id)
         return group_info
@@ -321,16 +330,16 @@ class RobustMatchmaking(Matchmaking):
     def leave(self) -> None:
         self.leaving = True
         for step, task in list(self.searching.items()):
-            self._end(step)
+            self._end(step, "this peer left matchmaking (it is shutting down)")
             task.cancel()
 
     @staticmethod
-    def _end(step: StepControl) -> None:
+    def _end(step: StepControl, reason: str) -> None:
         """Fail ``step`` for its owner. hivemind's step loop ends a finished step; one that failed to find a group is
         retried until its deadline. (Not ``step.cancel()``: from this process, hivemind 1.1.12's StepControl.cancel
         leaves the owner's copy pending, see RobustAveragingMixin.leave_matchmaking.)"""
         if not step.done():
-            step.set_exception(MatchmakingException("this peer left matchmaking (it is shutting down)"))
+            step.set_exception(MatchmakingException(reason))
 
 
 class RobustAveragingMixin:
@@ -420,7 +429,9 @@ class RobustAveragingMixin:
         self._output_buffers = OutputBufferPool(sets=self._round_outcomes.max_rounds)
         self._reducer_workspace: dict = {}  # CenteredClip's scratch buffers, kept from round to round
         self._banned_peers: set = set()  # peer IDs (base58) banned by the run's coordinator: see ban_peers()
-        self._expected_group_size = mp.Value(ctypes.c_int32, 0, lock=False)  # shared with the averager process
+        # shared with the averager process: see expect_group_size and refuse_pairs_while_seeing
+        self._expected_group_size = mp.Value(ctypes.c_int32, 0, lock=False)
+        self._peers_seen = mp.Value(ctypes.c_int32, 0, lock=False)
 
         super().__init__(*args, compression=codec, start=False, **kwargs)
 
@@ -489,6 +500,13 @@ class RobustAveragingMixin:
         than 2: wait the full time again. Applies only where ``target_group_size`` was not set, from the next
         join on; a stale count costs time (too high: the full wait, as without it) or a split round (too low)."""
         self._expected_group_size.value = size if size is not None and size >= 2 else 0
+
+    def refuse_pairs_while_seeing(self, peers: int) -> None:
+        """With ``peers`` >= ``ROBUST_GROUP_SIZE`` (3) peers around (e.g. the trainers a progress tracker sees), a step
+        assembled into a group of two fails at once instead of averaging: there CenteredClip is the plain mean, and
+        one of the two may be an attacker. For rounds that may be skipped (parameter averaging), not for those every
+        step waits on: a seen peer that keeps out of the rounds would leave pairs with no round at all."""
+        self._peers_seen.value = peers
 
     def leave_matchmaking(self) -> None:
         """Join no more groups, for a peer about to shut down: rounds still looking for a group end now (cancelled), and
@@ -580,6 +598,7 @@ class RobustAveragingMixin:
             self._matchmaking.joined_groups = deque(maxlen=JOINED_GROUPS_KEPT)
             self._matchmaking.searching = {}
             self._matchmaking.expected_group_size = self._expected_group_size
+            self._matchmaking.peers_seen = self._peers_seen
         return self._matchmaking
 
     async def _leave_matchmaking(self) -> None:

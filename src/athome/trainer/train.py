@@ -133,6 +133,8 @@ class SwarmOptimizer(hivemind.Optimizer):
         for averager in (self.grad_averager, self.state_averager):
             if averager is not None:
                 averager.expect_group_size(expected)
+        # parameter rounds run in the background and may be skipped; a pair with a x1000 trainer was not robust
+        self.state_averager.refuse_pairs_while_seeing(self.tracker.global_progress.num_peers)
         return super().step(*args, **kwargs)
 
     def shutdown(self) -> None:
