@@ -278,7 +278,7 @@ class RobustMatchmaking(Matchmaking):
 
     It also remembers the groups it was assembled into (``joined_groups``, the latest ``JOINED_GROUPS_KEPT``), so that
     the averager can tell a round it may still run from one it never will (:meth:`RobustAveragingMixin._never_runs`),
-    and, once ``leaving`` (see :meth:`RobustAveragingMixin.leave_matchmaking`), cancels every step that looks for a
+    and, once ``leaving`` (see :meth:`RobustAveragingMixin.leave_matchmaking`), ends every step that looks for a
     group (``searching``: the steps in :meth:`look_for_group` now). A step assembled into a pair while
     ``ROBUST_GROUP_SIZE`` or more peers are seen fails at once (see
     :meth:`RobustAveragingMixin.refuse_pairs_while_seeing`)."""
@@ -494,10 +494,9 @@ class RobustAveragingMixin:
 
     def expect_group_size(self, size: Optional[int]) -> None:
         """Tell matchmaking how many peers a round should hold (e.g. the trainers a progress tracker has counted for a
-        while): as a leader,
-        this peer starts the all-reduce as soon as that many have joined its group, instead of waiting out
-        ``min_matchmaking_time``, and refuses further peers (who then form a group of their own); ``None`` or fewer
-        than 2: wait the full time again. Applies only where ``target_group_size`` was not set, from the next
+        while): as a leader, this peer starts the all-reduce as soon as that many have joined its group, instead of
+        waiting out ``min_matchmaking_time``, and refuses further peers (who then form a group of their own); ``None``
+        or fewer than 2: wait the full time again. Applies only where ``target_group_size`` was not set, from the next
         join on; a stale count costs time (too high: the full wait, as without it) or a split round (too low)."""
         self._expected_group_size.value = size if size is not None and size >= 2 else 0
 
@@ -509,8 +508,8 @@ class RobustAveragingMixin:
         self._peers_seen.value = peers
 
     def leave_matchmaking(self) -> None:
-        """Join no more groups, for a peer about to shut down: rounds still looking for a group end now (cancelled), and
-        so does any later one, or a retry after a failed round; rounds whose group has formed run on, so that its
+        """Join no more groups, for a peer about to shut down: rounds still looking for a group end now, and so does
+        any later one, or a retry after a failed round; rounds whose group has formed run on, so that its
         members get this peer's parts. (hivemind waits such searches out, up to their timeout, when shutting down:
         30 s for the trainer that finishes last in ``peer demo``, its background round looking for peers that left.)
         The steps end with a MatchmakingException for their owner: hivemind's StepControl.cancel, called in the
