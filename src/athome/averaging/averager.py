@@ -101,6 +101,7 @@ DEFAULT_PART_VALUES = 2**19  # values per streamed part by default (2 MiB of fp3
 PART_PROPOSAL = "athome.part_bytes"  # marks gathered data that carries a member's part size proposal
 MAX_PARTS = 4096  # parts per vector a group may agree on (10M fp32 in 128 KiB parts: 306)
 ROBUST_GROUP_SIZE = 3  # the smallest group in which CenteredClip can out-vote one attacker
+LEFT_MATCHMAKING = "this peer left matchmaking (it is shutting down)"  # how its steps end (leave_matchmaking)
 JOINED_GROUPS_KEPT = 16  # group IDs a matchmaking remembers joining (rounds of steps in flight at once: a few)
 
 RoundStatus = Literal["ok", "partial", "timeout", "failed", "cancelled"]
@@ -295,8 +296,7 @@ class RobustMatchmaking(Matchmaking):
         """hivemind's group size limit: a leader assembles its group the moment it holds this many peers, and refuses
         more. Without a configured limit, the peers its owner expects in a round (at least 2) stand in for one, so
         that a round starts once every expected peer has joined instead of after ``min_matchmaking_time``."""
-        configured = self.__dict__["target_group_size"]
-        expected = self.expected_group_size.value if "expected_group_size" in self.__dict__ else 0
+        configured, expected = self.__dict__["target_group_size"], self.expected_group_size.value
         return expected if configured is None and expected >= 2 else configured
 
     @target_group_size.setter
@@ -311,8 +311,8 @@ class RobustMatchmaking(Matchmaking):
 
     async def look_for_group(self, step: StepControl) -> Optional[GroupInfo]:
         if self.leaving:
-            self._end(step, "this peer left matchmaking (it is shutting down)")
-            raise MatchmakingException("this peer is leaving")
+            self._end(step, LEFT_MATCHMAKING)
+            raise MatchmakingException(LEFT_MATCHMAKING)
         self.searching[step] = asyncio.current_task()
         try:
             group_info = await super().look_for_group(step)
@@ -330,7 +330,7 @@ class RobustMatchmaking(Matchmaking):
     def leave(self) -> None:
         self.leaving = True
         for step, task in list(self.searching.items()):
-            self._end(step, "this peer left matchmaking (it is shutting down)")
+            self._end(step, LEFT_MATCHMAKING)
             task.cancel()
 
     @staticmethod
