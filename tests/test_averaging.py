@@ -1395,21 +1395,73 @@ def test_leaving_matchmaking_ends_searches_now_and_later(make_averagers):
 
 
 @pytest.mark.timeout(120)
+def test_expecting_nobody_ends_searches_while_it_lasts(make_averagers):
+    """The survivor of a pair looked for the peer that had left until its step's timeout: once its owner expects no
+    other peer, a search ends within a second, a new step fails at once, and steps look again once peers are
+    expected."""
+    (alone,) = make_averagers(_random_sets(1, seed=46))
+    control = alone.step(wait=False, timeout=90)
+    time.sleep(1.0)
+    assert control.stage == AveragingStage.LOOKING_FOR_GROUP
+    alone.expect_group_size(1)
+    started = time.monotonic()
+    with pytest.raises(MatchmakingException, match="no other peer"):
+        control.result(timeout=10)
+    with pytest.raises(MatchmakingException, match="no other peer"):
+        alone.step(timeout=90)
+    assert time.monotonic() - started < 5
+    alone.expect_group_size(None)
+    control = alone.step(wait=False, timeout=90)
+    time.sleep(1.5)
+    assert control.stage == AveragingStage.LOOKING_FOR_GROUP
+    alone.leave_matchmaking()
+    with pytest.raises(MatchmakingException):
+        control.result(timeout=10)
+
+
+def _progress_report(peer, epoch: int, samples: int):
+    from hivemind.utils.timed_storage import ValueWithExpiration
+
+    now = get_dht_time()
+    value = dict(peer_id=peer.to_bytes(), epoch=epoch, samples_accumulated=samples, samples_per_second=1.0, time=now,
+                 client_mode=False)
+    return ValueWithExpiration(value, now + 60)
+
+
+@pytest.mark.timeout(120)
+def test_a_trainer_whose_partners_left_stops_looking_for_them(dhts):
+    """Two progress fetches in a row with no report but this trainer's (the others' are gone, or say goodbye) make it
+    alone: both averagers then expect nobody (their searches end). The first such fetch brings the next one closer."""
+    from hivemind.utils.timed_storage import ValueWithExpiration
+
+    optimizer = _lone_swarm_optimizer(dhts[0], "alone_test")
+    tracker = optimizer.tracker
+    own, partner = _progress_report(dhts[0].peer_id, 0, 3), _progress_report(dhts[1].peer_id, 0, 2)
+    goodbye = ValueWithExpiration(None, get_dht_time() + 60)
+    expected = lambda: {a._expected_group_size.value for a in (optimizer.grad_averager, optimizer.state_averager)}
+    try:
+        tracker._parse_swarm_progress_data({b"own": own, b"partner": partner})
+        assert not tracker.alone and expected() != {1}
+        first = tracker._parse_swarm_progress_data({b"own": own, b"partner": goodbye})
+        assert not tracker.alone and first.next_fetch_time <= get_dht_time() + 1.0
+        tracker._parse_swarm_progress_data({b"own": own, b"partner": goodbye})
+        assert tracker.alone and expected() == {1}
+        tracker._parse_swarm_progress_data({b"own": own, b"partner": partner})  # a newcomer: look for groups again
+        assert not tracker.alone and expected() != {1}
+        tracker._parse_swarm_progress_data({})  # a failed fetch is not "alone"
+        tracker._parse_swarm_progress_data({})
+        assert not tracker.alone
+    finally:
+        optimizer.shutdown()
+
+
+@pytest.mark.timeout(120)
 def test_banned_trainers_leave_the_swarm_progress(dhts):
     """A banned trainer that keeps reporting progress counts neither as a trainer (rounds would wait for it), nor
     toward the epoch's samples, nor for the swarm's epoch."""
-    from hivemind.utils.timed_storage import ValueWithExpiration
-
     optimizer = _lone_swarm_optimizer(dhts[0], "banned_progress_test")
     honest, banned = dhts[1].peer_id, dhts[2].peer_id
-
-    def report(peer, epoch, samples):
-        now = get_dht_time()
-        value = dict(peer_id=peer.to_bytes(), epoch=epoch, samples_accumulated=samples, samples_per_second=1.0,
-                     time=now, client_mode=False)
-        return ValueWithExpiration(value, now + 60)
-
-    reports = {b"honest": report(honest, 0, 3), b"banned": report(banned, 1000, 5000)}
+    reports = {b"honest": _progress_report(honest, 0, 3), b"banned": _progress_report(banned, 1000, 5000)}
     try:
         before = optimizer.tracker._parse_swarm_progress_data(reports)
         assert (before.num_peers, before.epoch) == (2, 1000)

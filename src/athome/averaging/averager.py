@@ -102,6 +102,9 @@ PART_PROPOSAL = "athome.part_bytes"  # marks gathered data that carries a member
 MAX_PARTS = 4096  # parts per vector a group may agree on (10M fp32 in 128 KiB parts: 306)
 ROBUST_GROUP_SIZE = 3  # the smallest group in which CenteredClip can out-vote one attacker
 LEFT_MATCHMAKING = "this peer left matchmaking (it is shutting down)"  # how its steps end (leave_matchmaking)
+# how steps end while the owner expects no other peer (expect_group_size(1))
+NO_OTHER_PEER = "no other peer to average with (its owner counts none in the swarm)"
+NO_OTHER_PEER_CHECK_PERIOD = 0.5  # seconds between a search's looks at its owner's expected group size
 JOINED_GROUPS_KEPT = 16  # group IDs a matchmaking remembers joining (rounds of steps in flight at once: a few)
 
 RoundStatus = Literal["ok", "partial", "timeout", "failed", "cancelled"]
@@ -280,7 +283,8 @@ class RobustMatchmaking(Matchmaking):
     It also remembers the groups it was assembled into (``joined_groups``, the latest ``JOINED_GROUPS_KEPT``), so that
     the averager can tell a round it may still run from one it never will (:meth:`RobustAveragingMixin._never_runs`),
     and, once ``leaving`` (see :meth:`RobustAveragingMixin.leave_matchmaking`), ends every step that looks for a
-    group (``searching``: the steps in :meth:`look_for_group` now). A step assembled into a pair while
+    group (``searching``: the steps in :meth:`look_for_group` now); so does an expected group size of 1 while it
+    lasts (:meth:`RobustAveragingMixin.expect_group_size`). A step assembled into a pair while
     ``ROBUST_GROUP_SIZE`` or more peers are seen fails at once (see
     :meth:`RobustAveragingMixin.refuse_pairs_while_seeing`)."""
 
@@ -289,7 +293,7 @@ class RobustMatchmaking(Matchmaking):
     searching: Dict[StepControl, asyncio.Task]
     leaving: bool = False
     peers_seen: Any  # a shared ctypes int (see RobustAveragingMixin.refuse_pairs_while_seeing)
-    expected_group_size: Any  # a shared ctypes int (see RobustAveragingMixin.expect_group_size); 0: unknown
+    expected_group_size: Any  # a shared ctypes int (see RobustAveragingMixin.expect_group_size); 0: unknown, 1: alone
 
     @property
     def target_group_size(self) -> Optional[int]:
@@ -310,13 +314,16 @@ class RobustMatchmaking(Matchmaking):
         return await super()._request_join_group(leader)
 
     async def look_for_group(self, step: StepControl) -> Optional[GroupInfo]:
-        if self.leaving:
-            self._end(step, LEFT_MATCHMAKING)
-            raise MatchmakingException(LEFT_MATCHMAKING)
-        self.searching[step] = asyncio.current_task()
+        for ended, reason in ((self.leaving, LEFT_MATCHMAKING), (self._expects_nobody(), NO_OTHER_PEER)):
+            if ended:
+                self._end(step, reason)
+                raise MatchmakingException(reason)
+        search = self.searching[step] = asyncio.current_task()
+        watcher = asyncio.create_task(self._end_once_nobody_is_expected(step, search))
         try:
             group_info = await super().look_for_group(step)
         finally:
+            watcher.cancel()
             self.searching.pop(step, None)
         if group_info is not None and len(group_info.peer_ids) < ROBUST_GROUP_SIZE <= self.peers_seen.value:
             message = (f"not averaging in a group of {len(group_info.peer_ids)} while {self.peers_seen.value} peers "
@@ -332,6 +339,18 @@ class RobustMatchmaking(Matchmaking):
         for step, task in list(self.searching.items()):
             self._end(step, LEFT_MATCHMAKING)
             task.cancel()
+
+    def _expects_nobody(self) -> bool:
+        return self.expected_group_size.value == 1
+
+    async def _end_once_nobody_is_expected(self, step: StepControl, search: asyncio.Task) -> None:
+        """End ``step``'s search once its owner expects no other peer: the peers it waited for have left (the
+        survivor of a pair kept looking until its step's timeout, 30 s in a trainer, with its next optimizer step
+        queued behind that background round)."""
+        while not self._expects_nobody():
+            await asyncio.sleep(NO_OTHER_PEER_CHECK_PERIOD)
+        self._end(step, NO_OTHER_PEER)
+        search.cancel()
 
     @staticmethod
     def _end(step: StepControl, reason: str) -> None:
@@ -495,10 +514,13 @@ class RobustAveragingMixin:
     def expect_group_size(self, size: Optional[int]) -> None:
         """Tell matchmaking how many peers a round should hold (e.g. the trainers a progress tracker has counted for a
         while): as a leader, this peer starts the all-reduce as soon as that many have joined its group, instead of
-        waiting out ``min_matchmaking_time``, and refuses further peers (who then form a group of their own); ``None``
-        or fewer than 2: wait the full time again. Applies only where ``target_group_size`` was not set, from the next
-        join on; a stale count costs time (too high: the full wait, as without it) or a split round (too low)."""
-        self._expected_group_size.value = size if size is not None and size >= 2 else 0
+        waiting out ``min_matchmaking_time``, and refuses further peers (who then form a group of their own); ``None``:
+        wait the full time again. Applies only where ``target_group_size`` was not set, from the next join on; a stale
+        count costs time (too high: the full wait, as without it) or a split round (too low).
+        ``1`` (or less): this peer is alone; steps looking for a group end now (within
+        ``NO_OTHER_PEER_CHECK_PERIOD``) with a MatchmakingException, and so do later ones until a larger count or
+        ``None``. Thread-safe (a shared value): e.g. from a progress tracker's thread."""
+        self._expected_group_size.value = 0 if size is None else max(size, 1)
 
     def refuse_pairs_while_seeing(self, peers: int) -> None:
         """With ``peers`` >= ``ROBUST_GROUP_SIZE`` (3) peers around (e.g. the trainers a progress tracker sees), a step

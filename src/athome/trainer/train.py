@@ -24,7 +24,7 @@ import time
 from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import hivemind
 import torch
@@ -32,6 +32,7 @@ from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
 from hivemind.optim.progress_tracker import ProgressTracker
 from hivemind.p2p import PeerID
 from hivemind.proto import runtime_pb2
+from hivemind.utils import get_dht_time
 
 from athome.averaging import RobustGradientAverager, RobustTrainingStateAverager, get_codec
 from athome.config import RunConfig
@@ -61,6 +62,8 @@ from athome.verification.integration import TrainerVerification
 logger = logging.getLogger(__name__)
 WIRE_COMPRESSION = dict(none=runtime_pb2.CompressionType.NONE, fp16=runtime_pb2.CompressionType.MEANSTD_16BIT)
 MIN_ANSWERED_FRACTION = 0.5  # below this share of (token, expert) slots answered, a step is retried, not applied
+ALONE_CONFIRMATIONS = 2  # progress fetches in a row that must count no trainer but this one to call it alone
+ALONE_RECHECK_PERIOD = 1.0  # seconds to the fetch that confirms a first "alone" (hivemind's may be up to 10 s away)
 
 
 class RobustProgressTracker(ProgressTracker):
@@ -68,11 +71,16 @@ class RobustProgressTracker(ProgressTracker):
     trainers (so rounds do not wait for them), toward the epoch's samples, or for the swarm's epoch. (A banned
     trainer that keeps running goes on reporting: in ``peer demo --attack sign_flip`` every later epoch waited the
     full matchmaking time for it.) The reports name their peer themselves (hivemind does not tie them to the
-    writer's libp2p identity), so this holds against honest-but-banned peers, not forgers."""
+    writer's libp2p identity), so this holds against honest-but-banned peers, not forgers.
+
+    It also tells when this trainer is :attr:`alone` (the other trainers' reports are gone, or are hivemind's goodbye
+    that a tracker stores at shutdown), and calls ``on_fetch`` (from its own thread) after every fetch."""
 
     banned_peers: frozenset = frozenset()  # base58 peer IDs; replaced whole by the training thread (no locking)
+    on_fetch: Optional[Callable[[int], None]] = None  # called with the trainers counted, after every fetch
     _counted: Optional[int] = None  # num_peers of the latest fetch, and since when fetches have agreed on it
     _counted_since: float = 0.0
+    _alone_fetches = 0  # fetches in a row whose only report was this trainer's
 
     def _parse_swarm_progress_data(self, metadata):
         banned = self.banned_peers
@@ -81,7 +89,20 @@ class RobustProgressTracker(ProgressTracker):
         progress = super()._parse_swarm_progress_data(metadata)
         if progress.num_peers != self._counted:
             self._counted, self._counted_since = progress.num_peers, time.monotonic()
+        entries = metadata.values() if isinstance(metadata, dict) else ()
+        reporters = [_reporter(entry) for entry in entries if getattr(entry, "value", None) is not None]
+        self._alone_fetches = self._alone_fetches + 1 if reporters == [self.dht.peer_id.to_base58()] else 0
+        if 0 < self._alone_fetches < ALONE_CONFIRMATIONS:  # a partner just left (or one fetch missed it): confirm soon
+            progress.next_fetch_time = min(progress.next_fetch_time, get_dht_time() + ALONE_RECHECK_PERIOD)
+        if self.on_fetch is not None:
+            self.on_fetch(progress.num_peers)
         return progress
+
+    @property
+    def alone(self) -> bool:
+        """True once ``ALONE_CONFIRMATIONS`` fetches in a row found no report but this trainer's (one fetch could miss a
+        record that has not reached the DHT nodes it asked)."""
+        return self._alone_fetches >= ALONE_CONFIRMATIONS
 
     def steady_num_peers(self, for_seconds: float) -> Optional[int]:
         """The number of reporting peers, if every fetch in the last ``for_seconds`` counted the same (else None)."""
@@ -109,6 +130,7 @@ class SwarmOptimizer(hivemind.Optimizer):
         self._robust_opts = robust_opts
         self._averager_opts = dict(kwargs.get("averager_opts") or {})
         super().__init__(*args, **kwargs)
+        self.tracker.on_fetch = self._expect_trainers
 
     def _make_progress_tracker(self, target_batch_size: int, **kwargs) -> RobustProgressTracker:
         return RobustProgressTracker(  # hivemind's own arguments (hivemind/optim/optimizer.py)
@@ -124,18 +146,27 @@ class SwarmOptimizer(hivemind.Optimizer):
         self.tracker.banned_peers = self.tracker.banned_peers | {str(peer) for peer in peer_ids}
 
     def step(self, *args, **kwargs):
-        """hivemind's step; first, every trainer the progress tracker sees is expected in the next rounds, so that
-        they start once all have joined rather than after ``matchmaking_time`` (hivemind waits it out in full when no
-        group size is set: in ``peer demo``, 3-4 s of every 5-6 s epoch). Only a count that held for
-        ``matchmaking_time``: one that missed a peer just seen (at start, say) split rounds into smaller groups, and
-        a group of two cannot out-vote an attacker. While the count changes, hivemind's full wait gathers everyone."""
-        expected = self.tracker.steady_num_peers(for_seconds=self.matchmaking_time)
+        """hivemind's step, after :meth:`_expect_trainers` (also called after every progress fetch)."""
+        self._expect_trainers(self.tracker.global_progress.num_peers)
+        return super().step(*args, **kwargs)
+
+    def _expect_trainers(self, num_peers: int) -> None:
+        """Tell both averagers what the progress tracker sees (thread-safe: shared values only).
+
+        Every trainer it counts is expected in the next rounds, so that they start once all have joined rather than
+        after ``matchmaking_time`` (hivemind waits it out in full when no group size is set: in ``peer demo``, 3-4 s
+        of every 5-6 s epoch). Only a count that held for ``matchmaking_time``: one that missed a peer just seen (at
+        start, say) split rounds into smaller groups, and a group of two cannot out-vote an attacker. While the count
+        changes, hivemind's full wait gathers everyone. Alone, rounds stop looking for a group at once: the
+        survivor of a pair kept looking for the trainer that left until ``averaging_timeout`` (30 s), its next
+        optimizer step queued behind that background parameter round (``peer demo``: 33 s for 10 steps)."""
+        counted = self.tracker.steady_num_peers(for_seconds=self.matchmaking_time)
+        expected = 1 if self.tracker.alone else counted if counted is not None and counted >= 2 else None
         for averager in (self.grad_averager, self.state_averager):
             if averager is not None:
                 averager.expect_group_size(expected)
         # parameter rounds run in the background and may be skipped; a pair with a x1000 trainer was not robust
-        self.state_averager.refuse_pairs_while_seeing(self.tracker.global_progress.num_peers)
-        return super().step(*args, **kwargs)
+        self.state_averager.refuse_pairs_while_seeing(num_peers)
 
     def shutdown(self) -> None:
         """hivemind's shutdown, which no longer waits for rounds that have no group yet (see ``leave_matchmaking``)."""
