@@ -283,8 +283,8 @@ class RobustMatchmaking(Matchmaking):
     It also remembers the groups it was assembled into (``joined_groups``, the latest ``JOINED_GROUPS_KEPT``), so that
     the averager can tell a round it may still run from one it never will (:meth:`RobustAveragingMixin._never_runs`),
     and, once ``leaving`` (see :meth:`RobustAveragingMixin.leave_matchmaking`), ends every step that looks for a
-    group (``searching``: the steps in :meth:`look_for_group` now); so does an expected group size of 1 while it
-    lasts (:meth:`RobustAveragingMixin.expect_group_size`). A step assembled into a pair while
+    group (``searching``: the steps in :meth:`look_for_group` now); so does a change of the expected group size to 1
+    (:meth:`RobustAveragingMixin.expect_group_size`). A step assembled into a pair while
     ``ROBUST_GROUP_SIZE`` or more peers are seen fails at once (see
     :meth:`RobustAveragingMixin.refuse_pairs_while_seeing`)."""
 
@@ -314,10 +314,9 @@ class RobustMatchmaking(Matchmaking):
         return await super()._request_join_group(leader)
 
     async def look_for_group(self, step: StepControl) -> Optional[GroupInfo]:
-        for ended, reason in ((self.leaving, LEFT_MATCHMAKING), (self._expects_nobody(), NO_OTHER_PEER)):
-            if ended:
-                self._end(step, reason)
-                raise MatchmakingException(reason)
+        if self.leaving:
+            self._end(step, LEFT_MATCHMAKING)
+            raise MatchmakingException(LEFT_MATCHMAKING)
         search = self.searching[step] = asyncio.current_task()
         watcher = asyncio.create_task(self._end_once_nobody_is_expected(step, search))
         try:
@@ -344,11 +343,18 @@ class RobustMatchmaking(Matchmaking):
         return self.expected_group_size.value == 1
 
     async def _end_once_nobody_is_expected(self, step: StepControl, search: asyncio.Task) -> None:
-        """End ``step``'s search once its owner expects no other peer: the peers it waited for have left (the
+        """End ``step``'s search once its owner comes to expect no other peer: the peers it waited for have left (the
         survivor of a pair kept looking until its step's timeout, 30 s in a trainer, with its next optimizer step
-        queued behind that background round)."""
-        while not self._expects_nobody():
+        queued behind that background round). A search that starts while nobody is expected is left to its owner,
+        which decides whether to run it (hivemind's Optimizer schedules rounds ahead and cancels them when alone:
+        ending them at once, every step would schedule another)."""
+        expected_nobody = self._expects_nobody()
+        while True:
             await asyncio.sleep(NO_OTHER_PEER_CHECK_PERIOD)
+            expects_nobody = self._expects_nobody()
+            if expects_nobody and not expected_nobody:
+                break
+            expected_nobody = expects_nobody
         self._end(step, NO_OTHER_PEER)
         search.cancel()
 
@@ -518,8 +524,9 @@ class RobustAveragingMixin:
         wait the full time again. Applies only where ``target_group_size`` was not set, from the next join on; a stale
         count costs time (too high: the full wait, as without it) or a split round (too low).
         ``1`` (or less): this peer is alone; steps looking for a group end now (within
-        ``NO_OTHER_PEER_CHECK_PERIOD``) with a MatchmakingException, and so do later ones until a larger count or
-        ``None``. Thread-safe (a shared value): e.g. from a progress tracker's thread."""
+        ``NO_OTHER_PEER_CHECK_PERIOD``) with a MatchmakingException. Steps started while it lasts look as usual,
+        and end if the count goes up and then back to 1. Thread-safe (a shared value): e.g. from a progress
+        tracker's thread."""
         self._expected_group_size.value = 0 if size is None else max(size, 1)
 
     def refuse_pairs_while_seeing(self, peers: int) -> None:
