@@ -1452,6 +1452,37 @@ def test_a_trainer_whose_partners_left_stops_looking_for_them(dhts):
         optimizer.shutdown()
 
 
+@pytest.mark.timeout(150)
+def test_a_trainer_stops_looking_for_a_partner_that_left(dhts):
+    """A background parameter round that looks for a partner which then leaves ends once the survivor's progress
+    tracker sees it alone, not at the round's timeout: the survivor's next optimizer step waits for that round (in
+    ``peer demo``, the trainer that finished last took 33 s for its last 10 steps)."""
+    from hivemind.utils.crypto import RSAPrivateKey
+
+    survivor, partner = (  # each with a key of its own (by default the trackers of a process share one, and a record)
+        _lone_swarm_optimizer(dht, "partner_left_test", averaging_timeout=90.0,
+                              tracker_opts=dict(private_key=RSAPrivateKey()))
+        for dht in dhts[:2]
+    )
+    try:
+        for optimizer in (survivor, partner):
+            optimizer.tracker.report_local_progress(0, 1)
+        deadline = time.monotonic() + 30
+        while survivor.tracker.global_progress.num_peers < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert survivor.tracker.global_progress.num_peers == 2
+        survivor.state_averager.step(averaging_round=True, delay_averaging=True, averaging_opts=dict(timeout=90.0))
+        time.sleep(1.0)
+        partner.shutdown()
+        started = time.monotonic()
+        survivor.state_averager.step(wait_for_delayed_updates=True)  # as the survivor's next optimizer step does
+        assert time.monotonic() - started < 30
+        assert survivor.tracker.alone
+    finally:
+        partner.shutdown()
+        survivor.shutdown()
+
+
 @pytest.mark.timeout(120)
 def test_banned_trainers_leave_the_swarm_progress(dhts):
     """A banned trainer that keeps reporting progress counts neither as a trainer (rounds would wait for it), nor

@@ -54,6 +54,7 @@ import threading
 import time
 import weakref
 from collections import deque
+from concurrent.futures import InvalidStateError
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Deque, Dict, List, Literal, Optional, Sequence, Tuple, Union
 
@@ -601,7 +602,9 @@ class RobustAveragingMixin:
         """hivemind's ``_step`` (averager process), with this peer's part size proposal added to the data it sends
         its group (:meth:`~athome.averaging.timeouts.AdaptiveTimeouts.part_bytes`: the configured ``part_size_bytes``
         until a round has measured this peer's throughput, then less on slow links), and matchmaking that never
-        follows a banned leader (:class:`RobustMatchmaking`)."""
+        follows a banned leader (:class:`RobustMatchmaking`). A step its owner cancelled while it finished ends
+        quietly (hivemind's ``set_result`` on it raised InvalidStateError, logged at ERROR as a task exception never
+        retrieved, in about one demo trainer of two)."""
         self._robust_matchmaking()
         bandwidth, mode, user_bytes = self.serializer.loads(step.data_for_gather)
         proposal = self._adaptive_timeouts.part_bytes(self._part_size_bytes)
@@ -609,6 +612,10 @@ class RobustAveragingMixin:
         step._data_for_gather = self.serializer.dumps([bandwidth, mode, wrapped])  # noqa: SLF001 (built by step())
         try:
             return await super()._step(step=step, future_for_init=future_for_init)
+        except InvalidStateError:
+            if not step.cancelled():
+                raise
+            logger.debug(f"{step} was cancelled by its owner as it finished")
         finally:
             # hivemind clears this event when matchmaking starts and sets it only when a group registers: a step that
             # ends without a group (its matchmaking timed out just as a leader assembled a group with it) left
