@@ -1459,10 +1459,13 @@ def test_a_trainer_stops_looking_for_a_partner_that_left(dhts):
     ``peer demo``, the trainer that finished last took 33 s for its last 10 steps)."""
     from hivemind.utils.crypto import RSAPrivateKey
 
-    survivor, partner = (  # each with a key of its own (by default the trackers of a process share one, and a record)
+    # DHT nodes of their own: a node signs progress records with the key of the first tracker that used it, and the
+    # trackers each need a key of their own (by default those of a process share one, and so their record)
+    own_dhts = [RobustDHT(initial_peers=dhts[0].get_visible_maddrs(), **DHT_KWARGS) for _ in range(2)]
+    survivor, partner = (
         _lone_swarm_optimizer(dht, "partner_left_test", averaging_timeout=90.0,
                               tracker_opts=dict(private_key=RSAPrivateKey()))
-        for dht in dhts[:2]
+        for dht in own_dhts
     )
     try:
         for optimizer in (survivor, partner):
@@ -1481,6 +1484,8 @@ def test_a_trainer_stops_looking_for_a_partner_that_left(dhts):
     finally:
         partner.shutdown()
         survivor.shutdown()
+        for dht in own_dhts:
+            dht.shutdown()
 
 
 @pytest.mark.timeout(120)
