@@ -6,11 +6,12 @@ hivemind-based tools), so every command waits on :func:`shutdown_requested` and 
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import signal
 import sys
 import threading
-from typing import Callable, Optional
+from typing import Callable, Dict, Optional
 
 from rich.console import Console
 from rich.logging import RichHandler
@@ -161,6 +162,54 @@ class PeriodicThread(threading.Thread):
         self.stop_event.set()
         if self.is_alive() and threading.current_thread() is not self:
             self.join(timeout)
+
+
+class HelperWatchdog(PeriodicThread):
+    """Ends this process, saying why and what to do, once a helper process it cannot work without has ended.
+
+    hivemind waits on its helpers without timeouts (an averager's step, every DHT call): a trainer whose DHT and
+    averager processes had ended (``pkill -f 'peer train'`` signals every process of a trainer, the helpers die at
+    once and the main one starts a clean shutdown) waited for them forever, main thread and shutdown alike. Stop
+    the watchdog before shutting the helpers down on purpose.
+
+    :param helpers: name -> process (``multiprocessing.Process``: hivemind's DHT and averagers are), read at each check
+    :param stopping: set once this peer was asked to stop (:func:`shutdown_requested`): helpers found dead then were
+      stopped by the same signal, and the process exits with 0 and no error
+    """
+
+    def __init__(
+        self,
+        helpers: Callable[[], Dict[str, Optional[multiprocessing.Process]]],
+        stopping: threading.Event,
+        period: float = 2.0,
+    ):
+        super().__init__(self._check, period=period, name="helper watchdog", run_first=False)
+        self.helpers, self.stopping = helpers, stopping
+
+    def _check(self) -> None:
+        for name, process in self.helpers().items():
+            if process is None or process.exitcode is None:
+                continue
+            code = process.exitcode
+            how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+            if self.stopping.is_set():  # e.g. `pkill -f 'peer train'`, which signals the helpers too
+                logger.info(f"This peer's {name} process ended ({how}) as it was stopping: exiting now")
+            else:
+                message = (
+                    f"this peer's {name} process (pid {process.pid}) ended ({how}) and the peer cannot go on without "
+                    f"it. Look for the OOM killer in `dmesg` or `journalctl -k`, then start the command again (the "
+                    f"same --identity_path keeps this peer's identity)"
+                )
+                stderr_console.print(f"[bold red]error:[/] {escape(message)}", markup=True, highlight=False)
+            for handler in logging.getLogger().handlers:
+                handler.flush()
+            sys.stderr.flush()
+            for child in _children_of(os.getpid()):  # the helpers still alive, which would outlive us otherwise
+                try:
+                    os.kill(child, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+            os._exit(0 if self.stopping.is_set() else 1)  # the main thread may be blocked on the dead helper
 
 
 def die(message: str, code: int = 1) -> None:

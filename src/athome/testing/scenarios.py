@@ -298,13 +298,29 @@ def servers(dht) -> Dict[str, List[str]]:
 # ---------------------------------------------------------------- 6. shutdown
 
 
-def _signal_case(child: Child, signum: signal.Signals, timeout: float = 90) -> tuple[bool, Optional[int], float, str]:
-    """Signal ``child`` (the ``peer`` process alone, as a terminal or a supervisor would) and wait for its tree.
+def _cmdline(pid: int) -> bytes:
+    with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+        return cmdline.read()
+
+
+def _signal_case(
+    child: Child, signum: signal.Signals, timeout: float = 90, whole_tree: bool = False
+) -> tuple[bool, Optional[int], float, str]:
+    """Signal ``child`` (the ``peer`` process alone, as a terminal or a supervisor would; with ``whole_tree``, every
+    process with its command line, as ``pkill -f 'peer train'`` would) and wait for its tree.
 
     Returns (no process left, exit code, seconds until the tree was gone, what survived).
     """
     tree = process_tree(child.process.pid)
-    child.process.send_signal(signum)
+    if whole_tree:  # what `pkill -f` matches: every process with the command line of the peer (its forks)
+        for pid in sorted(tree):
+            try:
+                if _cmdline(pid) == _cmdline(child.process.pid):
+                    os.kill(pid, signum)
+            except (OSError, ProcessLookupError):
+                pass
+    else:
+        child.process.send_signal(signum)
     left, seconds = wait_gone(tree, timeout)
     text = describe(left)
     kill_tree(tree)
@@ -312,17 +328,18 @@ def _signal_case(child: Child, signum: signal.Signals, timeout: float = 90) -> t
 
 
 FULL_SHUTDOWN_PLAN = (
-    ("train", signal.SIGINT), ("train", signal.SIGKILL), ("join", signal.SIGINT), ("join", signal.SIGKILL),
-    ("coordinator", signal.SIGTERM), ("demo", signal.SIGINT), ("demo", signal.SIGKILL),
+    ("train", signal.SIGINT), ("train", signal.SIGKILL), ("train", signal.SIGTERM, "tree"), ("join", signal.SIGINT),
+    ("join", signal.SIGKILL), ("coordinator", signal.SIGTERM), ("demo", signal.SIGINT), ("demo", signal.SIGKILL),
 )
-QUICK_SHUTDOWN_PLAN = (("train", signal.SIGINT), ("join", signal.SIGINT))
+QUICK_SHUTDOWN_PLAN = (("train", signal.SIGINT), ("train", signal.SIGTERM, "tree"), ("join", signal.SIGINT))
 
 
 def shutdown_scenario(workdir: Optional[Path] = None, *, plan: Sequence[tuple] = FULL_SHUTDOWN_PLAN) -> Outcome:
     """Ctrl+C / SIGTERM / SIGKILL to each command: no process or p2pd may remain; graceful ones exit 0.
 
-    ``plan`` lists (command, signal); trainers are signalled first, then hosts, the coordinator, and demos.
-    SIGKILL goes to the ``peer`` process alone, as the kernel's OOM killer would: its helpers must follow it.
+    ``plan`` lists (command, signal) or (command, signal, "tree"); trainers are signalled first, then hosts, the
+    coordinator, and demos. A signal goes to the ``peer`` process alone (SIGKILL as the kernel's OOM killer would:
+    its helpers must follow it); "tree" signals all its processes at once, as ``pkill -f 'peer train'`` does.
     """
     checks = Checks()
     done: List[str] = []
@@ -335,8 +352,9 @@ def shutdown_scenario(workdir: Optional[Path] = None, *, plan: Sequence[tuple] =
             checks.require(code == 0, f"{what} exited with {code}")
         done.append(what)
 
-    def signals(command: str) -> List[signal.Signals]:
-        return [signum for name, signum in plan if name == command]
+    def signals(command: str) -> List[tuple]:
+        """(signal, whole tree) for each plan entry of ``command``."""
+        return [(signum, "tree" in rest) for name, signum, *rest in plan if name == command]
 
     with swarm_in(workdir) as swarm:
         coordinator = swarm.coordinator()
@@ -345,11 +363,12 @@ def shutdown_scenario(workdir: Optional[Path] = None, *, plan: Sequence[tuple] =
             trainers = [swarm.trainer(f"trainer-{i}") for i in range(len(signals("train")))]
             for trainer in trainers:
                 swarm.wait_steps(trainer.name, 1, 2 * STARTUP)
-            for child, signum in [*zip(trainers, signals("train")), *zip(hosts, signals("join"))]:
-                record(f"{child.argv[0]} {signum.name}", *_signal_case(child, signum), graceful=signum != signal.SIGKILL)
-        for signum in signals("coordinator"):
+            for child, (signum, tree) in [*zip(trainers, signals("train")), *zip(hosts, signals("join"))]:
+                record(f"{child.argv[0]} {signum.name}{' (every process)' if tree else ''}",
+                       *_signal_case(child, signum, whole_tree=tree), graceful=signum != signal.SIGKILL)
+        for signum, _ in signals("coordinator"):
             record(f"coordinator {signum.name}", *_signal_case(coordinator, signum), graceful=signum != signal.SIGKILL)
-        for signum in signals("demo"):
+        for signum, _ in signals("demo"):
             out = swarm.workdir / f"demo-{signum.name}"
             demo = swarm.spawn(f"demo-{signum.name}", "demo", "--expert_hosts", "1", "--trainers", "1",
                                "--minutes", "30", "--out", str(out))

@@ -50,7 +50,7 @@ from athome.dht import (
 from athome.dht.auth import InviteError, NotAdmitted, start_membership
 from athome.dht.receipts import ReceiptBook
 from athome.dht.schemas import MetricsRecord, PeerRecord, run_key
-from athome.lifecycle import PeriodicThread, die, restore_interrupt_handler, shutdown_requested
+from athome.lifecycle import HelperWatchdog, PeriodicThread, die, restore_interrupt_handler, shutdown_requested
 from athome.model.lm import MoETransformerLM
 from athome.netflags import dht_kwargs
 from athome.peer.reachability import choose_trainer_mode
@@ -401,6 +401,11 @@ class Trainer:
     def run(self, stop: threading.Event) -> None:
         self.verification.start()
         self._metrics_thread.start()
+        watchdog = HelperWatchdog(lambda: {
+            "DHT": self.dht, "gradient averager": self.optimizer.grad_averager,
+            "parameter averager": self.optimizer.state_averager,
+        }, stopping=stop)
+        watchdog.start()
         log = self.log_file.open("a") if self.log_file else None
         progress = _Progress(self.show_progress, self.max_steps)
         waiting_since: Optional[float] = None
@@ -441,6 +446,7 @@ class Trainer:
             self._metrics_thread.stop()
             self.verification.stop()
             self.publish_metrics()
+            watchdog.stop()  # the averagers now end on purpose (the DHT right after this returns)
             self.optimizer.shutdown()
             logger.info(f"Trainer stopped after {self.step} steps, {self.samples} samples, loss {self.loss_ewma}")
 
