@@ -313,11 +313,12 @@ def _signal_case(
     """
     tree = process_tree(child.process.pid)
     if whole_tree:  # what `pkill -f` matches: every process with the command line of the peer (its forks)
+        command_line = _cmdline(child.process.pid)
         for pid in sorted(tree):
             try:
-                if _cmdline(pid) == _cmdline(child.process.pid):
+                if _cmdline(pid) == command_line:
                     os.kill(pid, signum)
-            except (OSError, ProcessLookupError):
+            except OSError:  # gone meanwhile
                 pass
     else:
         child.process.send_signal(signum)
