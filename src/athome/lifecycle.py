@@ -86,12 +86,16 @@ def _children_of(pid: int) -> list[int]:
     return children
 
 
-def _die_with_children(signum: int) -> None:
+def _terminate_children() -> None:
     for child in _children_of(os.getpid()):
         try:
             os.kill(child, signal.SIGTERM)
         except ProcessLookupError:
             pass
+
+
+def _die_with_children(signum: int) -> None:
+    _terminate_children()
     signal.signal(signum, signal.SIG_DFL)
     os.kill(os.getpid(), signum)
 
@@ -200,21 +204,21 @@ class HelperWatchdog(PeriodicThread):
                     f"it. Look for the OOM killer in `dmesg` or `journalctl -k`, then start the command again (the "
                     f"same --identity_path keeps this peer's identity)"
                 )
-                stderr_console.print(f"[bold red]error:[/] {escape(message)}", markup=True, highlight=False)
+                _print_error(message)
             for handler in logging.getLogger().handlers:
                 handler.flush()
             sys.stderr.flush()
-            for child in _children_of(os.getpid()):  # the helpers still alive, which would outlive us otherwise
-                try:
-                    os.kill(child, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
+            _terminate_children()  # the helpers still alive, which would outlive us otherwise
             os._exit(0 if self.stopping.is_set() else 1)  # the main thread may be blocked on the dead helper
+
+
+def _print_error(message: str) -> None:
+    stderr_console.print(f"[bold red]error:[/] {escape(message)}", markup=True, highlight=False)
 
 
 def die(message: str, code: int = 1) -> None:
     """Print a failure with its fix and exit."""
-    stderr_console.print(f"[bold red]error:[/] {escape(message)}", markup=True, highlight=False)
+    _print_error(message)
     # what is left is exit: hivemind objects collected at interpreter exit (P2P replicas, pending tasks) print
     # tracebacks that would bury the message above
     sys.unraisablehook = lambda unraisable: None

@@ -325,7 +325,11 @@ def _signal_case(
     left, seconds = wait_gone(tree, timeout)
     text = describe(left)
     kill_tree(tree)
-    return not left, child.process.poll(), seconds, text
+    try:  # a tree gone may still hold the peer process as a zombie: poll() could read None
+        code = child.process.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        code = None
+    return not left, code, seconds, text
 
 
 FULL_SHUTDOWN_PLAN = (
