@@ -38,6 +38,7 @@ from hivemind.utils.asyncio import aiter_with_timeout, amap_in_executor, as_aite
 from athome.averaging.compression import deserialize_tensor, serialize_tensor
 from athome.averaging.dataplane import (
     KIND_AVERAGE,
+    KIND_DONE,
     KIND_PART,
     KIND_RESULT,
     RAW,
@@ -96,7 +97,8 @@ class RobustAllReduceRunner(AllReduceRunner):
     After the run: ``bytes_sent`` / ``bytes_received`` (bytes exchanged with *other* peers: serialized protobuf
     messages on p2p, frame headers and payloads on TCP), ``failed_reducers`` (peer -> reason),
     ``tensor_part_container.failed_size`` (elements left unreduced), ``tcp_peers`` (reducers reached over TCP),
-    ``kept_peers`` (of those, over a connection kept from an earlier round).
+    ``kept_peers`` (of those, over a connection kept from an earlier round), ``same_host_peers`` (of those, on this
+    host: raw parts read from their memory).
     """
 
     def __init__(
@@ -131,6 +133,7 @@ class RobustAllReduceRunner(AllReduceRunner):
         self.receive_pool = receive_pool
         self.tcp_peers: Set[PeerID] = set()
         self.kept_peers: Set[PeerID] = set()  # of tcp_peers, those reached over a connection kept from a past round
+        self.same_host_peers: Set[PeerID] = set()  # of tcp_peers, those whose memory we read (same host)
         # hivemind's __init__ has already built a plain TensorPartReducer; mark it finished so that its finalize()
         # (run from __del__) does not log a bogus "received 0% of input tensors", then replace it.
         self.tensor_part_reducer.finished.set()
@@ -157,6 +160,12 @@ class RobustAllReduceRunner(AllReduceRunner):
         self._replies_done = asyncio.Event()
         self._replies_done.set()
         self._live_readers = 0  # data plane tasks that may still receive into the reducer's rows
+        # same-host connections (either side) whose exchange has not ended clean: the other process may still read
+        # our memory through them, so they are closed before this round's memory changes (close_local)
+        self._open_local: Set[FrameConnection] = set()
+        self._serving_local = 0  # same-host senders still reading our aggregates
+        self._local_served = asyncio.Event()
+        self._local_served.set()
 
     async def wait_until_served(self, timeout: Optional[float]) -> bool:
         """Wait until this peer's reducer has aggregated every part and streamed every result back to its senders.
@@ -167,9 +176,18 @@ class RobustAllReduceRunner(AllReduceRunner):
         try:
             await asyncio.wait_for(self.tensor_part_reducer.finished.wait(), timeout)
             await asyncio.wait_for(self._replies_done.wait(), timeout)
+            await asyncio.wait_for(self._local_served.wait(), timeout)
             return True
         except asyncio.TimeoutError:
             return False
+
+    def close_local(self) -> None:
+        """Hang up every same-host connection of this round that has not ended clean. Called once the round is over
+        and before its memory changes (the averaged tensors, whose parts we offered; the aggregates): a peer still
+        reading through such a connection then finds it closed after its read and discards what it read."""
+        for connection in list(self._open_local):
+            connection.close()
+        self._open_local.clear()
 
     async def _communicate_with_peer(self, peer_id: PeerID):
         """Send a part of local tensors and metadata to a single peer, receive the average for that part of tensors"""
@@ -189,6 +207,8 @@ class RobustAllReduceRunner(AllReduceRunner):
                     self.tcp_peers.add(peer_id)
                     if connection.rounds > 1:
                         self.kept_peers.add(peer_id)
+                    if connection.peer_pid is not None:
+                        self.same_host_peers.add(peer_id)
                     await self._exchange_over_tcp(peer_id, peer_index, connection)
                 else:
                     await self._exchange_over_p2p(peer_id, peer_index)
@@ -267,12 +287,23 @@ class RobustAllReduceRunner(AllReduceRunner):
         parts = list(container._input_parts_by_peer[peer_index])
         compression = container.compression
 
+        raw = getattr(compression, "compression_type", None) == RAW
+        local = connection.peer_pid is not None
+        if local:
+            self._open_local.add(connection)
+
         async def _send_all():
             # each part is encoded when the previous one is handed to the socket (codec "none": the tensor's own
-            # memory); codec work runs here, in the loop's thread (see "Codecs on the data plane" above)
+            # memory, or on the same host its location there); codec work runs here, in the loop's thread (see
+            # "Codecs on the data plane" above)
             for part_index, (part, info) in enumerate(parts):
-                codec, dtype, payload = encode_part(part, compression, info)
-                sent = await connection.send_frame(KIND_PART, part_index, codec, dtype, payload, weight=self.weight)
+                if local and raw and part.is_contiguous():  # unchanged until this round ends: see close_local()
+                    sent = await connection.send_location(KIND_PART, part_index, part, weight=self.weight)
+                else:
+                    codec, dtype, payload = encode_part(part, compression, info)
+                    sent = await connection.send_frame(
+                        KIND_PART, part_index, codec, dtype, payload, weight=self.weight
+                    )
                 self.bytes_sent += sent  # not `+= await`: that would drop other streams' increments made meanwhile
 
         sender = asyncio.create_task(_send_all())
@@ -280,8 +311,8 @@ class RobustAllReduceRunner(AllReduceRunner):
         try:
             if self.should_delay_results(self.peer_id):
                 await sender
-            # raw aggregates are read from the socket straight into their output slice; coded results are deltas
-            raw = getattr(compression, "compression_type", None) == RAW
+            # raw aggregates are read from the socket (or the reducer's memory) straight into their output slice;
+            # coded results are deltas
             for part_index, (part, _) in enumerate(parts):
                 into = container.output_slice(peer_index, part_index) if raw else None
                 async with asyncio.timeout(self.reducer_timeout):  # unlike wait_for, no task per part
@@ -291,6 +322,8 @@ class RobustAllReduceRunner(AllReduceRunner):
                 result = decode_payload(frame, part.shape)  # in the loop's thread, as encoding
                 self._register_result(peer_id, peer_index, part_index, result, frame.nbytes, delta=not raw)
             await sender  # surfaces a send failure (all results arrived, so it has finished)
+            if local:  # the reducer keeps its aggregates unchanged until it hears this
+                await connection.send_frame(KIND_DONE, len(parts), RAW, torch.float32, b"")
             clean = True  # every frame of both directions is consumed: the connection can carry the next round
         except BaseException:
             if sender.done() and not sender.cancelled() and sender.exception() is not None:
@@ -299,6 +332,7 @@ class RobustAllReduceRunner(AllReduceRunner):
         finally:
             if not sender.done():
                 sender.cancel()
+            self._open_local.discard(connection)
             if clean:
                 self.dataplane.keep(peer_id, connection)
             else:
@@ -368,6 +402,21 @@ class RobustAllReduceRunner(AllReduceRunner):
         self._live_readers += 1
         reader.add_done_callback(self._reader_ended)
         delayed = [] if self.should_delay_results(peer_id) else None
+        local = connection.peer_pid is not None
+        if local:
+            self._open_local.add(connection)
+            self._serving_local += 1
+            self._local_served.clear()
+        offered = []  # what the sender reads from our memory: kept alive (a converted aggregate is a new tensor)
+
+        async def _send_result(kind: int, index: int, encoded) -> None:
+            if local and encoded[0] == RAW and encoded[2].is_contiguous():
+                # the aggregate, unchanged until the sender says DONE or we hang up (close_local)
+                offered.append(encoded[2])
+                self.bytes_sent += await connection.send_location(kind, index, encoded[2])
+            else:
+                self.bytes_sent += await connection.send_frame(kind, index, *encoded)
+
         part_index = 0
         clean = False
         try:
@@ -382,17 +431,24 @@ class RobustAllReduceRunner(AllReduceRunner):
                     if delayed is not None:
                         delayed.append((kind, part_index, encoded))
                     else:
-                        sent = await connection.send_frame(kind, part_index, *encoded)
-                        self.bytes_sent += sent
+                        await _send_result(kind, part_index, encoded)
                     part_index += 1
             for kind, index, encoded in delayed or ():
-                sent = await connection.send_frame(kind, index, *encoded)
-                self.bytes_sent += sent
+                await _send_result(kind, index, encoded)
             clean = part_index == len(shapes)  # a result for every part: every part of the sender was read
-        except OSError as e:
+            if clean and local:  # hold the aggregates until the sender has read them
+                async with asyncio.timeout(self.sender_timeout):
+                    await connection.recv_frame(KIND_DONE, len(shapes), 0)
+        except (OSError, asyncio.TimeoutError) as e:
+            clean = False
             logger.debug(f"Data plane: could not return results to {peer_id}: {e!r}")
         finally:
             reader.cancel()
+            if local:
+                self._open_local.discard(connection)
+                self._serving_local -= 1
+                if self._serving_local == 0:
+                    self._local_served.set()
             if not clean:
                 connection.close()
             # only buffers nothing can still write into (the reader ended) or read (the reducer is finalized)

@@ -135,6 +135,7 @@ class RoundReport:
     repair_failures: Dict[str, str] = field(default_factory=dict)  # member -> why it could not repair us
     throughput: float = 0.0  # this peer's throughput estimate after the round, bytes/s
     tcp_reducers: Tuple[str, ...] = ()  # reducers this peer reached over the direct TCP data plane (others: p2p)
+    same_host_reducers: Tuple[str, ...] = ()  # of those, reached on this host (parts read from memory)
     kept_reducers: Tuple[str, ...] = ()  # of those, reached over a connection kept from an earlier round
     part_bytes: int = 0  # the part size the group agreed on (see RobustAveragingMixin._agree_on_parts)
     error: Optional[str] = None
@@ -389,6 +390,9 @@ class RobustAveragingMixin:
       It is the ceiling: once a round has measured this peer's throughput, it proposes ~40 ms worth of sending (at least
       128 KiB), and each group streams in the smallest part size its members proposed
     :param direct_tcp: move tensor parts over the direct TCP data plane (:mod:`.dataplane`) where possible
+    :param same_host_reads: on the data plane, a pair of peers on one host (e.g. one per GPU) reads each other's
+      raw parts straight from the other process's memory instead of sending them over TCP (:mod:`.crossmemory`;
+      Linux, where the kernel lets one process read the other, else TCP)
     :param dataplane_host: IP to listen on and announce for it (default: the first IPv4 of this peer's p2p
       addresses, preferring non-loopback ones); ``dataplane_port``: its TCP port (0: ephemeral)
     :param kwargs: everything hivemind's averager accepts (``dht``, ``prefix``, ``target_group_size``,
@@ -420,11 +424,13 @@ class RobustAveragingMixin:
         report_history: int = 64,
         torch_threads: Optional[int] = 1,
         direct_tcp: bool = True,
+        same_host_reads: bool = True,
         dataplane_host: Optional[str] = None,
         dataplane_port: int = 0,
         **kwargs,
     ):
         self._direct_tcp, self._dataplane_host, self._dataplane_port = direct_tcp, dataplane_host, dataplane_port
+        self._same_host_reads = same_host_reads
         self._dataplane_task: Optional[asyncio.Task] = None  # averager process: starts the data plane once
         self.reducer_settings = ReducerSettings(reducer, clip_tau, clip_iterations, max_weight_ratio, heavy_clip_scale)
         codec = get_codec(compression)
@@ -805,6 +811,7 @@ class RobustAveragingMixin:
             self._round_outcomes.publish(group_id, None)  # cancelled: nothing to repair, don't keep askers waiting
             raise
         finally:
+            runner.close_local()  # before anything changes the memory same-host peers may still read
             self._fill_report(report, runner, time.perf_counter() - started)
             runner.release_reducer_rows()
 
@@ -930,14 +937,16 @@ class RobustAveragingMixin:
         if host is None:
             logger.info("Data plane off: this peer has no IPv4 address to listen on; parts go over p2p")
             return None
-        dataplane = DataPlane(host, self._dataplane_port)
+        dataplane = DataPlane(host, self._dataplane_port, same_host_reads=self._same_host_reads)
         if self.client_mode:  # a client reduces nothing: it only connects out
             return dataplane
         try:
             await dataplane.start(self._serve_dataplane_connection)
         except OSError:  # e.g. an announced (public) address that is not on this host: listen everywhere
             try:
-                dataplane = DataPlane("0.0.0.0", self._dataplane_port, announce_host=host)
+                dataplane = DataPlane(
+                    "0.0.0.0", self._dataplane_port, announce_host=host, same_host_reads=self._same_host_reads
+                )
                 await dataplane.start(self._serve_dataplane_connection)
             except OSError as e:
                 logger.warning(f"Data plane off: cannot listen on {host}:{self._dataplane_port} ({e!r})")
@@ -1054,6 +1063,7 @@ class RobustAveragingMixin:
         report.excluded_senders = tuple(str(peer) for peer in runner.banned_senders)
         report.tcp_reducers = tuple(str(peer) for peer in runner.tcp_peers)
         report.kept_reducers = tuple(str(peer) for peer in runner.kept_peers)
+        report.same_host_reducers = tuple(str(peer) for peer in runner.same_host_peers)
         reducer = runner.tensor_part_reducer
         if hasattr(reducer, "evidence_by_sender"):
             report.evidence = reducer.evidence_by_sender([str(peer) for peer in runner.sender_peer_ids])

@@ -57,20 +57,28 @@ from hivemind.p2p import PeerID
 from hivemind.proto import runtime_pb2
 from hivemind.utils import MSGPackSerializer
 
+from athome.averaging import crossmemory
 from athome.averaging.compression import codec_for_type, deserialize_tensor
 
 logger = logging.getLogger(__name__)
 
 MAGIC, VERSION = b"ATDP", 3  # 2: raw results are aggregates (KIND_AVERAGE); 3: connections carry many rounds
 HELLO = struct.Struct("!4sB32s")  # magic, version, ticket token
+# same host (a Unix socket): magic, version, ticket token, address and value of the sender's crossmemory.Probe
+LOCAL_HELLO = struct.Struct("!4sB32sQ8s")
+LOCAL_ACK = struct.Struct("!cQ8s")  # ACK_OK, address and value of the reducer's probe (or ACK_REFUSED alone)
 ROUND = struct.Struct("!4sB")  # magic, group ID length; then the group ID: the next round on a kept connection
 ROUND_MAGIC = b"ATRN"
 ACK_OK, ACK_REFUSED = b"\x01", b"\x00"
 # magic, kind, compression (runtime_pb2.CompressionType), dtype code, part index, weight, payload bytes
 FRAME = struct.Struct("!2sBBBxxxIdQ")
 FRAME_MAGIC = b"DF"
-KIND_PART, KIND_RESULT, KIND_AVERAGE = 1, 2, 3  # a sender's part, a coded delta, a raw aggregate
+# a sender's part, a coded delta, a raw aggregate, and (same host) "I have read every result of this round"
+KIND_PART, KIND_RESULT, KIND_AVERAGE, KIND_DONE = 1, 2, 3, 4
 RAW = runtime_pb2.CompressionType.NONE  # codec whose parts travel as the tensor's own bytes
+# not a codec: the payload is a crossmemory.LOCATION in the sender's memory, where the receiver reads the raw part
+REMOTE = 255
+LOCATION_SIZE = crossmemory.LOCATION.size
 DTYPES: Tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.float64, torch.bfloat16)
 _DTYPE_CODES = {dtype: code for code, dtype in enumerate(DTYPES, start=1)}
 _NUMPY_NAMES = {"float32": torch.float32, "float16": torch.float16, "float64": torch.float64, "bfloat16": torch.bfloat16}
@@ -121,8 +129,10 @@ class FrameConnection:
     Not safe for two concurrent readers or two concurrent writers; one of each is fine (full duplex).
     """
 
-    def __init__(self, sock: socket.socket, peer: str):
+    def __init__(self, sock: socket.socket, peer: str, peer_pid: Optional[int] = None):
         self.sock, self.peer = sock, peer
+        # same host: the other end's process (from the kernel), whose memory raw parts are read from (REMOTE frames)
+        self.peer_pid = peer_pid
         self.loop = asyncio.get_event_loop()
         self.closed = False
         self.rounds = 1  # rounds this connection has started (more than 1: kept between rounds)
@@ -284,10 +294,22 @@ class FrameConnection:
         header = FRAME.pack(FRAME_MAGIC, kind, compression, dtype_code(dtype), part_index, weight, data.nbytes)
         return await self.send_all(header, data)
 
+    async def send_location(self, kind: int, part_index: int, tensor: torch.Tensor, weight: float = 0.0) -> int:
+        """Same host: send where ``tensor`` (contiguous, on CPU) lies in our memory; the peer reads it from there
+        (:mod:`.crossmemory`). It must stay unchanged until the peer has read it or this connection is closed.
+        Returns the bytes handed over (header, location and the tensor's bytes, as if sent)."""
+        assert self.peer_pid is not None and tensor.is_contiguous() and tensor.device.type == "cpu"
+        nbytes = tensor.numel() * tensor.element_size()
+        header = FRAME.pack(FRAME_MAGIC, kind, REMOTE, dtype_code(tensor.dtype), part_index, weight, LOCATION_SIZE)
+        await self.send_all(header, crossmemory.LOCATION.pack(tensor.data_ptr(), nbytes))
+        return FRAME.size + LOCATION_SIZE + nbytes
+
     async def recv_frame(
         self, kind: int, part_index: int, numel: int, into: Optional[torch.Tensor] = None
     ) -> Frame:
         """Receive the next frame, which must be of ``kind`` for part ``part_index`` of ``numel`` values.
+
+        A same-host peer's raw part (a REMOTE frame) is read from its memory here and returned as a raw frame.
 
         :param into: a contiguous tensor of ``numel`` values: a raw payload of its dtype is received into it (the
           frame's payload is then ``into`` itself); otherwise a new tensor or buffer is allocated
@@ -303,12 +325,15 @@ class FrameConnection:
         if not 1 <= code <= len(DTYPES):
             raise DataPlaneError(f"{self.peer} sent unknown dtype code {code}")
         dtype = DTYPES[code - 1]
-        if compression == runtime_pb2.CompressionType.NONE:
+        if compression in (RAW, REMOTE):
             expected = numel * torch.empty((), dtype=dtype).element_size()
-            if length != expected:
-                raise DataPlaneError(f"{self.peer} sent a raw part of {length} bytes, expected {expected}")
             use_into = into is not None and into.dtype == dtype and into.numel() == numel and into.is_contiguous()
             payload = into.view(-1) if use_into else torch.empty(numel, dtype=dtype)
+            if compression == REMOTE:
+                await self._read_remote(length, expected, payload)
+                return Frame(got_kind, RAW, dtype, got_index, weight, payload, FRAME.size + LOCATION_SIZE + expected)
+            if length != expected:
+                raise DataPlaneError(f"{self.peer} sent a raw part of {length} bytes, expected {expected}")
             if length:
                 await self.recv_exactly_into(memoryview(payload.view(torch.uint8).numpy()))
         else:
@@ -319,6 +344,22 @@ class FrameConnection:
             payload = bytearray(length)
             await self.recv_exactly_into(memoryview(payload))
         return Frame(got_kind, compression, dtype, got_index, weight, payload, FRAME.size + length)
+
+    async def _read_remote(self, length: int, expected: int, payload: torch.Tensor) -> None:
+        """Read a REMOTE frame's location, then the part from the peer's memory into ``payload``."""
+        if self.peer_pid is None:
+            raise DataPlaneError(f"{self.peer} sent a same-host frame over a connection that allows none")
+        if length != LOCATION_SIZE:
+            raise DataPlaneError(f"{self.peer} sent a location of {length} bytes")
+        address, nbytes = crossmemory.LOCATION.unpack(await self.recv_bytes(LOCATION_SIZE))
+        if nbytes != expected:
+            raise DataPlaneError(f"{self.peer} offered a raw part of {nbytes} bytes, expected {expected}")
+        try:
+            crossmemory.read_into(self.peer_pid, address, payload.data_ptr(), nbytes)
+        except OSError as e:
+            raise DataPlaneError(f"could not read the part {self.peer} offered: {e}") from e
+        if not crossmemory.owner_alive(self.sock):  # it may have left the round (and reused that memory) meanwhile
+            raise DataPlaneError(f"{self.peer} hung up: the part read from its memory may be stale")
 
     def close(self) -> None:
         if not self.closed:
@@ -340,6 +381,8 @@ class FrameConnection:
 
 def _tune(sock: socket.socket) -> None:
     sock.setblocking(False)
+    if sock.family == socket.AF_UNIX:  # same host: only frame headers and locations travel
+        return
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     for option, limit in ((socket.SO_SNDBUF, "wmem_max"), (socket.SO_RCVBUF, "rmem_max")):
         # A fixed buffer turns Linux's autotuning off for this socket, and the kernel caps it at net.core.*mem_max:
@@ -386,8 +429,9 @@ class TicketBook:
         self._tickets[token] = (group_id, peer_id, now + self.ttl)
         return token
 
-    def redeem(self, token: bytes) -> Optional[Tuple[bytes, PeerID]]:
-        entry = self._tickets.pop(token, None)
+    def redeem(self, token: bytes, *, keep: bool = False) -> Optional[Tuple[bytes, PeerID]]:
+        """``(group ID, peer ID)`` of a valid token, else None; ``keep``: check it without using it up."""
+        entry = self._tickets.get(token) if keep else self._tickets.pop(token, None)
         if entry is None or entry[2] < time.monotonic():
             return None
         return entry[0], entry[1]
@@ -409,6 +453,9 @@ class DataPlane:
     :param connect_timeout: seconds for the ticket rpc, the TCP connect and the hello together, before falling back
     :param unreachable_ttl: seconds during which a reducer whose endpoint failed is reached over p2p only
     :param idle_ttl: seconds a connection is kept open between rounds (the sender reuses it a bit less long)
+    :param same_host_reads: also listen on a Unix socket, where a peer on this host connects and the raw parts of
+      both sides are read from the other process's memory (:mod:`.crossmemory`); a pair where the kernel does not
+      allow that uses TCP
     """
 
     def __init__(
@@ -422,12 +469,18 @@ class DataPlane:
         unreachable_ttl: float = 600.0,
         ticket_ttl: float = 120.0,
         idle_ttl: float = 300.0,
+        same_host_reads: bool = True,
     ):
         self.host, self.port, self.announce_host = host, port, announce_host or host
+        self.same_host_reads = same_host_reads and crossmemory.available()
+        self._local_name: Optional[bytes] = None  # abstract Unix socket of the same-host listener
+        self._local_listener: Optional[socket.socket] = None
+        self._probe = crossmemory.Probe() if self.same_host_reads else None
+        self._no_reads: Dict[PeerID, float] = {}  # reducers whose memory we cannot read, until then
         self.connect_timeout, self.hello_timeout, self.unreachable_ttl = connect_timeout, hello_timeout, unreachable_ttl
         self.tickets = TicketBook(ticket_ttl)
         self._listener: Optional[socket.socket] = None
-        self._accept_task: Optional[asyncio.Task] = None
+        self._accept_tasks: List[asyncio.Task] = []
         self._handler: Optional[ConnectionHandler] = None
         self._unreachable: Dict[PeerID, float] = {}
         self._serving: set = set()
@@ -448,25 +501,40 @@ class DataPlane:
         listener.listen(128)
         listener.setblocking(False)
         self._listener, self.port = listener, listener.getsockname()[1]
-        self._accept_task = asyncio.create_task(self._accept_forever())
+        self._accept_tasks.append(asyncio.create_task(self._accept_forever(listener, local=False)))
         logger.debug(f"Data plane listening on {self.host}:{self.port} (announced as {self.announce_host})")
+        if self.same_host_reads:
+            # abstract namespace (Linux): no file to clean up, and reachable only from this network namespace
+            name = b"\0athome-dataplane-" + secrets.token_hex(16).encode()
+            local = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                local.bind(name)
+                local.listen(128)
+                local.setblocking(False)
+            except OSError as e:
+                local.close()
+                logger.debug(f"Data plane: no same-host listener ({e!r}); same-host peers use TCP")
+            else:
+                self._local_listener, self._local_name = local, name
+                self._accept_tasks.append(asyncio.create_task(self._accept_forever(local, local=True)))
 
     async def shutdown(self) -> None:
-        if self._accept_task is not None:
-            self._accept_task.cancel()
+        for task in self._accept_tasks:
+            task.cancel()
         for task in list(self._serving):
             task.cancel()
         for connection, _ in self._kept.values():
             connection.close()
         self._kept.clear()
-        if self._listener is not None:
-            self._listener.close()
+        for listener in (self._listener, self._local_listener):
+            if listener is not None:
+                listener.close()
 
-    async def _accept_forever(self) -> None:
+    async def _accept_forever(self, listener: socket.socket, local: bool) -> None:
         loop = asyncio.get_event_loop()
         while True:
             try:
-                sock, address = await loop.sock_accept(self._listener)
+                sock, address = await loop.sock_accept(listener)
             except asyncio.CancelledError:
                 raise
             except OSError as e:  # e.g. out of file descriptors: keep serving
@@ -474,24 +542,32 @@ class DataPlane:
                 await asyncio.sleep(0.1)
                 continue
             _tune(sock)
-            task = asyncio.create_task(self._serve(FrameConnection(sock, f"{address[0]}:{address[1]}")))
+            peer = f"process {crossmemory.peer_pid(sock)} on this host" if local else f"{address[0]}:{address[1]}"
+            task = asyncio.create_task(self._serve(FrameConnection(sock, peer), local))
             self._serving.add(task)
             task.add_done_callback(self._serving.discard)
 
-    async def _serve(self, connection: FrameConnection) -> None:
+    async def _serve(self, connection: FrameConnection, local: bool = False) -> None:
         try:
+            hello_struct = LOCAL_HELLO if local else HELLO
             try:
-                hello = await asyncio.wait_for(connection.recv_bytes(HELLO.size), self.hello_timeout)
+                hello = await asyncio.wait_for(connection.recv_bytes(hello_struct.size), self.hello_timeout)
             except (asyncio.TimeoutError, OSError) as e:
                 self.refused_hellos += 1
                 logger.warning(f"Data plane: no valid hello from {connection.peer} ({e!r}); connection closed")
                 return
-            magic, version, token = HELLO.unpack(hello)
-            bound = self.tickets.redeem(token) if magic == MAGIC and version == VERSION else None
+            magic, version, token, *probe = hello_struct.unpack(hello)
+            # a same-host ticket is used up only once both sides could read each other: else the sender goes on to
+            # TCP with the same ticket
+            bound = self.tickets.redeem(token, keep=local) if magic == MAGIC and version == VERSION else None
             if bound is None:
                 self.refused_hellos += 1
                 logger.warning(f"Data plane: wrong or expired ticket from {connection.peer}; connection closed")
                 return
+            if local:
+                if not await asyncio.wait_for(self._agree_on_reads(connection, *probe), self.hello_timeout):
+                    return
+                self.tickets.redeem(token)
             group_id, peer_id = bound
             while await self._handler(group_id, peer_id, connection):
                 try:  # the round ended clean: the sender may start its next round with us on this connection
@@ -505,6 +581,20 @@ class DataPlane:
             logger.debug(f"Data plane connection from {connection.peer} failed: {e!r}", exc_info=True)
         finally:
             connection.close()
+
+    async def _agree_on_reads(self, connection: FrameConnection, address: int, value: bytes) -> bool:
+        """Reducer side of a same-host hello: check that we can read the sender's memory, show it our probe, and
+        hear whether it can read ours. True: ``connection.peer_pid`` is set and the round may start."""
+        pid = crossmemory.peer_pid(connection.sock)
+        if pid is None or not crossmemory.can_read(pid, address, value):
+            await connection.send_all(ACK_REFUSED)
+            logger.debug(f"Data plane: cannot read the memory of {connection.peer}; it will use TCP")
+            return False
+        await connection.send_all(LOCAL_ACK.pack(ACK_OK, self._probe.address, self._probe.value))
+        if await connection.recv_bytes(1) != ACK_OK:
+            return False
+        connection.peer_pid = pid
+        return True
 
     # ---- ticket rpc (both sides) ---------------------------------------------------------------------------------
 
@@ -524,7 +614,8 @@ class DataPlane:
         if not await policy(group_id, caller):
             return _ticket_reply(error="not a sender of this group")
         host, port = self.endpoint
-        return _ticket_reply(token=self.tickets.issue(group_id, caller), host=host, port=port)
+        local = {} if self._local_name is None else dict(local=self._local_name)
+        return _ticket_reply(token=self.tickets.issue(group_id, caller), host=host, port=port, **local)
 
     def keep(self, peer_id: PeerID, connection: FrameConnection) -> None:
         """Sender side: ``connection`` to ``peer_id``'s reducer ended its round clean; keep it for the next round."""
@@ -576,6 +667,10 @@ class DataPlane:
                     logger.debug(f"{peer_id} gave no data plane ticket: {reply.get('error')}")
                     return None
                 host, port, token = str(reply["host"]), int(reply["port"]), bytes(reply["token"])
+                if "local" in reply and self.same_host_reads and self._no_reads.get(peer_id, 0.0) < time.monotonic():
+                    connection = await self._connect_local(peer_id, bytes(reply["local"]), token)
+                    if connection is not None:
+                        return connection
                 reachable = False  # from here on, a failure means the endpoint is unreachable from here
                 sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
                 _tune(sock)
@@ -597,6 +692,43 @@ class DataPlane:
                 self._unreachable[peer_id] = time.monotonic() + self.unreachable_ttl
             logger.info(f"Data plane to {peer_id} unavailable ({e!r}); using p2p for it")
             return None
+
+    async def _connect_local(self, peer_id: PeerID, name: bytes, token: bytes) -> Optional[FrameConnection]:
+        """Sender side of a same-host connection: hello over the reducer's Unix socket, each side checks that it can
+        read the other's memory. None (then TCP) if the socket is not reachable from here (another host, another
+        network namespace) or either side cannot read the other; that reducer is then not tried this way for
+        ``unreachable_ttl`` seconds.
+
+        :raises DataPlaneError: the reducer refused this round (as a refused TCP hello: no TCP either)
+        """
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        connection = FrameConnection(sock, f"{peer_id} on this host")
+        round_refused = False
+        try:
+            await connection.loop.sock_connect(sock, name)
+            pid = crossmemory.peer_pid(sock)
+            await connection.send_all(LOCAL_HELLO.pack(MAGIC, VERSION, token, self._probe.address, self._probe.value))
+            answer = await connection.recv_bytes(1)
+            if answer == ACK_OK:
+                address, value = LOCAL_ACK.unpack(answer + await connection.recv_bytes(LOCAL_ACK.size - 1))[1:]
+                if pid is not None and crossmemory.can_read(pid, address, value):
+                    await connection.send_all(ACK_OK)
+                    if await connection.recv_bytes(1) == ACK_OK:  # the round's answer, as over TCP
+                        connection.peer_pid = pid
+                        return connection
+                    round_refused = True
+                else:
+                    await connection.send_all(ACK_REFUSED)
+            if not round_refused:
+                logger.debug(f"Data plane: same-host reads with {peer_id} are not allowed here; using TCP")
+        except OSError as e:  # e.g. ECONNREFUSED: the reducer's socket is in another network namespace
+            logger.debug(f"Data plane: no same-host connection to {peer_id} ({e!r}); using TCP")
+        connection.close()
+        if round_refused:
+            raise DataPlaneError("hello refused")
+        self._no_reads[peer_id] = time.monotonic() + self.unreachable_ttl
+        return None
 
 
 def _ticket_reply(**fields) -> runtime_pb2.ExpertResponse:
