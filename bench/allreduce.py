@@ -8,7 +8,9 @@ Every peer is a separate process (forked). Per N, in one run:
   variants: at least ``ATHOME_MIN_REPS``);
 * hivemind: stock ``DecentralizedAverager`` (no compression, mean), run first and again last (baseline = mean);
 * athome: ``RobustAverager`` with reducer x compression variants (fp16 only with ``--variants all``), over its
-  direct TCP data plane, and once with the plane off ("athome p2p ...": parts through p2pd, as before the plane).
+  direct data plane: every peer is on this host, so raw parts are read from the other processes' memory
+  (same-host reads, the default); once over TCP as between hosts ("athome tcp ...": ``same_host_reads=False``), and
+  once with the plane off ("athome p2p ...": parts through p2pd, as before the plane).
 
 For the averagers, the group is formed first (``step(require_trigger=True)``), all peers pass a barrier, and the
 clock runs from the trigger to the slowest peer's result: matchmaking is excluded, so the numbers compare the
@@ -59,14 +61,19 @@ VARIANTS = (
     ("hivemind none/mean", "hivemind", "mean", "none"),
     ("athome none/mean", "athome", "mean", "none"),
     ("athome none/centered_clip", "athome", "centered_clip", "none"),
+    ("athome tcp none/centered_clip", "athome", "centered_clip", "none"),
     ("athome p2p none/centered_clip", "athome", "centered_clip", "none"),
     ("athome fp16/centered_clip", "athome", "centered_clip", "fp16"),
     ("athome uint8/centered_clip", "athome", "centered_clip", "uint8"),
     ("hivemind none/mean (again)", "hivemind", "mean", "none"),
 )
-DEFAULT_VARIANTS = "hivemind,athome none/mean,athome none/centered_clip,p2p,uint8"  # fp16 with --variants all
-# "p2p" variants turn athome's direct TCP data plane off: parts go through p2pd as protobuf (athome before the plane)
-VARIANT_KWARGS = {"athome p2p none/centered_clip": dict(direct_tcp=False)}
+DEFAULT_VARIANTS = "hivemind,athome none/mean,athome none/centered_clip,tcp,p2p,uint8"  # fp16 with --variants all
+# "tcp": the data plane without same-host reads (parts over TCP even between processes of one host, as between
+# hosts); "p2p": the data plane off (parts through p2pd as protobuf, athome before the plane)
+VARIANT_KWARGS = {
+    "athome tcp none/centered_clip": dict(same_host_reads=False),
+    "athome p2p none/centered_clip": dict(direct_tcp=False),
+}
 SUMMARY_VARIANT = "athome none/centered_clip"
 FLOOR_LABEL = "plain TCP, no waiting"  # --link_mbit only: see _plain_tcp_exchange
 GLOO_MIN_REPS = 10  # timed gloo all-reduces on loopback, whatever --reps says

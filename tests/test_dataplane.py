@@ -43,8 +43,10 @@ from test_averaging import (  # noqa: F401 (dhts, victim_dht: fixtures)
     STEP_TIMEOUT, _flat, _form_group, _outcomes, _random_sets, _step_all, _tensors, dhts, victim_dht,
 )
 
-# small parts so that every member of a 4-peer group reduces a slice; the mean so that results are exact
-AVERAGER_KWARGS = dict(test_averaging.AVERAGER_KWARGS, target_group_size=4, reducer="mean")
+# small parts so that every member of a 4-peer group reduces a slice; the mean so that results are exact. Parts go
+# over TCP, as between hosts, unless a test asks for same-host reads (test_averaging.py runs with them, the default)
+AVERAGER_KWARGS = dict(test_averaging.AVERAGER_KWARGS, target_group_size=4, reducer="mean", same_host_reads=False)
+SAME_HOST = dict(same_host_reads=True)
 
 
 # ---- the protocol over real sockets, no averager -----------------------------------------------------------------
@@ -62,7 +64,7 @@ async def _hello_answer(host: str, port: int, token: bytes) -> bytes:
 
 def test_tickets_hello_and_frames_over_tcp():
     async def main():
-        plane = DataPlane("127.0.0.1", connect_timeout=2.0)
+        plane = DataPlane("127.0.0.1", connect_timeout=2.0, same_host_reads=False)
         served, received = [], []
 
         async def handler(group_id, peer_id, connection):
@@ -141,7 +143,7 @@ def test_a_clean_connection_carries_the_next_round_without_a_ticket(monkeypatch)
     monkeypatch.setattr(FrameConnection, "restart_congestion_control", lambda self: restarts.append(self.peer))
 
     async def main():
-        plane = DataPlane("127.0.0.1", connect_timeout=2.0)
+        plane = DataPlane("127.0.0.1", connect_timeout=2.0, same_host_reads=False)
         rounds, tickets = [], []
 
         async def handler(group_id, peer_id, connection):
@@ -192,6 +194,78 @@ def test_a_clean_connection_carries_the_next_round_without_a_ticket(monkeypatch)
     asyncio.run(main())
 
 
+def test_same_host_reads_carry_raw_parts_from_memory(monkeypatch):
+    """Over the Unix socket, frames carry locations and each side reads the other's memory (here both planes live
+    in this process); a read is discarded once its owner hung up; a pair whose memory cannot be read uses TCP."""
+    from athome.averaging import crossmemory, dataplane
+
+    async def main():
+        plane = DataPlane("127.0.0.1", connect_timeout=2.0)
+        assert plane.same_host_reads, "this test needs Linux cross memory attach"
+        aggregates, first_frames = [], []
+
+        async def handler(group_id, peer_id, connection):
+            await connection.send_all(ACK_OK)
+            frame = await connection.recv_frame(KIND_PART, 0, 6)
+            first_frames.append(frame)
+            aggregates.append(frame.payload * 2)
+            await connection.send_location(KIND_RESULT, 0, aggregates[-1])
+            await connection.recv_frame(dataplane.KIND_DONE, 1, 0)
+            return True
+
+        async def members(group_id, caller):
+            return True
+
+        ticket = lambda: plane.answer_ticket_request(DataPlane.ticket_request(b"g"), "alice", members)  # noqa: E731
+        await plane.start(handler)
+        connection = await plane.connect("bob", ticket, b"g")
+        assert connection is not None and connection.sock.family == socket.AF_UNIX
+        assert connection.peer_pid == os.getpid()  # named by the kernel (SO_PEERCRED), not by the peer
+        part = torch.arange(6, dtype=torch.float32)
+        sent = await connection.send_location(KIND_PART, 0, part, weight=1.0)
+        assert sent == FRAME.size + dataplane.LOCATION_SIZE + 24  # counted as the bytes handed over
+        into = torch.zeros(6)
+        result = await connection.recv_frame(KIND_RESULT, 0, 6, into=into)
+        assert result.compression == RAW and result.payload.data_ptr() == into.data_ptr()  # read in place
+        assert torch.equal(into, part * 2) and torch.equal(first_frames[0].payload, part)
+        await connection.send_frame(dataplane.KIND_DONE, 1, RAW, torch.float32, b"")
+
+        # the reducer offers a location, then hangs up before the sender reads it: the read is refused as stale
+        left, right = socket.socketpair(socket.AF_UNIX)
+        left.setblocking(False)
+        right.setblocking(False)
+        reader = dataplane.FrameConnection(left, "test", peer_pid=os.getpid())
+        owner = dataplane.FrameConnection(right, "owner", peer_pid=os.getpid())
+        await owner.send_location(KIND_PART, 0, part)
+        owner.close()
+        with pytest.raises(DataPlaneError, match="hung up"):
+            await reader.recv_frame(KIND_PART, 0, 6)
+        reader.close()
+
+        # a location of the wrong size, or over a connection that allows no reads, is a protocol violation
+        for pid, numel, error in ((os.getpid(), 5, "offered"), (None, 6, "allows none")):
+            left, right = socket.socketpair(socket.AF_UNIX)
+            left.setblocking(False)
+            reader = dataplane.FrameConnection(left, "test", peer_pid=pid)
+            right.sendall(FRAME.pack(FRAME_MAGIC, KIND_PART, dataplane.REMOTE, 1, 0, 1.0, dataplane.LOCATION_SIZE))
+            right.sendall(crossmemory.LOCATION.pack(part.data_ptr(), 24))
+            with pytest.raises(DataPlaneError, match=error):
+                await reader.recv_frame(KIND_PART, 0, numel)
+            reader.close()
+            right.close()
+
+        # where the kernel does not let one read the other (Yama, seccomp, another user), the pair uses TCP
+        monkeypatch.setattr(crossmemory, "can_read", lambda *args: False)
+        fallback = await plane.connect("carol", ticket, b"g")
+        assert fallback is not None and fallback.sock.family == socket.AF_INET and fallback.peer_pid is None
+        fallback.close()
+        assert "carol" in plane._no_reads  # not tried that way again for a while
+        connection.close()
+        await plane.shutdown()
+
+    asyncio.run(main())
+
+
 def test_listen_address_comes_from_own_direct_addresses():
     maddrs = ["/ip4/1.2.3.4/tcp/5/p2p/QmRelay/p2p-circuit", "/ip4/0.0.0.0/tcp/1", "/ip4/10.0.0.2/tcp/7"]
     assert bind_host_from_maddrs(maddrs) == "10.0.0.2"
@@ -224,15 +298,18 @@ def _others(averagers, averager):
 
 
 @pytest.mark.timeout(120)
-def test_four_peers_reach_the_exact_mean_over_tcp(dhts):
+@pytest.mark.parametrize("same_host", [False, True], ids=["tcp", "same_host"])
+def test_four_peers_reach_the_exact_mean_over_the_plane(dhts, same_host):
     sets = _random_sets(4, seed=30)
-    averagers = _averagers(dhts, sets)
+    averagers = _averagers(dhts, sets, per_peer=[SAME_HOST if same_host else {}] * 4)
     try:
         results = _step_all(averagers)
         assert all(isinstance(r, dict) and len(r) == 4 for r in results), results
         _assert_exact_mean(averagers, sets)
-        for averager in averagers:  # every other member's slice came over TCP
+        for averager in averagers:  # every other member's slice came over the plane (TCP, or read from its memory)
             assert set(averager.last_round.tcp_reducers) == _others(averagers, averager)
+            expected = _others(averagers, averager) if same_host else set()
+            assert set(averager.last_round.same_host_reducers) == expected
             assert averager.last_round.kept_reducers == ()
             assert averager.last_round.bytes_sent > 0
 
@@ -331,14 +408,15 @@ _DyingAverager = _averager_with(_DiesMidStream)
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("same_host", [False, True], ids=["tcp", "same_host"])
 @pytest.mark.parametrize("how", ["SIGKILL", "SIGSTOP"])
-def test_peer_killed_mid_tcp_stream_does_not_hang_the_others(dhts, victim_dht, monkeypatch, how):
+def test_peer_killed_mid_stream_does_not_hang_the_others(dhts, victim_dht, monkeypatch, how, same_host):
     monkeypatch.setattr(_DiesMidStream, "signal_number", getattr(signal, how))  # inherited by the forked victim
     sets = _random_sets(4, seed=33, shapes=((2000,),))
     # min_group_size=4: the round always includes the victim (with 2, the survivors could form a group without it)
     averagers = _averagers(
         dhts[:3] + [victim_dht], sets, classes=[RobustAverager] * 3 + [_DyingAverager],
-        per_peer=[dict(min_group_size=4)] * 4,
+        per_peer=[dict(min_group_size=4, same_host_reads=same_host)] * 4,
     )
     survivors, victim = averagers[:3], averagers[3]
     try:
@@ -361,6 +439,7 @@ def test_peer_killed_mid_tcp_stream_does_not_hang_the_others(dhts, victim_dht, m
             report = averager.last_round
             assert report.status == "partial" and 0 < report.unreduced_fraction < 1, report
             assert str(victim.peer_id) in report.failed_reducers and str(victim.peer_id) in report.tcp_reducers
+            assert (str(victim.peer_id) in report.same_host_reducers) == same_host
     finally:
         try:
             os.kill(victim.pid, signal.SIGKILL)

@@ -83,6 +83,10 @@ class AveragingConfig(_Strict):
         True, description="move all-reduce tensor parts over direct TCP between group members (tickets over p2p; "
                           "falls back to p2p per pair). Off: everything through libp2p, encrypted"
     )
+    same_host_reads: bool = Field(
+        True, description="on the direct plane, group members on one host read each other's uncompressed parts "
+                          "from memory (Linux cross memory attach, where the kernel allows it) instead of over TCP"
+    )
 
 
 class VerificationConfig(_Strict):

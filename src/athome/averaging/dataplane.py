@@ -381,9 +381,8 @@ class FrameConnection:
 
 def _tune(sock: socket.socket) -> None:
     sock.setblocking(False)
-    if sock.family == socket.AF_UNIX:  # same host: only frame headers and locations travel
-        return
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if sock.family != socket.AF_UNIX:  # (same host: coded parts still travel as bytes, hence the buffers below)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     for option, limit in ((socket.SO_SNDBUF, "wmem_max"), (socket.SO_RCVBUF, "rmem_max")):
         # A fixed buffer turns Linux's autotuning off for this socket, and the kernel caps it at net.core.*mem_max:
         # at the usual default (208 KiB) that would pin the window far below a long fat link's needs (100 Mbit/s
@@ -702,7 +701,7 @@ class DataPlane:
         :raises DataPlaneError: the reducer refused this round (as a refused TCP hello: no TCP either)
         """
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.setblocking(False)
+        _tune(sock)
         connection = FrameConnection(sock, f"{peer_id} on this host")
         round_refused = False
         try:

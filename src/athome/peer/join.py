@@ -236,6 +236,7 @@ def start_replica_averaging(
             expected_replicas=len(live_hosts.get(uid, ())) + 1, reducer=averaging.reducer,
             clip_tau=averaging.clip_tau, clip_iterations=averaging.clip_iterations, compression=averaging.compression,
             direct_tcp=averaging.direct_tcp,
+            same_host_reads=averaging.same_host_reads,
             has_partners=lambda uid=uid: has_partners(uid),
         ))
     logger.info(

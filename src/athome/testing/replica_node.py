@@ -65,7 +65,8 @@ def main() -> None:
         dht, "ffn.0.0", [tensor], run_prefix="athome.replicanode", target_group_size=averaging.target_group_size,
         period=args.period, expected_replicas=2, reducer=averaging.reducer, clip_tau=averaging.clip_tau,
         clip_iterations=averaging.clip_iterations, compression=averaging.compression,
-        direct_tcp=averaging.direct_tcp, on_round=report,
+        direct_tcp=averaging.direct_tcp, same_host_reads=averaging.same_host_reads,
+        on_round=report,
     )
     rounds_ok = rounds_failed = 0
     while True:  # the averager's own schedule, observed: one line per finished round

@@ -294,6 +294,7 @@ class Trainer:
         opt = config.optimizer
         robust_opts = dict(reducer=config.averaging.reducer, clip_tau=config.averaging.clip_tau,
                            clip_iterations=config.averaging.clip_iterations, direct_tcp=config.averaging.direct_tcp,
+                           same_host_reads=config.averaging.same_host_reads,
                            on_round=self.verification.note_round)  # heavily clipped senders: hints for validators
         worker_beta, adamw_betas = config.dense_momentum()
         if worker_beta:
