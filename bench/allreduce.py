@@ -9,8 +9,9 @@ Every peer is a separate process (forked). Per N, in one run:
 * hivemind: stock ``DecentralizedAverager`` (no compression, mean), run first and again last (baseline = mean);
 * athome: ``RobustAverager`` with reducer x compression variants (fp16 only with ``--variants all``), over its
   direct data plane: every peer is on this host, so raw parts are read from the other processes' memory
-  (same-host reads, the default); once over TCP as between hosts ("athome tcp ...": ``same_host_reads=False``), and
-  once with the plane off ("athome p2p ...": parts through p2pd, as before the plane).
+  (same-host reads, the default); once over TCP as between hosts ("athome tcp ...": ``same_host_reads=False``, as
+  the codec variants, whose point is network bytes), and once with the plane off ("athome p2p ...": parts through
+  p2pd, as before the plane).
 
 For the averagers, the group is formed first (``step(require_trigger=True)``), all peers pass a barrier, and the
 clock runs from the trigger to the slowest peer's result: matchmaking is excluded, so the numbers compare the
@@ -69,10 +70,13 @@ VARIANTS = (
 )
 DEFAULT_VARIANTS = "hivemind,athome none/mean,athome none/centered_clip,tcp,p2p,uint8"  # fp16 with --variants all
 # "tcp": the data plane without same-host reads (parts over TCP even between processes of one host, as between
-# hosts); "p2p": the data plane off (parts through p2pd as protobuf, athome before the plane)
+# hosts); "p2p": the data plane off (parts through p2pd as protobuf, athome before the plane). Codecs save network
+# bytes: on one host parts are read raw from memory and skip them, so the codec variants run over TCP
 VARIANT_KWARGS = {
     "athome tcp none/centered_clip": dict(same_host_reads=False),
     "athome p2p none/centered_clip": dict(direct_tcp=False),
+    "athome fp16/centered_clip": dict(same_host_reads=False),
+    "athome uint8/centered_clip": dict(same_host_reads=False),
 }
 SUMMARY_VARIANT = "athome none/centered_clip"
 FLOOR_LABEL = "plain TCP, no waiting"  # --link_mbit only: see _plain_tcp_exchange

@@ -287,17 +287,19 @@ class RobustAllReduceRunner(AllReduceRunner):
         parts = list(container._input_parts_by_peer[peer_index])
         compression = container.compression
 
-        raw = getattr(compression, "compression_type", None) == RAW
         local = connection.peer_pid is not None
         if local:
             self._open_local.add(connection)
+        # same host: the reducer reads our parts from our memory, whatever the codec (codecs save network bytes, and
+        # these cross none), and we read its raw aggregates from its memory
+        by_location = local and all(part.is_contiguous() and part.device.type == "cpu" for part, _ in parts)
+        raw = by_location or getattr(compression, "compression_type", None) == RAW
 
         async def _send_all():
             # each part is encoded when the previous one is handed to the socket (codec "none": the tensor's own
-            # memory, or on the same host its location there); codec work runs here, in the loop's thread (see
-            # "Codecs on the data plane" above)
+            # memory); codec work runs here, in the loop's thread (see "Codecs on the data plane" above)
             for part_index, (part, info) in enumerate(parts):
-                if local and raw and part.is_contiguous():  # unchanged until this round ends: see close_local()
+                if by_location:  # unchanged until this round ends on this connection: see close_local()
                     sent = await connection.send_location(KIND_PART, part_index, part, weight=self.weight)
                 else:
                     codec, dtype, payload = encode_part(part, compression, info)
@@ -410,7 +412,7 @@ class RobustAllReduceRunner(AllReduceRunner):
         offered = []  # what the sender reads from our memory: kept alive (a converted aggregate is a new tensor)
 
         async def _send_result(kind: int, index: int, encoded) -> None:
-            if local and encoded[0] == RAW and encoded[2].is_contiguous():
+            if local and encoded[0] == RAW and encoded[2].is_contiguous() and encoded[2].device.type == "cpu":
                 # the aggregate, unchanged until the sender says DONE or we hang up (close_local)
                 offered.append(encoded[2])
                 self.bytes_sent += await connection.send_location(kind, index, encoded[2])
