@@ -415,9 +415,10 @@ class RobustAllReduceRunner(AllReduceRunner):
             if local and encoded[0] == RAW and encoded[2].is_contiguous() and encoded[2].device.type == "cpu":
                 # the aggregate, unchanged until the sender says DONE or we hang up (close_local)
                 offered.append(encoded[2])
-                self.bytes_sent += await connection.send_location(kind, index, encoded[2])
+                sent = await connection.send_location(kind, index, encoded[2])
             else:
-                self.bytes_sent += await connection.send_frame(kind, index, *encoded)
+                sent = await connection.send_frame(kind, index, *encoded)
+            self.bytes_sent += sent  # not `+= await` (see _exchange_over_tcp)
 
         part_index = 0
         clean = False

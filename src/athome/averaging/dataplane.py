@@ -476,6 +476,7 @@ class DataPlane:
         self._local_listener: Optional[socket.socket] = None
         self._probe = crossmemory.Probe() if self.same_host_reads else None
         self._no_reads: Dict[PeerID, float] = {}  # reducers whose memory we cannot read, until then
+        self._told_reads_refused = False
         self.connect_timeout, self.hello_timeout, self.unreachable_ttl = connect_timeout, hello_timeout, unreachable_ttl
         self.tickets = TicketBook(ticket_ttl)
         self._listener: Optional[socket.socket] = None
@@ -720,7 +721,7 @@ class DataPlane:
                 else:
                     await connection.send_all(ACK_REFUSED)
             if not round_refused:
-                logger.debug(f"Data plane: same-host reads with {peer_id} are not allowed here; using TCP")
+                self._tell_reads_refused(peer_id)
         except OSError as e:  # e.g. ECONNREFUSED: the reducer's socket is in another network namespace
             logger.debug(f"Data plane: no same-host connection to {peer_id} ({e!r}); using TCP")
         connection.close()
@@ -728,6 +729,21 @@ class DataPlane:
             raise DataPlaneError("hello refused")
         self._no_reads[peer_id] = time.monotonic() + self.unreachable_ttl
         return None
+
+
+    def _tell_reads_refused(self, peer_id: PeerID) -> None:
+        """Log, once per process, that same-host peers fall back to TCP, and how to allow the reads."""
+        if self._told_reads_refused:
+            logger.debug(f"Data plane: same-host reads with {peer_id} are not allowed here; using TCP")
+            return
+        self._told_reads_refused = True
+        logger.info(
+            f"Data plane: the kernel does not let this peer and {peer_id}, on the same host, read each other's "
+            f"memory; their parts go over TCP (slower on one host). Usual cause: Yama "
+            f"(/proc/sys/kernel/yama/ptrace_scope > 0, as on Ubuntu: `sudo sysctl kernel.yama.ptrace_scope=0` "
+            f"allows it), a container's seccomp profile, or another user. Set averaging.same_host_reads = false "
+            f"to use TCP without trying"
+        )
 
 
 def _ticket_reply(**fields) -> runtime_pb2.ExpertResponse:
