@@ -194,22 +194,26 @@ def test_a_clean_connection_carries_the_next_round_without_a_ticket(monkeypatch)
     asyncio.run(main())
 
 
-def test_same_host_reads_carry_raw_parts_from_memory(monkeypatch):
-    """Over the Unix socket, frames carry locations and each side reads the other's memory (here both planes live
-    in this process); a read is discarded once its owner hung up; a pair whose memory cannot be read uses TCP."""
-    from athome.averaging import crossmemory, dataplane
+def test_same_host_peers_copy_raw_parts_from_shared_memory(monkeypatch):
+    """Over the Unix socket, a segment's read-only descriptor goes once, then frames carry locations in it and the
+    other side copies from its mapping (here both planes live in this process); a copy is discarded once its owner
+    hung up; a location outside what was shared is a protocol violation; another user's peer gets TCP."""
+    from athome.averaging import dataplane, sharedmemory
 
     async def main():
         plane = DataPlane("127.0.0.1", connect_timeout=2.0)
-        assert plane.same_host_reads, "this test needs Linux cross memory attach"
-        aggregates, first_frames = [], []
+        assert plane.same_host_reads, "this test needs Linux (Unix sockets, SO_PEERCRED, memfd)"
+        reducer_region = sharedmemory.SharedRegion(64)
+        first_frames = []
 
         async def handler(group_id, peer_id, connection):
             await connection.send_all(ACK_OK)
             frame = await connection.recv_frame(KIND_PART, 0, 6)
             first_frames.append(frame)
-            aggregates.append(frame.payload * 2)
-            await connection.send_location(KIND_RESULT, 0, aggregates[-1])
+            aggregate = reducer_region.bytes[:24].view(torch.float32)
+            torch.mul(frame.payload, 2, out=aggregate)
+            located = sharedmemory.segment_of(aggregate, [reducer_region.segment])
+            await connection.send_location(KIND_RESULT, 0, aggregate, located)
             await connection.recv_frame(dataplane.KIND_DONE, 1, 0)
             return True
 
@@ -219,51 +223,102 @@ def test_same_host_reads_carry_raw_parts_from_memory(monkeypatch):
         ticket = lambda: plane.answer_ticket_request(DataPlane.ticket_request(b"g"), "alice", members)  # noqa: E731
         await plane.start(handler)
         connection = await plane.connect("bob", ticket, b"g")
-        assert connection is not None and connection.sock.family == socket.AF_UNIX
-        assert connection.peer_pid == os.getpid()  # named by the kernel (SO_PEERCRED), not by the peer
-        part = torch.arange(6, dtype=torch.float32)
-        sent = await connection.send_location(KIND_PART, 0, part, weight=1.0)
-        assert sent == FRAME.size + dataplane.LOCATION_SIZE + 24  # counted as the bytes handed over
+        assert connection is not None and connection.sock.family == socket.AF_UNIX and connection.same_host
+        region = sharedmemory.SharedRegion(48)
+        part = region.bytes[:24].view(torch.float32)
+        part.copy_(torch.arange(6, dtype=torch.float32))
+        located = sharedmemory.segment_of(part, [region.segment])
+        sent = await connection.send_location(KIND_PART, 0, part, located, weight=1.0)
+        # the segment frame, then the location; the part's bytes count as handed over
+        assert sent == 2 * FRAME.size + sharedmemory.SEGMENT.size + dataplane.LOCATION_SIZE + 24
         into = torch.zeros(6)
         result = await connection.recv_frame(KIND_RESULT, 0, 6, into=into)
-        assert result.compression == RAW and result.payload.data_ptr() == into.data_ptr()  # read in place
+        assert result.compression == RAW and result.payload.data_ptr() == into.data_ptr()  # copied in place
         assert torch.equal(into, part * 2) and torch.equal(first_frames[0].payload, part)
         await connection.send_frame(dataplane.KIND_DONE, 1, RAW, torch.float32, b"")
+        # a second part of the same segment: no second segment frame
+        second = region.bytes[24:48].view(torch.float32)
+        assert await connection.send_location(KIND_PART, 1, second, sharedmemory.segment_of(second, [region.segment])) \
+            == FRAME.size + dataplane.LOCATION_SIZE + 24
+        connection.close()
 
-        # the reducer offers a location, then hangs up before the sender reads it: the read is refused as stale
-        left, right = socket.socketpair(socket.AF_UNIX)
-        left.setblocking(False)
-        right.setblocking(False)
-        reader = dataplane.FrameConnection(left, "test", peer_pid=os.getpid())
-        owner = dataplane.FrameConnection(right, "owner", peer_pid=os.getpid())
-        await owner.send_location(KIND_PART, 0, part)
+        def pair():
+            left, right = socket.socketpair(socket.AF_UNIX)
+            left.setblocking(False)
+            right.setblocking(False)
+            return (dataplane.FrameConnection(left, "reader", same_host=True),
+                    dataplane.FrameConnection(right, "owner", same_host=True))
+
+        # the owner offers a location, then hangs up before the reader copies it: the copy is refused as stale
+        reader, owner = pair()
+        await owner.send_location(KIND_PART, 0, part, located)
         owner.close()
         with pytest.raises(DataPlaneError, match="hung up"):
             await reader.recv_frame(KIND_PART, 0, 6)
         reader.close()
 
-        # a location of the wrong size, or over a connection that allows no reads, is a protocol violation
-        for pid, numel, error in ((os.getpid(), 5, "offered"), (None, 6, "allows none")):
-            left, right = socket.socketpair(socket.AF_UNIX)
-            left.setblocking(False)
-            reader = dataplane.FrameConnection(left, "test", peer_pid=pid)
-            right.sendall(FRAME.pack(FRAME_MAGIC, KIND_PART, dataplane.REMOTE, 1, 0, 1.0, dataplane.LOCATION_SIZE))
-            right.sendall(crossmemory.LOCATION.pack(part.data_ptr(), 24))
+        # locations outside what was shared, of the wrong size, or over a connection that allows none
+        for segment_id, offset, nbytes, numel, error in (
+            (0, 40, 24, 6, "outside"), (7, 0, 24, 6, "never shared"), (0, 0, 20, 6, "offered"),
+        ):
+            reader, owner = pair()
+            await owner._send_segment(0, region.segment)
+            await owner.send_all(
+                FRAME.pack(FRAME_MAGIC, KIND_PART, dataplane.REMOTE, 1, 0, 1.0, dataplane.LOCATION_SIZE),
+                sharedmemory.LOCATION.pack(segment_id, offset, nbytes),
+            )
             with pytest.raises(DataPlaneError, match=error):
                 await reader.recv_frame(KIND_PART, 0, numel)
             reader.close()
-            right.close()
+            owner.close()
+        reader, owner = pair()
+        reader.same_host = False
+        await owner.send_location(KIND_PART, 0, part, located)
+        with pytest.raises(DataPlaneError, match="does not allow"):  # its segment frame already
+            await reader.recv_frame(KIND_PART, 0, 6)
+        reader.close()
+        owner.close()
 
-        # where the kernel does not let one read the other (Yama, seccomp, another user), the pair uses TCP
-        monkeypatch.setattr(crossmemory, "can_read", lambda *args: False)
+        # a peer of another user on this host gets TCP (a segment's owner could shrink it under a reader)
+        monkeypatch.setattr(sharedmemory, "same_user", lambda sock: False)
         fallback = await plane.connect("carol", ticket, b"g")
-        assert fallback is not None and fallback.sock.family == socket.AF_INET and fallback.peer_pid is None
+        assert fallback is not None and fallback.sock.family == socket.AF_INET and not fallback.same_host
         fallback.close()
         assert "carol" in plane._no_reads  # not tried that way again for a while
-        connection.close()
         await plane.shutdown()
+        region.close()
+        reducer_region.close()
 
     asyncio.run(main())
+
+
+def test_averaged_tensors_are_found_in_their_shared_memory_files():
+    """hivemind puts averaged tensors in /dev/shm files (torch's file_system strategy): their segments come from
+    this process's memory map, without asking torch (whose _share_fd_cpu_ would move the storage), and what a peer
+    receives is read-only."""
+    import fcntl
+
+    from athome.averaging import sharedmemory
+
+    assert torch.multiprocessing.get_sharing_strategy() == "file_system"  # set by importing hivemind
+    tensor = torch.randn(100_000).share_memory_()
+    address = tensor.data_ptr()
+    segments = sharedmemory.file_segments([tensor, torch.randn(10)])  # a private tensor has none
+    try:
+        assert len(segments) == 1
+        part = tensor[1000:2000]
+        segment, offset = sharedmemory.segment_of(part, segments)
+        assert offset == part.data_ptr() - segment.address and tensor.data_ptr() == address  # nothing moved
+        descriptor = sharedmemory.readonly_descriptor(segment)
+        assert fcntl.fcntl(descriptor, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY
+        mapped = sharedmemory.MappedSegment(descriptor, segment.size)
+        os.close(descriptor)
+        copied = torch.empty(1000)
+        mapped.copy_to(copied, offset, 4000)
+        assert torch.equal(copied, part)
+        mapped.close()
+    finally:
+        sharedmemory.close_segments(segments)
 
 
 def test_listen_address_comes_from_own_direct_addresses():

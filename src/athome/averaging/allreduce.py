@@ -51,6 +51,7 @@ from athome.averaging.dataplane import (
     supports,
 )
 from athome.averaging.outputs import AveragedPartContainer, ReceiveBufferPool
+from athome.averaging.sharedmemory import Segment, segment_of
 from athome.numerics import all_finite
 
 logger = logging.getLogger(__name__)
@@ -92,6 +93,9 @@ class RobustAllReduceRunner(AllReduceRunner):
       holding the **aggregates** (hivemind's runner yields deltas), with local values where a reducer failed
     :param receive_pool: where the raw parts this peer's reducer receives over the data plane are read into (buffers
       reused across rounds); None allocates them
+    :param shared_segments: shared memory holding ``tensors`` and ``outputs``
+      (:class:`~athome.averaging.sharedmemory.Segment`): same-host peers copy our parts and aggregates from there
+      instead of receiving them over a socket
     :param kwargs: everything ``hivemind.averaging.allreduce.AllReduceRunner`` accepts
 
     After the run: ``bytes_sent`` / ``bytes_received`` (bytes exchanged with *other* peers: serialized protobuf
@@ -108,9 +112,11 @@ class RobustAllReduceRunner(AllReduceRunner):
         dataplane: Optional[DataPlane] = None,
         outputs: Optional[Sequence[torch.Tensor]] = None,
         receive_pool: Optional[ReceiveBufferPool] = None,
+        shared_segments: Sequence[Segment] = (),
         **kwargs,
     ):
         super().__init__(**kwargs)
+        self.shared_segments = shared_segments
         hivemind_container = self.tensor_part_container  # same split, but results as deltas in fresh tensors
         tensors = hivemind_container.local_tensors
         self.tensor_part_container = AveragedPartContainer(
@@ -207,7 +213,7 @@ class RobustAllReduceRunner(AllReduceRunner):
                     self.tcp_peers.add(peer_id)
                     if connection.rounds > 1:
                         self.kept_peers.add(peer_id)
-                    if connection.peer_pid is not None:
+                    if connection.same_host:
                         self.same_host_peers.add(peer_id)
                     await self._exchange_over_tcp(peer_id, peer_index, connection)
                 else:
@@ -287,12 +293,13 @@ class RobustAllReduceRunner(AllReduceRunner):
         parts = list(container._input_parts_by_peer[peer_index])
         compression = container.compression
 
-        local = connection.peer_pid is not None
+        local = connection.same_host
         if local:
             self._open_local.add(connection)
-        # same host: the reducer reads our parts from our memory, whatever the codec (codecs save network bytes, and
-        # these cross none), and we read its raw aggregates from its memory
-        by_location = local and all(part.is_contiguous() and part.device.type == "cpu" for part, _ in parts)
+        # same host: the reducer copies our parts from our shared memory, whatever the codec (codecs save network
+        # bytes, and these cross none), and we copy its raw aggregates from its shared memory
+        located = [segment_of(part, self.shared_segments) for part, _ in parts] if local else []
+        by_location = local and all(where is not None for where in located)
         raw = by_location or getattr(compression, "compression_type", None) == RAW
 
         async def _send_all():
@@ -300,7 +307,9 @@ class RobustAllReduceRunner(AllReduceRunner):
             # memory); codec work runs here, in the loop's thread (see "Codecs on the data plane" above)
             for part_index, (part, info) in enumerate(parts):
                 if by_location:  # unchanged until this round ends on this connection: see close_local()
-                    sent = await connection.send_location(KIND_PART, part_index, part, weight=self.weight)
+                    sent = await connection.send_location(
+                        KIND_PART, part_index, part, located[part_index], weight=self.weight
+                    )
                 else:
                     codec, dtype, payload = encode_part(part, compression, info)
                     sent = await connection.send_frame(
@@ -404,7 +413,7 @@ class RobustAllReduceRunner(AllReduceRunner):
         self._live_readers += 1
         reader.add_done_callback(self._reader_ended)
         delayed = [] if self.should_delay_results(peer_id) else None
-        local = connection.peer_pid is not None
+        local = connection.same_host
         if local:
             self._open_local.add(connection)
             self._serving_local += 1
@@ -412,10 +421,10 @@ class RobustAllReduceRunner(AllReduceRunner):
         offered = []  # what the sender reads from our memory: kept alive (a converted aggregate is a new tensor)
 
         async def _send_result(kind: int, index: int, encoded) -> None:
-            if local and encoded[0] == RAW and encoded[2].is_contiguous() and encoded[2].device.type == "cpu":
-                # the aggregate, unchanged until the sender says DONE or we hang up (close_local)
+            located = segment_of(encoded[2], self.shared_segments) if local and encoded[0] == RAW else None
+            if located is not None:  # the aggregate, unchanged until the sender says DONE or we hang up (close_local)
                 offered.append(encoded[2])
-                sent = await connection.send_location(kind, index, encoded[2])
+                sent = await connection.send_location(kind, index, encoded[2], located)
             else:
                 sent = await connection.send_frame(kind, index, *encoded)
             self.bytes_sent += sent  # not `+= await` (see _exchange_over_tcp)

@@ -78,6 +78,7 @@ from hivemind.utils.asyncio import achain, aiter_with_timeout, as_aiter, enter_a
 from hivemind.utils.streaming import combine_from_streaming
 from hivemind.utils.timed_storage import ValueWithExpiration, get_dht_time
 
+from athome.averaging import sharedmemory
 from athome.averaging.allreduce import PartialRoundError, RobustAllReduceRunner, RoundTimeoutError
 from athome.averaging.compression import Quantile8BitCodec, Uniform8BitCodec, get_codec
 from athome.averaging.consistency import RoundOutcomes, agreement_tolerance, fetch_round_result
@@ -390,9 +391,8 @@ class RobustAveragingMixin:
       It is the ceiling: once a round has measured this peer's throughput, it proposes ~40 ms worth of sending (at least
       128 KiB), and each group streams in the smallest part size its members proposed
     :param direct_tcp: move tensor parts over the direct TCP data plane (:mod:`.dataplane`) where possible
-    :param same_host_reads: on the data plane, a pair of peers on one host (e.g. one per GPU) reads each other's
-      raw parts straight from the other process's memory instead of sending them over TCP (:mod:`.crossmemory`;
-      Linux, where the kernel lets one process read the other, else TCP)
+    :param same_host_reads: on the data plane, peers of one user on one host (e.g. one per GPU) copy each other's
+      parts, raw, from shared memory instead of sending them over TCP (:mod:`.sharedmemory`; Linux)
     :param dataplane_host: IP to listen on and announce for it (default: the first IPv4 of this peer's p2p
       addresses, preferring non-loopback ones); ``dataplane_port``: its TCP port (0: ephemeral)
     :param kwargs: everything hivemind's averager accepts (``dht``, ``prefix``, ``target_group_size``,
@@ -458,7 +458,11 @@ class RobustAveragingMixin:
         self._current_timeouts: Optional[RoundTimeouts] = None
         self._round_outcomes = RoundOutcomes()
         # a round's buffers are reused two rounds later, when RoundOutcomes has dropped that round's outcome
-        self._output_buffers = OutputBufferPool(sets=self._round_outcomes.max_rounds)
+        # same-host peers copy our parts and aggregates from shared memory (sharedmemory.py)
+        self._tensor_segments: Optional[Tuple[Tuple[int, ...], List[sharedmemory.Segment]]] = None
+        self._output_buffers = OutputBufferPool(
+            sets=self._round_outcomes.max_rounds, shared=direct_tcp and same_host_reads and sharedmemory.available()
+        )
         self._reducer_workspace: dict = {}  # CenteredClip's scratch buffers, kept from round to round
         self._banned_peers: set = set()  # peer IDs (base58) banned by the run's coordinator: see ban_peers()
         # shared with the averager process: see expect_group_size and refuse_pairs_while_seeing
@@ -760,6 +764,7 @@ class RobustAveragingMixin:
             dataplane=await self._get_dataplane(),
             outputs=self._output_buffers.take(tensors),
             receive_pool=self._receive_pool,
+            shared_segments=self._output_buffers.segments + self._segments_of(tensors),
             p2p=self._p2p,
             servicer_type=type(self),
             prefix=self.prefix,
@@ -890,6 +895,17 @@ class RobustAveragingMixin:
         logger.info(f"{failure}; repaired from {source}, which completed the round")
         self._mark_updated()
         return outcome
+
+    def _segments_of(self, tensors: Sequence[torch.Tensor]) -> List[sharedmemory.Segment]:
+        """The shared memory files of the averaged tensors, for same-host peers (found once: they never move)."""
+        if not self._output_buffers.shared:
+            return []
+        addresses = tuple(t.data_ptr() for t in tensors)
+        if self._tensor_segments is None or self._tensor_segments[0] != addresses:
+            if self._tensor_segments is not None:
+                sharedmemory.close_segments(self._tensor_segments[1])
+            self._tensor_segments = addresses, sharedmemory.file_segments(tensors)
+        return self._tensor_segments[1]
 
     def _repair_timeout(self) -> float:
         """How long an incomplete member waits for the others' outcomes: the round's reducer timeout (derived from

@@ -42,14 +42,16 @@ the power of one Byzantine group member at most; runs that need confidentiality 
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import logging
+import os
 import secrets
 import socket
 import struct
 import time
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Dict, List, Optional, Tuple
+from typing import Awaitable, Callable, Deque, Dict, List, Optional, Tuple
 
 import torch
 from hivemind.compression import CompressionBase, CompressionInfo
@@ -57,28 +59,27 @@ from hivemind.p2p import PeerID
 from hivemind.proto import runtime_pb2
 from hivemind.utils import MSGPackSerializer
 
-from athome.averaging import crossmemory
+from athome.averaging import sharedmemory
 from athome.averaging.compression import codec_for_type, deserialize_tensor
 
 logger = logging.getLogger(__name__)
 
 MAGIC, VERSION = b"ATDP", 3  # 2: raw results are aggregates (KIND_AVERAGE); 3: connections carry many rounds
 HELLO = struct.Struct("!4sB32s")  # magic, version, ticket token
-# same host (a Unix socket): magic, version, ticket token, address and value of the sender's crossmemory.Probe
-LOCAL_HELLO = struct.Struct("!4sB32sQ8s")
-LOCAL_ACK = struct.Struct("!cQ8s")  # ACK_OK, address and value of the reducer's probe (or ACK_REFUSED alone)
 ROUND = struct.Struct("!4sB")  # magic, group ID length; then the group ID: the next round on a kept connection
 ROUND_MAGIC = b"ATRN"
 ACK_OK, ACK_REFUSED = b"\x01", b"\x00"
 # magic, kind, compression (runtime_pb2.CompressionType), dtype code, part index, weight, payload bytes
 FRAME = struct.Struct("!2sBBBxxxIdQ")
 FRAME_MAGIC = b"DF"
-# a sender's part, a coded delta, a raw aggregate, and (same host) "I have read every result of this round"
-KIND_PART, KIND_RESULT, KIND_AVERAGE, KIND_DONE = 1, 2, 3, 4
+# a sender's part, a coded delta, a raw aggregate; same host: "I have read every result of this round", and a
+# shared memory segment (its descriptor rides along as SCM_RIGHTS)
+KIND_PART, KIND_RESULT, KIND_AVERAGE, KIND_DONE, KIND_SEGMENT = 1, 2, 3, 4, 5
 RAW = runtime_pb2.CompressionType.NONE  # codec whose parts travel as the tensor's own bytes
-# not a codec: the payload is a crossmemory.LOCATION in the sender's memory, where the receiver reads the raw part
+# not a codec: the payload is a sharedmemory.LOCATION in a segment the sender shared, where the raw part lies
 REMOTE = 255
-LOCATION_SIZE = crossmemory.LOCATION.size
+LOCATION_SIZE = sharedmemory.LOCATION.size
+MAX_DESCRIPTORS = 4  # per recvmsg: segments are announced one frame at a time
 DTYPES: Tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.float64, torch.bfloat16)
 _DTYPE_CODES = {dtype: code for code, dtype in enumerate(DTYPES, start=1)}
 _NUMPY_NAMES = {"float32": torch.float32, "float16": torch.float16, "float64": torch.float64, "bfloat16": torch.bfloat16}
@@ -129,10 +130,14 @@ class FrameConnection:
     Not safe for two concurrent readers or two concurrent writers; one of each is fine (full duplex).
     """
 
-    def __init__(self, sock: socket.socket, peer: str, peer_pid: Optional[int] = None):
+    def __init__(self, sock: socket.socket, peer: str, same_host: bool = False):
         self.sock, self.peer = sock, peer
-        # same host: the other end's process (from the kernel), whose memory raw parts are read from (REMOTE frames)
-        self.peer_pid = peer_pid
+        # same host, same user: raw parts travel as locations in shared memory segments (REMOTE frames)
+        self.same_host = same_host
+        self._unix = sock.family == getattr(socket, "AF_UNIX", None)
+        self._descriptors: Deque[int] = collections.deque()  # received with the bytes, for KIND_SEGMENT frames
+        self._mapped: Dict[int, sharedmemory.MappedSegment] = {}  # segments the peer shared, by its ID
+        self._shared: Dict[Tuple[int, int], int] = {}  # our segments shared on this connection (key -> ID)
         self.loop = asyncio.get_event_loop()
         self.closed = False
         self.rounds = 1  # rounds this connection has started (more than 1: kept between rounds)
@@ -163,7 +168,15 @@ class FrameConnection:
         """Read into ``view[received:]`` what the socket has; returns the new count of bytes received."""
         while received < len(view):
             try:
-                count = self.sock.recv_into(view[received:])
+                if self._unix:  # descriptors may ride along (KIND_SEGMENT): keep them for the frame that names them
+                    count, ancillary, flags, _ = self.sock.recvmsg_into(
+                        [view[received:]], socket.CMSG_SPACE(MAX_DESCRIPTORS * 4)
+                    )
+                    self._descriptors.extend(sharedmemory.take_descriptors(ancillary))
+                    if flags & socket.MSG_CTRUNC:
+                        raise DataPlaneError(f"{self.peer} sent more descriptors at once than a segment frame has")
+                else:
+                    count = self.sock.recv_into(view[received:])
             except (BlockingIOError, InterruptedError):
                 return received
             if count == 0:
@@ -294,30 +307,83 @@ class FrameConnection:
         header = FRAME.pack(FRAME_MAGIC, kind, compression, dtype_code(dtype), part_index, weight, data.nbytes)
         return await self.send_all(header, data)
 
-    async def send_location(self, kind: int, part_index: int, tensor: torch.Tensor, weight: float = 0.0) -> int:
-        """Same host: send where ``tensor`` (contiguous, on CPU) lies in our memory; the peer reads it from there
-        (:mod:`.crossmemory`). It must stay unchanged until the peer has read it or this connection is closed.
-        Returns the bytes handed over (header, location and the tensor's bytes, as if sent)."""
-        assert self.peer_pid is not None and tensor.is_contiguous() and tensor.device.type == "cpu"
+    async def send_location(
+        self,
+        kind: int,
+        part_index: int,
+        tensor: torch.Tensor,
+        located: Tuple[sharedmemory.Segment, int],
+        weight: float = 0.0,
+    ) -> int:
+        """Same host: send where ``tensor`` lies in one of our shared segments (``located``: segment and byte offset,
+        from :func:`~.sharedmemory.segment_of`), sharing that segment first if this connection has not yet; the peer
+        copies the part from there. It must stay unchanged until the peer has read it or this connection is closed.
+        Returns the bytes handed over (headers, location and the tensor's bytes, as if sent)."""
+        assert self.same_host
+        segment, offset = located
+        segment_id = self._shared.get(segment.key)
+        sent = 0
+        if segment_id is None:
+            segment_id = self._shared[segment.key] = len(self._shared)
+            sent += await self._send_segment(segment_id, segment)
         nbytes = tensor.numel() * tensor.element_size()
         header = FRAME.pack(FRAME_MAGIC, kind, REMOTE, dtype_code(tensor.dtype), part_index, weight, LOCATION_SIZE)
-        await self.send_all(header, crossmemory.LOCATION.pack(tensor.data_ptr(), nbytes))
-        return FRAME.size + LOCATION_SIZE + nbytes
+        await self.send_all(header, sharedmemory.LOCATION.pack(segment_id, offset, nbytes))
+        return sent + FRAME.size + LOCATION_SIZE + nbytes
+
+    async def _send_segment(self, segment_id: int, segment: sharedmemory.Segment) -> int:
+        """A KIND_SEGMENT frame whose first byte carries a read-only descriptor of ``segment``."""
+        data = FRAME.pack(FRAME_MAGIC, KIND_SEGMENT, RAW, 1, segment_id, 0.0, sharedmemory.SEGMENT.size)
+        data += sharedmemory.SEGMENT.pack(segment.size)
+        descriptor = sharedmemory.readonly_descriptor(segment)
+        try:
+            rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", descriptor))]
+            while True:
+                try:
+                    sent = self.sock.sendmsg([data], rights)
+                    break
+                except (BlockingIOError, InterruptedError):  # full: wait until writable (rare: frames are small)
+                    await self._wait("write", lambda: True)
+        finally:
+            os.close(descriptor)  # the kernel holds its own reference while in flight
+        await self.send_all(data[sent:])
+        return len(data)
+
+    async def _map_segment(self, segment_id: int, length: int) -> None:
+        """Receive side of :meth:`_send_segment` (its header read): map the segment the peer shared."""
+        if not self.same_host or length != sharedmemory.SEGMENT.size or segment_id in self._mapped:
+            raise DataPlaneError(f"{self.peer} sent a segment this connection does not allow")
+        (size,) = sharedmemory.SEGMENT.unpack(await self.recv_bytes(length))
+        if not self._descriptors:
+            raise DataPlaneError(f"{self.peer} announced a segment without its descriptor")
+        descriptor = self._descriptors.popleft()
+        try:
+            self._mapped[segment_id] = sharedmemory.MappedSegment(descriptor, size)
+        except (OSError, ValueError) as e:
+            raise DataPlaneError(f"could not map the segment {self.peer} shared: {e}") from e
+        finally:
+            os.close(descriptor)
 
     async def recv_frame(
         self, kind: int, part_index: int, numel: int, into: Optional[torch.Tensor] = None
     ) -> Frame:
         """Receive the next frame, which must be of ``kind`` for part ``part_index`` of ``numel`` values.
 
-        A same-host peer's raw part (a REMOTE frame) is read from its memory here and returned as a raw frame.
+        A same-host peer's raw part (a REMOTE frame) is copied from its shared memory here and returned as a raw
+        frame; the segments it shares first (KIND_SEGMENT frames) are mapped on the way.
 
         :param into: a contiguous tensor of ``numel`` values: a raw payload of its dtype is received into it (the
           frame's payload is then ``into`` itself); otherwise a new tensor or buffer is allocated
 
         :raises DataPlaneError: on any mismatch or an oversize payload (the connection must then be closed)
         """
-        header = await self.recv_bytes(FRAME.size)
-        magic, got_kind, compression, code, got_index, weight, length = FRAME.unpack(header)
+        while True:
+            magic, got_kind, compression, code, got_index, weight, length = FRAME.unpack(
+                await self.recv_bytes(FRAME.size)
+            )
+            if magic != FRAME_MAGIC or got_kind != KIND_SEGMENT:
+                break
+            await self._map_segment(got_index, length)
         if magic != FRAME_MAGIC or got_kind != kind or got_index != part_index:
             raise DataPlaneError(
                 f"{self.peer} sent frame (kind {got_kind}, part {got_index}), expected (kind {kind}, part {part_index})"
@@ -346,20 +412,23 @@ class FrameConnection:
         return Frame(got_kind, compression, dtype, got_index, weight, payload, FRAME.size + length)
 
     async def _read_remote(self, length: int, expected: int, payload: torch.Tensor) -> None:
-        """Read a REMOTE frame's location, then the part from the peer's memory into ``payload``."""
-        if self.peer_pid is None:
+        """Read a REMOTE frame's location, then copy the part from the peer's shared segment into ``payload``."""
+        if not self.same_host:
             raise DataPlaneError(f"{self.peer} sent a same-host frame over a connection that allows none")
         if length != LOCATION_SIZE:
             raise DataPlaneError(f"{self.peer} sent a location of {length} bytes")
-        address, nbytes = crossmemory.LOCATION.unpack(await self.recv_bytes(LOCATION_SIZE))
+        segment_id, offset, nbytes = sharedmemory.LOCATION.unpack(await self.recv_bytes(LOCATION_SIZE))
         if nbytes != expected:
             raise DataPlaneError(f"{self.peer} offered a raw part of {nbytes} bytes, expected {expected}")
+        segment = self._mapped.get(segment_id)
+        if segment is None:
+            raise DataPlaneError(f"{self.peer} named segment {segment_id}, which it never shared")
         try:
-            crossmemory.read_into(self.peer_pid, address, payload.data_ptr(), nbytes)
-        except OSError as e:
-            raise DataPlaneError(f"could not read the part {self.peer} offered: {e}") from e
-        if not crossmemory.owner_alive(self.sock):  # it may have left the round (and reused that memory) meanwhile
-            raise DataPlaneError(f"{self.peer} hung up: the part read from its memory may be stale")
+            segment.copy_to(payload, offset, nbytes)
+        except ValueError as e:
+            raise DataPlaneError(f"{self.peer} offered a part outside its segment: {e}") from e
+        if not sharedmemory.owner_alive(self.sock):  # it may have left the round (and changed that memory) meanwhile
+            raise DataPlaneError(f"{self.peer} hung up: the part copied from its memory may be stale")
 
     def close(self) -> None:
         if not self.closed:
@@ -377,6 +446,11 @@ class FrameConnection:
                 self.sock.close()
             except OSError:
                 pass
+            for segment in self._mapped.values():
+                segment.close()
+            self._mapped.clear()
+            while self._descriptors:
+                os.close(self._descriptors.popleft())
 
 
 def _tune(sock: socket.socket) -> None:
@@ -452,9 +526,8 @@ class DataPlane:
     :param connect_timeout: seconds for the ticket rpc, the TCP connect and the hello together, before falling back
     :param unreachable_ttl: seconds during which a reducer whose endpoint failed is reached over p2p only
     :param idle_ttl: seconds a connection is kept open between rounds (the sender reuses it a bit less long)
-    :param same_host_reads: also listen on a Unix socket, where a peer on this host connects and the raw parts of
-      both sides are read from the other process's memory (:mod:`.crossmemory`); a pair where the kernel does not
-      allow that uses TCP
+    :param same_host_reads: also listen on a Unix socket, where a peer of the same user on this host connects, and
+      raw parts of both sides are copied from each other's shared memory (:mod:`.sharedmemory`); other pairs use TCP
     """
 
     def __init__(
@@ -471,12 +544,10 @@ class DataPlane:
         same_host_reads: bool = True,
     ):
         self.host, self.port, self.announce_host = host, port, announce_host or host
-        self.same_host_reads = same_host_reads and crossmemory.available()
+        self.same_host_reads = same_host_reads and sharedmemory.available()
         self._local_name: Optional[bytes] = None  # abstract Unix socket of the same-host listener
         self._local_listener: Optional[socket.socket] = None
-        self._probe = crossmemory.Probe() if self.same_host_reads else None
-        self._no_reads: Dict[PeerID, float] = {}  # reducers whose memory we cannot read, until then
-        self._told_reads_refused = False
+        self._no_reads: Dict[PeerID, float] = {}  # same-host reducers we cannot share memory with, until then
         self.connect_timeout, self.hello_timeout, self.unreachable_ttl = connect_timeout, hello_timeout, unreachable_ttl
         self.tickets = TicketBook(ticket_ttl)
         self._listener: Optional[socket.socket] = None
@@ -542,32 +613,34 @@ class DataPlane:
                 await asyncio.sleep(0.1)
                 continue
             _tune(sock)
-            peer = f"process {crossmemory.peer_pid(sock)} on this host" if local else f"{address[0]}:{address[1]}"
+            peer = "a process on this host" if local else f"{address[0]}:{address[1]}"
             task = asyncio.create_task(self._serve(FrameConnection(sock, peer), local))
             self._serving.add(task)
             task.add_done_callback(self._serving.discard)
 
     async def _serve(self, connection: FrameConnection, local: bool = False) -> None:
         try:
-            hello_struct = LOCAL_HELLO if local else HELLO
             try:
-                hello = await asyncio.wait_for(connection.recv_bytes(hello_struct.size), self.hello_timeout)
+                hello = await asyncio.wait_for(connection.recv_bytes(HELLO.size), self.hello_timeout)
             except (asyncio.TimeoutError, OSError) as e:
                 self.refused_hellos += 1
                 logger.warning(f"Data plane: no valid hello from {connection.peer} ({e!r}); connection closed")
                 return
-            magic, version, token, *probe = hello_struct.unpack(hello)
-            # a same-host ticket is used up only once both sides could read each other: else the sender goes on to
-            # TCP with the same ticket
+            magic, version, token = HELLO.unpack(hello)
+            # a same-host ticket is used up only once both sides may share memory: else the sender goes on to TCP
+            # with the same ticket
             bound = self.tickets.redeem(token, keep=local) if magic == MAGIC and version == VERSION else None
             if bound is None:
                 self.refused_hellos += 1
                 logger.warning(f"Data plane: wrong or expired ticket from {connection.peer}; connection closed")
                 return
-            if local:
-                if not await asyncio.wait_for(self._agree_on_reads(connection, *probe), self.hello_timeout):
+            if local:  # first answer: may we share memory (the same user, as the kernel says)?
+                if not sharedmemory.same_user(connection.sock):
+                    await connection.send_all(ACK_REFUSED)
                     return
                 self.tickets.redeem(token)
+                connection.same_host = True
+                await connection.send_all(ACK_OK)
             group_id, peer_id = bound
             while await self._handler(group_id, peer_id, connection):
                 try:  # the round ended clean: the sender may start its next round with us on this connection
@@ -581,20 +654,6 @@ class DataPlane:
             logger.debug(f"Data plane connection from {connection.peer} failed: {e!r}", exc_info=True)
         finally:
             connection.close()
-
-    async def _agree_on_reads(self, connection: FrameConnection, address: int, value: bytes) -> bool:
-        """Reducer side of a same-host hello: check that we can read the sender's memory, show it our probe, and
-        hear whether it can read ours. True: ``connection.peer_pid`` is set and the round may start."""
-        pid = crossmemory.peer_pid(connection.sock)
-        if pid is None or not crossmemory.can_read(pid, address, value):
-            await connection.send_all(ACK_REFUSED)
-            logger.debug(f"Data plane: cannot read the memory of {connection.peer}; it will use TCP")
-            return False
-        await connection.send_all(LOCAL_ACK.pack(ACK_OK, self._probe.address, self._probe.value))
-        if await connection.recv_bytes(1) != ACK_OK:
-            return False
-        connection.peer_pid = pid
-        return True
 
     # ---- ticket rpc (both sides) ---------------------------------------------------------------------------------
 
@@ -694,9 +753,9 @@ class DataPlane:
             return None
 
     async def _connect_local(self, peer_id: PeerID, name: bytes, token: bytes) -> Optional[FrameConnection]:
-        """Sender side of a same-host connection: hello over the reducer's Unix socket, each side checks that it can
-        read the other's memory. None (then TCP) if the socket is not reachable from here (another host, another
-        network namespace) or either side cannot read the other; that reducer is then not tried this way for
+        """Sender side of a same-host connection: the ticket's hello over the reducer's Unix socket, where both
+        sides check that the other runs as the same user. None (then TCP) if the socket is not reachable from here
+        (another host, another network namespace) or the users differ; that reducer is then not tried this way for
         ``unreachable_ttl`` seconds.
 
         :raises DataPlaneError: the reducer refused this round (as a refused TCP hello: no TCP either)
@@ -707,21 +766,15 @@ class DataPlane:
         round_refused = False
         try:
             await connection.loop.sock_connect(sock, name)
-            pid = crossmemory.peer_pid(sock)
-            await connection.send_all(LOCAL_HELLO.pack(MAGIC, VERSION, token, self._probe.address, self._probe.value))
-            answer = await connection.recv_bytes(1)
-            if answer == ACK_OK:
-                address, value = LOCAL_ACK.unpack(answer + await connection.recv_bytes(LOCAL_ACK.size - 1))[1:]
-                if pid is not None and crossmemory.can_read(pid, address, value):
-                    await connection.send_all(ACK_OK)
+            if sharedmemory.same_user(sock):
+                await connection.send_all(HELLO.pack(MAGIC, VERSION, token))
+                if await connection.recv_bytes(1) == ACK_OK:  # we may share memory
                     if await connection.recv_bytes(1) == ACK_OK:  # the round's answer, as over TCP
-                        connection.peer_pid = pid
+                        connection.same_host = True
                         return connection
                     round_refused = True
-                else:
-                    await connection.send_all(ACK_REFUSED)
             if not round_refused:
-                self._tell_reads_refused(peer_id)
+                self._tell_no_sharing(peer_id)
         except OSError as e:  # e.g. ECONNREFUSED: the reducer's socket is in another network namespace
             logger.debug(f"Data plane: no same-host connection to {peer_id} ({e!r}); using TCP")
         connection.close()
@@ -730,19 +783,10 @@ class DataPlane:
         self._no_reads[peer_id] = time.monotonic() + self.unreachable_ttl
         return None
 
-
-    def _tell_reads_refused(self, peer_id: PeerID) -> None:
-        """Log, once per process, that same-host peers fall back to TCP, and how to allow the reads."""
-        if self._told_reads_refused:
-            logger.debug(f"Data plane: same-host reads with {peer_id} are not allowed here; using TCP")
-            return
-        self._told_reads_refused = True
+    def _tell_no_sharing(self, peer_id: PeerID) -> None:
         logger.info(
-            f"Data plane: the kernel does not let this peer and {peer_id}, on the same host, read each other's "
-            f"memory; their parts go over TCP (slower on one host). Usual cause: Yama "
-            f"(/proc/sys/kernel/yama/ptrace_scope > 0, as on Ubuntu: `sudo sysctl kernel.yama.ptrace_scope=0` "
-            f"allows it), a container's seccomp profile, or another user. Set averaging.same_host_reads = false "
-            f"to use TCP without trying"
+            f"Data plane: {peer_id} is on this host but runs as another user: no shared memory between you, its "
+            f"parts go over TCP (averaging.same_host_reads = false skips trying)"
         )
 
 

@@ -22,6 +22,8 @@ from typing import AsyncIterator, Dict, List, Optional, Sequence, Tuple
 import torch
 from hivemind.averaging.partition import AllreduceException, TensorPartContainer
 
+from athome.averaging.sharedmemory import Segment, SharedRegion
+
 
 class AveragedPartContainer(TensorPartContainer):
     """hivemind's ``TensorPartContainer`` whose outputs are aggregates written into ``outputs`` (see module doc).
@@ -130,19 +132,46 @@ class OutputBufferPool:
     before it takes its set: the round two calls back has been dropped by the time its set is reused.
     """
 
-    def __init__(self, sets: int = 2):
+    def __init__(self, sets: int = 2, shared: bool = False):
         self._sets: List[Optional[List[torch.Tensor]]] = [None] * sets
+        self._regions: List[Optional[SharedRegion]] = [None] * sets
         self._turn = 0
+        self.shared = shared
+
+    @property
+    def segments(self) -> List[Segment]:
+        """The shared memory holding the sets (``shared=True``, CPU tensors): same-host peers may map it."""
+        return [region.segment for region in self._regions if region is not None]
 
     def take(self, tensors: Sequence[torch.Tensor]) -> List[torch.Tensor]:
         index = self._turn % len(self._sets)
         self._turn += 1
         current = self._sets[index]
         if current is None or [(b.shape, b.dtype) for b in current] != [(t.shape, t.dtype) for t in tensors]:
-            current = self._sets[index] = [
-                torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in tensors
-            ]
+            if self._regions[index] is not None:
+                self._regions[index].close()  # its memory lives on while views of it (or a peer's mapping) do
+                self._regions[index] = None
+            on_cpu = all(t.device.type == "cpu" for t in tensors)
+            if self.shared and on_cpu:
+                current, self._regions[index] = _shared_buffers(tensors)
+            else:
+                current = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in tensors]
+            self._sets[index] = current
         return current
+
+
+def _shared_buffers(tensors: Sequence[torch.Tensor]) -> Tuple[List[torch.Tensor], SharedRegion]:
+    """Buffers like ``tensors``, views of one shared region (each 64-byte aligned)."""
+    offsets, end = [], 0
+    for tensor in tensors:
+        offsets.append(end)
+        end += -(-tensor.numel() * tensor.element_size() // 64) * 64
+    region = SharedRegion(end)
+    buffers = [
+        region.bytes[offset : offset + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
+        for offset, t in zip(offsets, tensors)
+    ]
+    return buffers, region
 
 
 class ReceiveBufferPool:
