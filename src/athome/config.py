@@ -84,8 +84,8 @@ class AveragingConfig(_Strict):
                           "falls back to p2p per pair). Off: everything through libp2p, encrypted"
     )
     same_host_reads: bool = Field(
-        True, description="on the direct plane, group members on one host read each other's parts from memory, "
-                          "uncompressed (Linux cross memory attach, where the kernel allows it), instead of over TCP"
+        True, description="on the direct plane, group members of one user on one host copy each other's parts, "
+                          "uncompressed, from shared memory (Linux) instead of receiving them over TCP"
     )
 
 

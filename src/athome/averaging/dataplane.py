@@ -29,6 +29,12 @@ that shared its link with five others, would pace the next one. A kept connectio
 closed and a fresh one is tried within the same ``connect_timeout``. Idle connections are closed after ``idle_ttl``
 seconds.
 
+**Same host** (:mod:`.sharedmemory`): the reducer also names an abstract Unix socket in its ticket reply. A sender
+that reaches it (same host and network namespace) and runs as the same user says its hello there; raw parts and
+aggregates then travel as locations in shared memory segments whose read-only descriptors go once per connection
+(KIND_SEGMENT frames), and the other side copies them from its mapping. The sender ends each round with a KIND_DONE
+frame: until then the reducer keeps its aggregates unchanged.
+
 **Fallback**: if the reducer has no endpoint, refuses the ticket, or the TCP connect / hello does not succeed within
 ``connect_timeout``, that pair uses hivemind's p2p ``rpc_aggregate_part`` in the same round. A reducer that failed
 to connect is not tried again over TCP for ``unreachable_ttl`` seconds (e.g. behind NAT).
