@@ -225,10 +225,12 @@ class RobustAllReduceRunner(AllReduceRunner):
             )
             if isinstance(e, Exception):
                 logger.debug(f"Caught {repr(e)} when communicating to {peer_id}", exc_info=True)
-                if peer_id == self.peer_id:
-                    # our own input was rejected by our own reducer. Registering the failure completes our outputs,
-                    # and run() then finalizes the reducer, which other senders still need: keep serving them first
-                    await self.tensor_part_reducer.finished.wait()
+                # registering the failure may complete our outputs, and run() then finalizes our reducer (and
+                # refuses senders still to come), which other senders still need: keep serving them first. (Once
+                # only for our own reducer's failure; a remote reducer that rejects our part fails us just as early,
+                # and on one host its answer can come before the others' parts reach our reducer: seen in CI as
+                # every honest member losing the rejected peer's slice.) Bounded: a silent sender is banned.
+                await self.tensor_part_reducer.finished.wait()
             self.tensor_part_container.register_failed_reducer(peer_index)
             raise
 
