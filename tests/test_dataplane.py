@@ -273,8 +273,20 @@ def test_same_host_peers_copy_raw_parts_from_shared_memory(monkeypatch):
             owner.close()
         reader, owner = pair()
         reader.same_host = False
-        await owner.send_location(KIND_PART, 0, part, located)
-        with pytest.raises(DataPlaneError, match="does not allow"):  # its segment frame already
+        await owner.send_all(
+            FRAME.pack(FRAME_MAGIC, KIND_PART, dataplane.REMOTE, 1, 0, 1.0, dataplane.LOCATION_SIZE),
+            sharedmemory.LOCATION.pack(0, 0, 24),
+        )
+        with pytest.raises(DataPlaneError, match="allows none"):
+            await reader.recv_frame(KIND_PART, 0, 6)
+        reader.close()
+        owner.close()
+
+        # descriptors before the connection may share memory are a protocol violation (they could fill our table)
+        reader, owner = pair()
+        reader.same_host = False
+        await owner._send_segment(0, region.segment)
+        with pytest.raises(DataPlaneError, match="may not send"):
             await reader.recv_frame(KIND_PART, 0, 6)
         reader.close()
         owner.close()

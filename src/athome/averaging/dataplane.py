@@ -178,7 +178,12 @@ class FrameConnection:
                     count, ancillary, flags, _ = self.sock.recvmsg_into(
                         [view[received:]], socket.CMSG_SPACE(MAX_DESCRIPTORS * 4)
                     )
-                    self._descriptors.extend(sharedmemory.take_descriptors(ancillary))
+                    descriptors = sharedmemory.take_descriptors(ancillary)
+                    self._descriptors.extend(descriptors)
+                    # only a same-user peer may share segments, one frame at a time: anything else could fill our
+                    # descriptor table (the connection is closed, and with it what it sent)
+                    if descriptors and (not self.same_host or len(self._descriptors) > MAX_DESCRIPTORS):
+                        raise DataPlaneError(f"{self.peer} sent descriptors it may not send")
                     if flags & socket.MSG_CTRUNC:
                         raise DataPlaneError(f"{self.peer} sent more descriptors at once than a segment frame has")
                 else:
