@@ -90,6 +90,29 @@ def test_pool_hands_each_set_out_every_other_time():
     assert pool.take(changed)[0].dtype == torch.float64  # new shapes or dtypes get new buffers
 
 
+def test_shared_pool_puts_sets_in_shared_memory_or_falls_back(monkeypatch):
+    """shared=True: each set is views of one memfd region (what same-host peers map); where a sandbox refuses
+    memfds, the pool hands out private buffers instead of failing the round."""
+    from athome.averaging import outputs, sharedmemory
+
+    tensors = [torch.zeros(3, 5), torch.zeros(7, dtype=torch.float16)]
+    pool = OutputBufferPool(sets=2, shared=True)
+    first = pool.take(tensors)
+    assert [(b.shape, b.dtype) for b in first] == [(t.shape, t.dtype) for t in tensors]
+    assert all(sharedmemory.segment_of(b, pool.segments) is not None for b in first)
+    first[0].fill_(1.0)  # writable
+    pool.take(tensors)
+    assert len(pool.segments) == 2
+
+    def refused(nbytes):
+        raise OSError("memfd_create: operation not permitted")
+
+    monkeypatch.setattr(outputs, "SharedRegion", refused)
+    private = OutputBufferPool(sets=2, shared=True)
+    buffers = private.take(tensors)
+    assert not private.shared and private.segments == [] and buffers[0].shape == (3, 5)
+
+
 def test_receive_pool_reuses_given_buffers_within_its_limit():
     pool = ReceiveBufferPool(max_bytes=3 * 4000)
     first = [pool.take(1000, torch.float32) for _ in range(4)]

@@ -17,12 +17,15 @@ side:
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import AsyncIterator, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from hivemind.averaging.partition import AllreduceException, TensorPartContainer
 
 from athome.averaging.sharedmemory import Segment, SharedRegion
+
+logger = logging.getLogger(__name__)
 
 
 class AveragedPartContainer(TensorPartContainer):
@@ -152,9 +155,14 @@ class OutputBufferPool:
                 self._regions[index].close()  # its memory lives on while views of it (or a peer's mapping) do
                 self._regions[index] = None
             on_cpu = all(t.device.type == "cpu" for t in tensors)
+            current = None
             if self.shared and on_cpu:
-                current, self._regions[index] = _shared_buffers(tensors)
-            else:
+                try:
+                    current, self._regions[index] = _shared_buffers(tensors)
+                except OSError as e:  # e.g. memfd_create refused by a sandbox: aggregates then go as bytes
+                    logger.info(f"Output buffers stay private ({e!r}): same-host peers receive aggregates as bytes")
+                    self.shared = False
+            if current is None:
                 current = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in tensors]
             self._sets[index] = current
         return current
