@@ -170,6 +170,7 @@ class RobustAllReduceRunner(AllReduceRunner):
         # our memory through them, so they are closed before this round's memory changes (close_local)
         self._open_local: Set[FrameConnection] = set()
         self._serving_local = 0  # same-host senders still reading our aggregates
+        self._serving_connections: Set[FrameConnection] = set()  # their connections
         self._local_served = asyncio.Event()
         self._local_served.set()
 
@@ -186,6 +187,10 @@ class RobustAllReduceRunner(AllReduceRunner):
             return True
         except asyncio.TimeoutError:
             return False
+
+    def _close_serving(self) -> None:
+        for connection in list(self._serving_connections):
+            connection.close()
 
     def close_local(self) -> None:
         """Hang up every same-host connection of this round that has not ended clean. Called once the round is over
@@ -228,9 +233,14 @@ class RobustAllReduceRunner(AllReduceRunner):
                 # registering the failure may complete our outputs, and run() then finalizes our reducer (and
                 # refuses senders still to come), which other senders still need: keep serving them first. (Once
                 # only for our own reducer's failure; a remote reducer that rejects our part fails us just as early,
-                # and on one host its answer can come before the others' parts reach our reducer: seen in CI as
-                # every honest member losing the rejected peer's slice.) Bounded: a silent sender is banned.
+                # and on one host its answer can come before the others' parts reach our reducer.) Bounded: a
+                # silent sender is banned.
                 await self.tensor_part_reducer.finished.wait()
+                if peer_id == self.peer_id and not await self.wait_until_served(self.sender_timeout):
+                    # the failure writes our local values into our own slice's outputs, where same-host senders
+                    # copy the aggregates from (seen: honest members copying a NaN sender's own part as its
+                    # reducer's "aggregate"): those still reading are hung up on first
+                    self._close_serving()
             self.tensor_part_container.register_failed_reducer(peer_index)
             raise
 
@@ -418,6 +428,7 @@ class RobustAllReduceRunner(AllReduceRunner):
         local = connection.same_host
         if local:
             self._open_local.add(connection)
+            self._serving_connections.add(connection)
             self._serving_local += 1
             self._local_served.clear()
         offered = []  # what the sender reads from our memory: kept alive (a converted aggregate is a new tensor)
@@ -460,6 +471,7 @@ class RobustAllReduceRunner(AllReduceRunner):
             reader.cancel()
             if local:
                 self._open_local.discard(connection)
+                self._serving_connections.discard(connection)
                 self._serving_local -= 1
                 if self._serving_local == 0:
                     self._local_served.set()
