@@ -102,7 +102,7 @@ class RobustAllReduceRunner(AllReduceRunner):
     messages on p2p, frame headers and payloads on TCP), ``failed_reducers`` (peer -> reason),
     ``tensor_part_container.failed_size`` (elements left unreduced), ``tcp_peers`` (reducers reached over TCP),
     ``kept_peers`` (of those, over a connection kept from an earlier round), ``same_host_peers`` (of those, on this
-    host: raw parts read from their memory).
+    host: raw parts copied from their shared memory).
     """
 
     def __init__(
@@ -169,8 +169,7 @@ class RobustAllReduceRunner(AllReduceRunner):
         # same-host connections (either side) whose exchange has not ended clean: the other process may still read
         # our memory through them, so they are closed before this round's memory changes (close_local)
         self._open_local: Set[FrameConnection] = set()
-        self._serving_local = 0  # same-host senders still reading our aggregates
-        self._serving_connections: Set[FrameConnection] = set()  # their connections
+        self._serving_connections: Set[FrameConnection] = set()  # same-host senders still reading our aggregates
         self._local_served = asyncio.Event()
         self._local_served.set()
 
@@ -429,7 +428,6 @@ class RobustAllReduceRunner(AllReduceRunner):
         if local:
             self._open_local.add(connection)
             self._serving_connections.add(connection)
-            self._serving_local += 1
             self._local_served.clear()
         offered = []  # what the sender reads from our memory: kept alive (a converted aggregate is a new tensor)
 
@@ -472,8 +470,7 @@ class RobustAllReduceRunner(AllReduceRunner):
             if local:
                 self._open_local.discard(connection)
                 self._serving_connections.discard(connection)
-                self._serving_local -= 1
-                if self._serving_local == 0:
+                if not self._serving_connections:
                     self._local_served.set()
             if not clean:
                 connection.close()

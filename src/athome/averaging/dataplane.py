@@ -466,7 +466,7 @@ class FrameConnection:
 
 def _tune(sock: socket.socket) -> None:
     sock.setblocking(False)
-    if sock.family != socket.AF_UNIX:  # (same host: coded parts still travel as bytes, hence the buffers below)
+    if sock.family != socket.AF_UNIX:  # (same host: parts outside shared memory still travel as bytes)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     for option, limit in ((socket.SO_SNDBUF, "wmem_max"), (socket.SO_RCVBUF, "rmem_max")):
         # A fixed buffer turns Linux's autotuning off for this socket, and the kernel caps it at net.core.*mem_max:
@@ -785,7 +785,10 @@ class DataPlane:
                         return connection
                     round_refused = True
             if not round_refused:
-                self._tell_no_sharing(peer_id)
+                logger.info(
+                    f"Data plane: {peer_id} is on this host but runs as another user: no shared memory between you, "
+                    f"its parts go over TCP (averaging.same_host_reads = false skips trying)"
+                )
         except OSError as e:  # e.g. ECONNREFUSED: the reducer's socket is in another network namespace
             logger.debug(f"Data plane: no same-host connection to {peer_id} ({e!r}); using TCP")
         connection.close()
@@ -793,12 +796,6 @@ class DataPlane:
             raise DataPlaneError("hello refused")
         self._no_reads[peer_id] = time.monotonic() + self.unreachable_ttl
         return None
-
-    def _tell_no_sharing(self, peer_id: PeerID) -> None:
-        logger.info(
-            f"Data plane: {peer_id} is on this host but runs as another user: no shared memory between you, its "
-            f"parts go over TCP (averaging.same_host_reads = false skips trying)"
-        )
 
 
 def _ticket_reply(**fields) -> runtime_pb2.ExpertResponse:
