@@ -40,7 +40,7 @@ from athome.averaging.compression import get_codec
 
 import test_averaging
 from test_averaging import (  # noqa: F401 (dhts, victim_dht: fixtures)
-    STEP_TIMEOUT, _flat, _form_group, _outcomes, _random_sets, _step_all, _tensors, dhts, victim_dht,
+    _flat, _form_group, _outcomes, _random_sets, _signal_self, _step_all, _tensors, dhts, victim_dht,
 )
 
 # small parts so that every member of a 4-peer group reduces a slice; the mean so that results are exact. Parts go
@@ -487,7 +487,7 @@ class _DiesMidStream(RobustAllReduceRunner):
             answered += 1
             if answered == 1:
                 await asyncio.sleep(0.3)  # let the first results reach every sender
-                os.kill(os.getpid(), self.signal_number)
+                _signal_self(self.signal_number)
 
 
 _DyingAverager = _averager_with(_DiesMidStream)
