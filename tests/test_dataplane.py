@@ -293,9 +293,11 @@ def test_same_host_peers_copy_raw_parts_from_shared_memory(monkeypatch):
 
         # a peer of another user on this host gets TCP (a segment's owner could shrink it under a reader)
         monkeypatch.setattr(sharedmemory, "same_user", lambda sock: False)
+        refused = plane.refused_hellos
         fallback = await plane.connect("carol", ticket, b"g")
         assert fallback is not None and fallback.sock.family == socket.AF_INET and not fallback.same_host
         fallback.close()
+        assert plane.refused_hellos == refused  # both sides hung up before any hello: nothing to warn about
         assert "carol" in plane._no_reads  # not tried that way again for a while
         await plane.shutdown()
         region.close()

@@ -70,7 +70,8 @@ from athome.averaging.compression import codec_for_type, deserialize_tensor
 
 logger = logging.getLogger(__name__)
 
-MAGIC, VERSION = b"ATDP", 3  # 2: raw results are aggregates (KIND_AVERAGE); 3: connections carry many rounds
+# 2: raw results are aggregates (KIND_AVERAGE); 3: connections carry many rounds; 4: one answer to a same-host hello
+MAGIC, VERSION = b"ATDP", 4
 HELLO = struct.Struct("!4sB32s")  # magic, version, ticket token
 ROUND = struct.Struct("!4sB")  # magic, group ID length; then the group ID: the next round on a kept connection
 ROUND_MAGIC = b"ATRN"
@@ -513,9 +514,9 @@ class TicketBook:
         self._tickets[token] = (group_id, peer_id, now + self.ttl)
         return token
 
-    def redeem(self, token: bytes, *, keep: bool = False) -> Optional[Tuple[bytes, PeerID]]:
-        """``(group ID, peer ID)`` of a valid token, else None; ``keep``: check it without using it up."""
-        entry = self._tickets.get(token) if keep else self._tickets.pop(token, None)
+    def redeem(self, token: bytes) -> Optional[Tuple[bytes, PeerID]]:
+        """``(group ID, peer ID)`` of a valid token, else None; a token is used up by its first redemption."""
+        entry = self._tickets.pop(token, None)
         if entry is None or entry[2] < time.monotonic():
             return None
         return entry[0], entry[1]
@@ -631,6 +632,10 @@ class DataPlane:
 
     async def _serve(self, connection: FrameConnection, local: bool = False) -> None:
         try:
+            if local and not sharedmemory.same_user(connection.sock):
+                # such a sender hangs up without a hello and uses TCP (_connect_local): nothing to warn about
+                logger.debug("Data plane: a process of another user reached our same-host socket; connection closed")
+                return
             try:
                 hello = await asyncio.wait_for(connection.recv_bytes(HELLO.size), self.hello_timeout)
             except (asyncio.TimeoutError, OSError) as e:
@@ -638,20 +643,12 @@ class DataPlane:
                 logger.warning(f"Data plane: no valid hello from {connection.peer} ({e!r}); connection closed")
                 return
             magic, version, token = HELLO.unpack(hello)
-            # a same-host ticket is used up only once both sides may share memory: else the sender goes on to TCP
-            # with the same ticket
-            bound = self.tickets.redeem(token, keep=local) if magic == MAGIC and version == VERSION else None
+            bound = self.tickets.redeem(token) if magic == MAGIC and version == VERSION else None
             if bound is None:
                 self.refused_hellos += 1
                 logger.warning(f"Data plane: wrong or expired ticket from {connection.peer}; connection closed")
                 return
-            if local:  # first answer: may we share memory (the same user, as the kernel says)?
-                if not sharedmemory.same_user(connection.sock):
-                    await connection.send_all(ACK_REFUSED)
-                    return
-                self.tickets.redeem(token)
-                connection.same_host = True
-                await connection.send_all(ACK_OK)
+            connection.same_host = local  # the same user, checked above: we may share memory
             group_id, peer_id = bound
             while await self._handler(group_id, peer_id, connection):
                 try:  # the round ended clean: the sender may start its next round with us on this connection
@@ -764,9 +761,10 @@ class DataPlane:
             return None
 
     async def _connect_local(self, peer_id: PeerID, name: bytes, token: bytes) -> Optional[FrameConnection]:
-        """Sender side of a same-host connection: the ticket's hello over the reducer's Unix socket, where both
-        sides check that the other runs as the same user. None (then TCP) if the socket is not reachable from here
-        (another host, another network namespace) or the users differ; that reducer is then not tried this way for
+        """Sender side of a same-host connection: the ticket's hello over the reducer's Unix socket, said only once
+        the kernel says that the reducer runs as our user (the reducer checks the same before it reads a hello).
+        None (then TCP, with the ticket still unused) if the socket is not reachable from here (another host,
+        another network namespace) or the users differ; that reducer is then not tried this way for
         ``unreachable_ttl`` seconds.
 
         :raises DataPlaneError: the reducer refused this round (as a refused TCP hello: no TCP either)
@@ -774,17 +772,16 @@ class DataPlane:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         _tune(sock)
         connection = FrameConnection(sock, f"{peer_id} on this host")
-        round_refused = False
+        answer = None
         try:
             await connection.loop.sock_connect(sock, name)
             if sharedmemory.same_user(sock):
                 await connection.send_all(HELLO.pack(MAGIC, VERSION, token))
-                if await connection.recv_bytes(1) == ACK_OK:  # we may share memory
-                    if await connection.recv_bytes(1) == ACK_OK:  # the round's answer, as over TCP
-                        connection.same_host = True
-                        return connection
-                    round_refused = True
-            if not round_refused:
+                answer = await connection.recv_bytes(1)
+                if answer == ACK_OK:
+                    connection.same_host = True
+                    return connection
+            else:
                 logger.info(
                     f"Data plane: {peer_id} is on this host but runs as another user: no shared memory between you, "
                     f"its parts go over TCP (averaging.same_host_reads = false skips trying)"
@@ -792,7 +789,7 @@ class DataPlane:
         except OSError as e:  # e.g. ECONNREFUSED: the reducer's socket is in another network namespace
             logger.debug(f"Data plane: no same-host connection to {peer_id} ({e!r}); using TCP")
         connection.close()
-        if round_refused:
+        if answer is not None:
             raise DataPlaneError("hello refused")
         self._no_reads[peer_id] = time.monotonic() + self.unreachable_ttl
         return None
