@@ -278,6 +278,22 @@ def _step_failures_to_debug(record: logging.LogRecord) -> bool:
     return True
 
 
+class EndedQuietlyStepControl(StepControl):
+    """hivemind's ``StepControl``, minus one false alarm: hivemind warns, when any step never triggered is deleted,
+    that "this may cause other peers to fail an averaging round", also for a step whose round had already ended
+    before its trigger (no group, or its peer left matchmaking to shut down), which hivemind's Optimizer then drops
+    for the next one it schedules. No peer can wait for such a step. Seen at the end of ``peer demo`` runs, in the
+    log of the trainer that stopped last. A step deleted while still pending is warned about as before."""
+
+    __slots__ = ()
+
+    def __del__(self):
+        if not self.triggered and self.done():
+            MPFuture.__del__(self)  # StepControl's own __del__ adds only the warning
+        else:
+            super().__del__()
+
+
 class RobustMatchmaking(Matchmaking):
     """hivemind's ``Matchmaking`` that never asks a banned peer to lead its group, nor follows a leader's redirect to
     one: as the only honest member of a banned leader's group, this peer would have nobody to average with. (As a
@@ -515,6 +531,8 @@ class RobustAveragingMixin:
             raise
         if wait:
             self._round_log.wait_for_count(reports_before + 1, timeout=2.0)
+        elif type(result) is StepControl:
+            result.__class__ = EndedQuietlyStepControl
         return result
 
     def ban_peers(self, peer_ids: Sequence[str]) -> None:
