@@ -24,6 +24,7 @@ from hivemind.averaging.matchmaking import MatchmakingException
 from hivemind.averaging.partition import BannedException
 from hivemind.compression import CompressionInfo, Uniform8BitQuantization
 from hivemind.compression import serialization as hivemind_serialization
+from hivemind.optim.progress_tracker import ProgressTracker
 from hivemind.utils import get_dht_time
 
 from athome.averaging import averager as athome_averager_module
@@ -1500,6 +1501,50 @@ def test_a_trainer_whose_partners_left_stops_looking_for_them(dhts):
         assert not tracker.alone
     finally:
         optimizer.shutdown()
+
+
+@pytest.mark.timeout(150)
+def test_a_trainer_stops_looking_for_a_partner_that_crashed(dhts):
+    """A partner that crashes says no goodbye: the survivor's gradient round, which runs while hivemind's fetcher is
+    paused (the epoch's transition), ends once the partner's last report expires, not at the round's timeout (in
+    ``peer demo``, a trainer stalled for 65 s after its partner was killed)."""
+    from hivemind.utils.crypto import RSAPrivateKey
+
+    own_dhts = [RobustDHT(initial_peers=dhts[0].get_visible_maddrs(), **DHT_KWARGS) for _ in range(2)]
+    survivor = _lone_swarm_optimizer(own_dhts[0], "partner_crashed_test", averaging_timeout=90.0,
+                                     tracker_opts=dict(private_key=RSAPrivateKey()))
+    # the partner's tracker alone: its reports are what the survivor counts, and they last 6 s unless renewed
+    partner = ProgressTracker(own_dhts[1], "partner_crashed_test", target_batch_size=8, metadata_expiration=6.0,
+                              private_key=RSAPrivateKey(), start=True)
+    expected = lambda: {a._expected_group_size.value for a in (survivor.grad_averager, survivor.state_averager)}
+    try:
+        for tracker in (survivor.tracker, partner):
+            tracker.report_local_progress(0, 1)
+        deadline = time.monotonic() + 30
+        while expected() != {2} and time.monotonic() < deadline:  # two trainers, counted for matchmaking_time
+            time.sleep(0.2)
+        assert expected() == {2}
+        with survivor.tracker.pause_updates():  # as hivemind's Optimizer does for the epoch's gradient round
+            control = survivor.grad_averager.step(wait=False, timeout=90.0)
+            time.sleep(1.0)
+            assert control.stage == AveragingStage.LOOKING_FOR_GROUP
+            # the partner's process dies: its tracker's loops stop, and no goodbye is stored
+            for event in (partner.shutdown_triggered, partner.should_report_progress, partner.global_state_updated):
+                event.set()
+            started = time.monotonic()
+            with pytest.raises(MatchmakingException, match="no other peer"):
+                control.result(timeout=30)
+            assert time.monotonic() - started < 6.0 + 5.0
+            deadline = time.monotonic() + 2
+            while survivor.tracker.global_progress.num_peers != 1 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            # so hivemind's Optimizer starts no state round with the dead partner in this epoch's transition
+            assert survivor.tracker.global_progress.num_peers == 1
+        assert survivor.tracker.alone and expected() == {1}
+    finally:
+        survivor.shutdown()
+        for dht in own_dhts:
+            dht.shutdown()
 
 
 @pytest.mark.timeout(150)

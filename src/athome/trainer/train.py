@@ -15,13 +15,13 @@ expert registry (no more requests to a banned host) and the gradient averager (a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import platform
 import queue
 import threading
 import time
-from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 from typing import Callable, Optional
@@ -33,6 +33,7 @@ from hivemind.optim.progress_tracker import ProgressTracker
 from hivemind.p2p import PeerID
 from hivemind.proto import runtime_pb2
 from hivemind.utils import get_dht_time
+from hivemind.utils.timed_storage import ValueWithExpiration
 
 from athome.averaging import RobustGradientAverager, RobustTrainingStateAverager, get_codec
 from athome.config import RunConfig
@@ -64,6 +65,11 @@ WIRE_COMPRESSION = dict(none=runtime_pb2.CompressionType.NONE, fp16=runtime_pb2.
 MIN_ANSWERED_FRACTION = 0.5  # below this share of (token, expert) slots answered, a step is retried, not applied
 ALONE_CONFIRMATIONS = 2  # progress fetches in a row that must count no trainer but this one to call it alone
 ALONE_RECHECK_PERIOD = 1.0  # seconds to the fetch that confirms a first "alone" (hivemind's may be up to 10 s away)
+# How long a trainer's progress report lives in the DHT. A live trainer's tracker thread stores it again every half
+# of this, even while its training thread is blocked; a trainer that crashed (SIGKILL, OOM, power cut) says no
+# goodbye, and the others count it, and look for it in every round, until its report expires. hivemind's 60 s
+# stalled the survivor of a pair in ``peer demo`` for 65 s after its partner was killed (two 30 s searches).
+PROGRESS_TTL = 15.0
 
 
 class RobustProgressTracker(ProgressTracker):
@@ -74,7 +80,10 @@ class RobustProgressTracker(ProgressTracker):
     writer's libp2p identity), so this holds against honest-but-banned peers, not forgers.
 
     It also tells when this trainer is :attr:`alone` (the other trainers' reports are gone, or are hivemind's goodbye
-    that a tracker stores at shutdown), and calls ``on_fetch`` (from its own thread) after every fetch."""
+    that a tracker stores at shutdown), and calls ``on_fetch`` (from its own thread) after every fetch. hivemind's
+    fetcher stops while the training thread changes epochs (:meth:`pause_updates`), which includes the epoch's
+    gradient round: meanwhile a watcher thread reads the reports instead, so that a round looking for a partner that
+    crashed ends once its report expires (``PROGRESS_TTL``), not after ``averaging_timeout``."""
 
     banned_peers: frozenset = frozenset()  # base58 peer IDs; replaced whole by the training thread (no locking)
     on_fetch: Optional[Callable[[int], None]] = None  # called with the trainers counted, after every fetch
@@ -83,20 +92,58 @@ class RobustProgressTracker(ProgressTracker):
     _alone_fetches = 0  # fetches in a row whose only report was this trainer's
 
     def _parse_swarm_progress_data(self, metadata):
+        metadata = self._unbanned(metadata)
+        progress = super()._parse_swarm_progress_data(metadata)
+        if self._count_reporters(metadata):  # a partner just left (or one fetch missed it): confirm soon
+            progress.next_fetch_time = min(progress.next_fetch_time, get_dht_time() + ALONE_RECHECK_PERIOD)
+        return progress
+
+    def _unbanned(self, metadata):
         banned = self.banned_peers
         if banned and isinstance(metadata, dict):
             metadata = {subkey: entry for subkey, entry in metadata.items() if _reporter(entry) not in banned}
-        progress = super()._parse_swarm_progress_data(metadata)
-        if progress.num_peers != self._counted:
-            self._counted, self._counted_since = progress.num_peers, time.monotonic()
+        return metadata
+
+    def _count_reporters(self, metadata) -> bool:
+        """Note the trainers that ``metadata`` (fetched reports, banned ones left out) counts, and tell ``on_fetch``;
+        True if this fetch found this trainer alone but not yet ``ALONE_CONFIRMATIONS`` in a row."""
         entries = metadata.values() if isinstance(metadata, dict) else ()
         reporters = [_reporter(entry) for entry in entries if getattr(entry, "value", None) is not None]
+        if len(reporters) != self._counted:  # as hivemind's num_peers: every report with a value
+            self._counted, self._counted_since = len(reporters), time.monotonic()
         self._alone_fetches = self._alone_fetches + 1 if reporters == [self.dht.peer_id.to_base58()] else 0
-        if 0 < self._alone_fetches < ALONE_CONFIRMATIONS:  # a partner just left (or one fetch missed it): confirm soon
-            progress.next_fetch_time = min(progress.next_fetch_time, get_dht_time() + ALONE_RECHECK_PERIOD)
         if self.on_fetch is not None:
-            self.on_fetch(progress.num_peers)
-        return progress
+            self.on_fetch(len(reporters))
+        return 0 < self._alone_fetches < ALONE_CONFIRMATIONS
+
+    @contextlib.contextmanager
+    def pause_updates(self):
+        """hivemind's, while a watcher thread reads the reports every ``ALONE_RECHECK_PERIOD`` seconds in the fetcher's
+        stead: for counting trainers only. hivemind's global progress stays as it was, as it expects, except its
+        ``num_peers`` once this trainer is :attr:`alone`."""
+        with super().pause_updates():
+            stop = threading.Event()
+            watcher = threading.Thread(target=self._watch_reports, args=(stop,), name="progress watcher", daemon=True)
+            watcher.start()
+            try:
+                yield
+            finally:
+                stop.set()  # not joined: a read still under way would hold up training; its count is dropped
+
+    def _watch_reports(self, stop: threading.Event) -> None:
+        while not stop.wait(ALONE_RECHECK_PERIOD):
+            future = self.dht.get(self.training_progress_key, latest=True, return_future=True)
+            try:
+                found = future.result(timeout=PROGRESS_TTL)
+            except Exception as e:  # noqa: B902 - a slow or failed read: the next one may do
+                logger.debug(f"Progress watcher could not read the reports: {e!r}")
+                future.cancel()
+                continue
+            if stop.is_set():  # the fetcher may be back: its count is the newer
+                continue
+            self._count_reporters(self._unbanned(found.value if isinstance(found, ValueWithExpiration) else None))
+            if self.alone:  # hivemind's Optimizer averages the state only with num_peers > 1: not with the dead
+                self.global_progress.num_peers = 1
 
     @property
     def alone(self) -> bool:
@@ -312,6 +359,7 @@ class Trainer:
             matchmaking_time=3.0,
             averaging_timeout=30.0,
             averager_opts=dict(request_timeout=1.0),  # below matchmaking_time, see hivemind #443
+            tracker_opts=dict(metadata_expiration=PROGRESS_TTL),
             grad_compression=get_codec(config.averaging.compression),
             grad_averager_factory=partial(RobustGradientAverager, worker_momentum=worker_beta, **robust_opts),
             verbose=False,
@@ -329,7 +377,7 @@ class Trainer:
 
     def autocast(self):
         if self.precision == "fp32":
-            return nullcontext()
+            return contextlib.nullcontext()
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
         return torch.autocast(self.device.type, dtype=dtype)
 
