@@ -1351,6 +1351,10 @@ def test_swarm_optimizer_gives_averager_opts_to_both_averagers(dhts):
             assert isinstance(averager, (RobustGradientAverager, athome_averager_module.RobustTrainingStateAverager))
             assert averager.matchmaking_kwargs["request_timeout"] == 1.0
             assert averager.matchmaking_kwargs["min_matchmaking_time"] == 3.0
+            # the steps hivemind's Optimizer schedules (and drops, once ended) are dropped without a false warning
+            scheduled = averager.schedule_step(timeout=30.0)
+            assert type(scheduled) is athome_averager_module.EndedQuietlyStepControl
+            scheduled.cancel()
     finally:
         optimizer.shutdown()
 

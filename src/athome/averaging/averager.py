@@ -294,6 +294,19 @@ class EndedQuietlyStepControl(StepControl):
             super().__del__()
 
 
+class QuietStepControls(DecentralizedAverager):
+    """``DecentralizedAverager`` whose steps hand out :class:`EndedQuietlyStepControl`. It sits right above
+    ``DecentralizedAverager`` in each robust averager's bases: hivemind's ``GradientAverager`` and
+    ``TrainingStateAverager`` schedule the steps that hivemind's Optimizer drops with ``super().step``, past any
+    override in a class above them."""
+
+    def step(self, *args, **kwargs):
+        result = super().step(*args, **kwargs)
+        if type(result) is StepControl:
+            result.__class__ = EndedQuietlyStepControl
+        return result
+
+
 class RobustMatchmaking(Matchmaking):
     """hivemind's ``Matchmaking`` that never asks a banned peer to lead its group, nor follows a leader's redirect to
     one: as the only honest member of a banned leader's group, this peer would have nobody to average with. (As a
@@ -531,8 +544,6 @@ class RobustAveragingMixin:
             raise
         if wait:
             self._round_log.wait_for_count(reports_before + 1, timeout=2.0)
-        elif type(result) is StepControl:
-            result.__class__ = EndedQuietlyStepControl
         return result
 
     def ban_peers(self, peer_ids: Sequence[str]) -> None:
@@ -1127,7 +1138,7 @@ def _check_state_compression(state_compression: Optional[CompressionBase]) -> No
         )
 
 
-class RobustAverager(RobustAveragingMixin, DecentralizedAverager):
+class RobustAverager(RobustAveragingMixin, QuietStepControls):
     """``hivemind.DecentralizedAverager`` with CenteredClip, athome codecs and all-or-nothing rounds.
 
     Example::
@@ -1141,7 +1152,7 @@ class RobustAverager(RobustAveragingMixin, DecentralizedAverager):
     """
 
 
-class RobustGradientAverager(RobustAveragingMixin, GradientAverager):
+class RobustGradientAverager(RobustAveragingMixin, GradientAverager, QuietStepControls):
     """``hivemind.optim.GradientAverager`` that aggregates gradients with CenteredClip by default.
 
     Use with ``hivemind.Optimizer(..., grad_averager_factory=functools.partial(RobustGradientAverager,
@@ -1189,7 +1200,7 @@ class RobustGradientAverager(RobustAveragingMixin, GradientAverager):
             apply_worker_momentum_(self._momentum, averaged, self.worker_momentum, self._momentum_updates)
 
 
-class RobustTrainingStateAverager(RobustAveragingMixin, TrainingStateAverager):
+class RobustTrainingStateAverager(RobustAveragingMixin, TrainingStateAverager, QuietStepControls):
     """``hivemind.optim.TrainingStateAverager`` with CenteredClip, bans and admission.
 
     ``hivemind.Optimizer`` averages trainers' *parameters* with it every epoch (``average_state_every=1``): with
