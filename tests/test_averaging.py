@@ -1171,9 +1171,19 @@ print(json.dumps([str(a) for a in dht.get_visible_maddrs()]), flush=True)
 averager = RobustAverager([torch.randn(2_000_000)], dht, prefix=prefix, target_group_size=2, min_group_size=2,
                           min_matchmaking_time=2.0, request_timeout=1.0, reducer="mean", initial_throughput=1e6,
                           min_allreduce_timeout=1.0, min_chunk_timeout=1.0, timeout_margin=20.0, start=True)
-for _ in range(2):
-    averager.step(timeout=120, allow_retries=False)
-first, second = averager.round_history()[-2:]
+# two rounds in a row that succeed. Over a shaped link a round can fail to form (seen in CI at 20 Mbit/s: one peer's
+# matchmaking gave up as the other assembled the group), and then both fail: such a pair of attempts is repeated
+rounds = []
+for _ in range(6):
+    try:
+        averager.step(timeout=120, allow_retries=False)
+        rounds.append(averager.last_round)
+    except Exception as e:
+        print(f"attempt failed: {e!r}", file=sys.stderr)
+        rounds.append(None)
+    if len(rounds) >= 2 and None not in rounds[-2:]:
+        break
+first, second = rounds[-2:]
 print(json.dumps(dict(throughput=first.throughput, allreduce=second.timeouts.allreduce,
                       sender=second.timeouts.sender, part_bytes=second.part_bytes)), flush=True)
 averager.shutdown(); dht.shutdown()
