@@ -1419,24 +1419,14 @@ def test_leaving_matchmaking_ends_searches_now_and_later(make_averagers):
     assert time.monotonic() - started < 10
 
 
-class _Records(logging.Handler):
-    def __init__(self):
-        super().__init__()
-        self.messages = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
-
-
 @pytest.mark.timeout(120)
-def test_a_step_that_ended_before_its_trigger_is_dropped_without_a_warning(make_averagers):
+def test_a_step_that_ended_before_its_trigger_is_dropped_without_a_warning(make_averagers, caplog):
     """hivemind warns, for every untriggered step deleted, that other peers may fail their round: false for a step
     whose round already ended (hivemind's Optimizer drops such a step and schedules the next), true for one still
     pending."""
     (alone,) = make_averagers(_random_sets(1, seed=47))
-    records = _Records()
     control_logger = logging.getLogger("hivemind.averaging.control")
-    control_logger.addHandler(records)
+    control_logger.addHandler(caplog.handler)  # hivemind's loggers do not propagate to caplog's root handler
     try:
         ended = alone.step(wait=False, require_trigger=True, timeout=90)
         time.sleep(1.0)
@@ -1450,13 +1440,13 @@ def test_a_step_that_ended_before_its_trigger_is_dropped_without_a_warning(make_
         # updated last, take up another one: only then can the ended step be collected)
         pending = alone.step(wait=False, require_trigger=True, timeout=90)
         gc.collect()
-        assert not any("not triggered" in message for message in records.messages), records.messages
+        assert not any("not triggered" in message for message in caplog.messages), caplog.messages
         assert not pending.done()
         del pending
         gc.collect()
-        assert any("not triggered" in message for message in records.messages), records.messages
+        assert any("not triggered" in message for message in caplog.messages), caplog.messages
     finally:
-        control_logger.removeHandler(records)
+        control_logger.removeHandler(caplog.handler)
 
 
 @pytest.mark.timeout(120)

@@ -94,7 +94,8 @@ class RobustProgressTracker(ProgressTracker):
     def _parse_swarm_progress_data(self, metadata):
         metadata = self._unbanned(metadata)
         progress = super()._parse_swarm_progress_data(metadata)
-        if self._count_reporters(metadata):  # a partner just left (or one fetch missed it): confirm soon
+        self._count_reporters(metadata)
+        if 0 < self._alone_fetches < ALONE_CONFIRMATIONS:  # a partner just left (or one fetch missed it): confirm soon
             progress.next_fetch_time = min(progress.next_fetch_time, get_dht_time() + ALONE_RECHECK_PERIOD)
         return progress
 
@@ -104,9 +105,8 @@ class RobustProgressTracker(ProgressTracker):
             metadata = {subkey: entry for subkey, entry in metadata.items() if _reporter(entry) not in banned}
         return metadata
 
-    def _count_reporters(self, metadata) -> bool:
-        """Note the trainers that ``metadata`` (fetched reports, banned ones left out) counts, and tell ``on_fetch``;
-        True if this fetch found this trainer alone but not yet ``ALONE_CONFIRMATIONS`` in a row."""
+    def _count_reporters(self, metadata) -> None:
+        """Note the trainers that ``metadata`` (fetched reports, banned ones left out) counts, and tell ``on_fetch``."""
         entries = metadata.values() if isinstance(metadata, dict) else ()
         reporters = [_reporter(entry) for entry in entries if getattr(entry, "value", None) is not None]
         if len(reporters) != self._counted:  # as hivemind's num_peers: every report with a value
@@ -114,7 +114,6 @@ class RobustProgressTracker(ProgressTracker):
         self._alone_fetches = self._alone_fetches + 1 if reporters == [self.dht.peer_id.to_base58()] else 0
         if self.on_fetch is not None:
             self.on_fetch(len(reporters))
-        return 0 < self._alone_fetches < ALONE_CONFIRMATIONS
 
     @contextlib.contextmanager
     def pause_updates(self):
